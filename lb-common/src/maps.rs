@@ -1,0 +1,256 @@
+//! Keys and values of the pinned BPF maps, and the names they are pinned under.
+//!
+//! The datapath looks a packet up in this order: `CONNTRACK` (is this a known flow, either
+//! direction?), then `SERVICES` (is the destination a frontend?), then `BACKEND_SLOTS` and
+//! `BACKENDS` to pick and resolve a backend for a new flow.
+
+/// Names the maps are declared and pinned under (`<bpffs dir>/<NAME>`).
+pub mod names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const VIPS: &str = "VIPS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const STATS: &str = "STATS";
+    /// Every map the agent pins, in the order it creates and adopts them.
+    pub const ALL: [&str; 6] = [SERVICES, BACKEND_SLOTS, BACKENDS, VIPS, CONNTRACK, STATS];
+}
+
+/// Default capacities. The agent may override them at load time (`EbpfLoader::set_max_entries`).
+pub mod capacity {
+    /// Frontends (VIP, port, protocol) across all services.
+    pub const SERVICES: u32 = 131_072;
+    /// Backend slots summed over all services.
+    pub const BACKEND_SLOTS: u32 = 524_288;
+    /// Distinct backends (address, port, protocol).
+    pub const BACKENDS: u32 = 131_072;
+    /// Distinct frontend addresses.
+    pub const VIPS: u32 = 65_536;
+    /// Tracked connections; two entries (forward and reverse) per connection.
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Key of `SERVICES`: a frontend the datapath answers for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Frontend address (a ClusterIP), network byte order.
+    pub addr: [u8; 4],
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number (`proto::TCP`, `proto::UDP`).
+    pub proto: u8,
+    /// Which clients the frontend serves; always `SCOPE_ALL` until traffic policies exist.
+    pub scope: u8,
+}
+
+/// `FrontendKey::scope`: the frontend serves every client.
+pub const SCOPE_ALL: u8 = 0;
+
+/// Value of `SERVICES`: the service port behind a frontend and how to choose its backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Stable id of the service port; keys its `BACKEND_SLOTS`.
+    pub svc_id: u32,
+    /// Backends in slots `1..=backend_count`; 0 means reject (no endpoints).
+    pub backend_count: u16,
+    /// `SVC_F_*` bits.
+    pub flags: u8,
+    /// `ALG_*`: how a new flow picks its slot.
+    pub algorithm: u8,
+    /// ClientIP session-affinity timeout in seconds; 0 when affinity is off.
+    pub affinity_timeout_s: u32,
+}
+
+/// `Service::algorithm`: uniform random slot per new flow.
+pub const ALG_RANDOM: u8 = 0;
+
+/// Key of `BACKEND_SLOTS`: one slot of a service's backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// `Service::svc_id` the slot belongs to.
+    pub svc_id: u32,
+    /// 1-based slot number, `1..=Service::backend_count`.
+    pub slot: u32,
+}
+
+/// Value of `BACKEND_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// Key into `BACKENDS`.
+    pub backend_id: u32,
+}
+
+/// Value of `BACKENDS` (keyed by a `u32` backend id, stable for as long as the backend exists,
+/// so a connection-tracking entry's `backend_id` keeps meaning the same endpoint).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint address, network byte order.
+    pub addr: [u8; 4],
+    /// Endpoint (target) port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `BACKEND_*` state.
+    pub state: u8,
+}
+
+/// `Backend::state`: ready, eligible for new flows.
+pub const BACKEND_ACTIVE: u8 = 0;
+
+/// Key of `VIPS`: an address that is the frontend of at least one service. The datapath uses
+/// it for packets it cannot key by port (non-first fragments, truncated L4 headers) so that it
+/// drops those when they are meant for a service instead of letting them through untranslated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// Frontend address, network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vip {
+    /// How many frontends (port, protocol) use this address.
+    pub frontends: u32,
+}
+
+/// Key of `CONNTRACK`: a packet's 5-tuple as it arrives, in either direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// Source address, network byte order.
+    pub saddr: [u8; 4],
+    /// Destination address, network byte order.
+    pub daddr: [u8; 4],
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The key the other direction of the same packet's flow would carry.
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `CONNTRACK`. A translated connection has two entries: the forward one, keyed by
+/// client -> VIP, holds the backend to rewrite the destination to; the reverse one, keyed by
+/// backend -> client, holds the VIP to rewrite the source back to. Replies are translated from
+/// their own entry, without a second service lookup, and an established flow stays on the
+/// backend it was given even after the service's backend set changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Backend chosen for the connection (`BACKENDS` key).
+    pub backend_id: u32,
+    /// Service port the connection was made to (`Service::svc_id`).
+    pub svc_id: u32,
+    /// Address to write: destination (backend) for forward, source (VIP) for reverse entries.
+    pub nat_addr: [u8; 4],
+    /// Port to write, network byte order; paired with `nat_addr`.
+    pub nat_port_be: u16,
+    /// `conntrack::TCP_*` state (0 for UDP).
+    pub tcp_state: u8,
+    /// `CT_FORWARD` or `CT_REVERSE`.
+    pub direction: u8,
+    /// `bpf_ktime_get_ns()` of the last packet that used this entry.
+    pub last_seen_ns: u64,
+}
+
+/// `CtEntry::direction`: client -> VIP, rewrite the destination.
+pub const CT_FORWARD: u8 = 0;
+/// `CtEntry::direction`: backend -> client, rewrite the source.
+pub const CT_REVERSE: u8 = 1;
+
+/// Value of the per-CPU `STATS` array, indexed by `stats::Reason`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// Sizes are part of the contract: a change here is a change to the pinned maps' layout.
+const _: () = {
+    assert!(core::mem::size_of::<FrontendKey>() == 8);
+    assert!(core::mem::size_of::<Service>() == 12);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<Slot>() == 4);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<VipKey>() == 4);
+    assert!(core::mem::size_of::<Vip>() == 4);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    //! Userspace trait impls. Safe because every type above is `repr(C)`, made only of integers
+    //! and byte arrays, and has no implicit padding (the size assertions prove it).
+    use super::*;
+
+    macro_rules! plain_old_data {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: see the module comment.
+            unsafe impl aya::Pod for $t {}
+            // SAFETY: see the module comment.
+            unsafe impl bytemuck::Zeroable for $t {}
+            // SAFETY: see the module comment.
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    plain_old_data!(FrontendKey, Service, SlotKey, Slot, Backend, VipKey, Vip, CtKey, CtEntry, Counter);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reversed_key_swaps_both_ends_and_round_trips() {
+        let k = CtKey {
+            saddr: [10, 0, 0, 1],
+            daddr: [10, 96, 0, 10],
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: crate::proto::TCP,
+            _pad: [0; 3],
+        };
+        let r = k.reversed();
+        assert_eq!(r.saddr, [10, 96, 0, 10]);
+        assert_eq!(r.daddr, [10, 0, 0, 1]);
+        assert_eq!(u16::from_be(r.sport_be), 80);
+        assert_eq!(u16::from_be(r.dport_be), 40000);
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn every_map_is_named_once() {
+        for (i, a) in names::ALL.iter().enumerate() {
+            for b in &names::ALL[i + 1..] {
+                assert_ne!(a, b);
+            }
+            // bpffs and BTF both limit object names; BPF_OBJ_NAME_LEN is 16 including the NUL.
+            assert!(a.len() < 16, "{a} is too long for a BPF map name");
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Why the datapath did what it did to a packet: the index into the per-CPU `STATS` array.
+//!
+//! Every packet the classifier sees is counted under exactly one reason. `PASS_*` packets leave
+//! untouched, `XLATE_*` are translated and continue, `REJECT_*` are answered on the service's
+//! behalf, `DROP_*` are dropped.
+
+/// Not IPv4 (ARP, IPv6, ...): not ours to look at.
+pub const PASS_NOT_IPV4: u32 = 0;
+/// An IPv4 header the kernel itself will refuse (bad version, IHL, length): left to it.
+pub const PASS_MALFORMED_IPV4: u32 = 1;
+/// IPv4 TCP/UDP that is neither a tracked flow nor addressed to a frontend.
+pub const PASS_NOT_SERVICE: u32 = 2;
+/// Another L4 protocol, or a fragment, not addressed to a frontend address.
+pub const PASS_OTHER: u32 = 3;
+/// First packet of a flow to a frontend: backend chosen, destination rewritten.
+pub const XLATE_NEW_FLOW: u32 = 4;
+/// A tracked flow's client -> VIP packet: destination rewritten to its backend.
+pub const XLATE_FORWARD: u32 = 5;
+/// A tracked flow's backend -> client packet: source rewritten back to the VIP.
+pub const XLATE_REPLY: u32 = 6;
+/// TCP to a frontend without backends: answered with RST.
+pub const REJECT_TCP_RST: u32 = 7;
+/// UDP to a frontend without backends: answered with ICMP port unreachable.
+pub const REJECT_ICMP_UNREACH: u32 = 8;
+/// A fragment addressed to a frontend address (ports unknown, so it cannot be translated).
+pub const DROP_FRAGMENT: u32 = 9;
+/// A packet to a frontend address whose L4 header is truncated or invalid.
+pub const DROP_MALFORMED_L4: u32 = 10;
+/// The service's slot or backend entry was missing (should not happen: the agent writes
+/// backends before slots before counts).
+pub const DROP_NO_BACKEND_ENTRY: u32 = 11;
+/// The connection-tracking map refused a new entry.
+pub const DROP_CT_FULL: u32 = 12;
+/// A kernel helper failed while rewriting or building a packet.
+pub const DROP_REWRITE_FAILED: u32 = 13;
+/// To a frontend without backends, but not answerable (carries IP options, or is an RST
+/// itself, or another protocol): dropped instead of answered.
+pub const DROP_NO_BACKEND: u32 = 14;
+
+/// Number of reasons; the length of the `STATS` array.
+pub const REASONS: u32 = 15;
+
+/// Stable names for metrics and the CLI, indexed by reason.
+pub const NAMES: [&str; REASONS as usize] = [
+    "pass_not_ipv4",
+    "pass_malformed_ipv4",
+    "pass_not_service",
+    "pass_other",
+    "xlate_new_flow",
+    "xlate_forward",
+    "xlate_reply",
+    "reject_tcp_rst",
+    "reject_icmp_unreach",
+    "drop_fragment",
+    "drop_malformed_l4",
+    "drop_no_backend_entry",
+    "drop_ct_full",
+    "drop_rewrite_failed",
+    "drop_no_backend",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_indices() {
+        assert_eq!(NAMES[PASS_NOT_IPV4 as usize], "pass_not_ipv4");
+        assert_eq!(NAMES[XLATE_REPLY as usize], "xlate_reply");
+        assert_eq!(NAMES[DROP_NO_BACKEND as usize], "drop_no_backend");
+        assert_eq!(NAMES.len(), REASONS as usize);
+    }
+}
