@@ -1,0 +1,51 @@
+//! The lb datapath: one tc ingress classifier that load-balances Kubernetes services.
+//!
+//! Only entry points live here. Each parses and decides in a `try_*` function returning
+//! `Result<Verdict, Reason>`; this file turns that into a tc action and counts it, in one
+//! place, so no verdict is ever computed and then ignored.
+// Host builds (`cargo clippy --workspace --all-targets`) only type-check the datapath; the
+// real object is built for bpfel-unknown-none by lb-userspace/build.rs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod conntrack;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod service;
+mod stats;
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+
+/// What to do with a packet, and why (a `lb_common::stats` reason).
+pub struct Verdict {
+    /// tc action: `TC_ACT_OK`, or `TC_ACT_REDIRECT` for answers sent back out.
+    pub action: i32,
+    pub reason: u32,
+}
+
+/// tc ingress on every interface that carries pod or client traffic.
+#[classifier]
+pub fn lb_ingress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let (action, reason) = match service::try_ingress(&ctx) {
+        Ok(v) => (v.action, v.reason),
+        Err(reason) => (TC_ACT_SHOT as i32, reason),
+    };
+    stats::count(reason, len);
+    action
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,38 @@
+//! The pinned maps. Types and capacities come from `lb_common`, the contract with the agent.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    capacity, stats::REASONS, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot,
+    SlotKey, Vip, VipKey,
+};
+
+/// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
+#[btf_map]
+pub static SERVICES: HashMap<FrontendKey, Service, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+/// (service id, slot) -> backend id; slots `1..=backend_count` of each service.
+#[btf_map]
+pub static BACKEND_SLOTS: HashMap<SlotKey, Slot, { capacity::BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// Backend id -> endpoint address and port.
+#[btf_map]
+pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+
+/// Addresses that are frontends, to recognise packets for a service that carry no ports.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, Vip, { capacity::VIPS as usize }> = HashMap::new();
+
+/// Connection tracking, both directions of every translated flow; LRU so a full table
+/// evicts the coldest flows instead of refusing new ones.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU packet and byte counters by `lb_common::stats` reason.
+#[btf_map]
+pub static STATS: PerCpuArray<Counter, { REASONS as usize }> = PerCpuArray::new();

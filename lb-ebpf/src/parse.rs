@@ -1,0 +1,217 @@
+//! Ethernet, IPv4, TCP and UDP parsing into a plain `Packet` of the fields the datapath uses.
+//!
+//! Parsing never writes. Every header read goes through `ptr_at`, the one bounds check.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{conntrack::flags as tcpf, proto, CtKey};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// IPv4 header without options.
+pub const IPV4_HLEN: usize = 20;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+/// Enough linear data for Ethernet, the longest IPv4 header and a TCP header.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
+
+/// IPv4 flag and fragment-offset bits of `frag_off` (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// Offsets of the IPv4 fields the datapath rewrites, from the start of the frame.
+pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+/// Returns a pointer to a `T` at `offset` in the linear packet data, or `None` if it would
+/// reach past the end. The only way headers are read.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// What parsing found; the datapath decides from this.
+pub enum Parsed {
+    /// Not IPv4.
+    NotIpv4,
+    /// An IPv4 header the kernel will reject itself.
+    MalformedIpv4,
+    /// IPv4, but not something with ports: another protocol, or a fragment.
+    NoPorts(NoPorts),
+    /// IPv4 TCP or UDP with an L4 header that is truncated or invalid.
+    MalformedL4 { daddr: [u8; 4] },
+    /// A complete IPv4 TCP or UDP header.
+    L4(Packet),
+}
+
+pub struct NoPorts {
+    pub daddr: [u8; 4],
+    pub fragment: bool,
+}
+
+/// The fields of an IPv4 TCP/UDP packet the datapath needs.
+pub struct Packet {
+    /// The 5-tuple as it arrived.
+    pub tuple: CtKey,
+    /// Offset of the L4 header from the start of the frame (after any IP options).
+    pub l4_off: usize,
+    /// True when the IPv4 header carries options (IHL > 5).
+    pub has_ip_options: bool,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers, host order (0 for UDP).
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// L4 payload length from the IP total length (for the RST's acknowledgement number).
+    pub l4_payload_len: u32,
+}
+
+impl Packet {
+    /// Offset of the L4 checksum field.
+    #[inline(always)]
+    pub fn l4_check_off(&self) -> usize {
+        if self.tuple.proto == proto::TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
+    }
+}
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ether_type_be: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id_be: u16,
+    frag_off_be: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+struct TcpHdr {
+    sport_be: u16,
+    dport_be: u16,
+    seq_be: u32,
+    ack_be: u32,
+    doff_res: u8,
+    flags: u8,
+    window_be: u16,
+    check: u16,
+    urg_ptr_be: u16,
+}
+
+#[repr(C)]
+struct UdpHdr {
+    sport_be: u16,
+    dport_be: u16,
+    len_be: u16,
+    check: u16,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    // Headers may sit partly in paged data (GRO, large sends); make them linear first.
+    // Failure is harmless: the bounds checks below then treat the packet as short.
+    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::NotIpv4;
+    };
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    if u16::from_be(unsafe { (*eth).ether_type_be }) != ETH_P_IP {
+        return Parsed::NotIpv4;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Parsed::MalformedIpv4;
+    };
+    // SAFETY: as above; copy the header once so later reads are plain loads.
+    let ip = unsafe { core::ptr::read_unaligned(ip) };
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(ip.tot_len_be) as usize;
+    let frame_l3_len = ctx.len() as usize - ETH_HLEN;
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl || tot_len > frame_l3_len {
+        return Parsed::MalformedIpv4;
+    }
+
+    let frag_off = u16::from_be(ip.frag_off_be);
+    let fragment = frag_off & (IP_MF | IP_OFFSET) != 0;
+    if fragment || (ip.proto != proto::TCP && ip.proto != proto::UDP) {
+        return Parsed::NoPorts(NoPorts {
+            daddr: ip.daddr,
+            fragment,
+        });
+    }
+
+    // `ihl` is at most 60, which bounds the offset for the verifier.
+    let l4_off = ETH_HLEN + ihl;
+    let l4_len = tot_len - ihl;
+    let mut pkt = Packet {
+        tuple: CtKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport_be: 0,
+            dport_be: 0,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        l4_off,
+        has_ip_options: ihl > IPV4_HLEN,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
+        l4_payload_len: 0,
+    };
+    let malformed = Parsed::MalformedL4 { daddr: ip.daddr };
+
+    if ip.proto == proto::TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
+            return malformed;
+        };
+        // SAFETY: `ptr_at` checked the header lies inside the packet.
+        let tcp = unsafe { core::ptr::read_unaligned(tcp) };
+        let doff = ((tcp.doff_res >> 4) as usize) * 4;
+        if doff < TCP_HLEN || doff > l4_len {
+            return malformed;
+        }
+        pkt.tuple.sport_be = tcp.sport_be;
+        pkt.tuple.dport_be = tcp.dport_be;
+        pkt.tcp_flags = tcp.flags & (tcpf::FIN | tcpf::SYN | tcpf::RST | tcpf::PSH | tcpf::ACK);
+        pkt.tcp_seq = u32::from_be(tcp.seq_be);
+        pkt.tcp_ack = u32::from_be(tcp.ack_be);
+        pkt.l4_payload_len = (l4_len - doff) as u32;
+    } else {
+        let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
+            return malformed;
+        };
+        // SAFETY: `ptr_at` checked the header lies inside the packet.
+        let udp = unsafe { core::ptr::read_unaligned(udp) };
+        let udp_len = u16::from_be(udp.len_be) as usize;
+        if udp_len < UDP_HLEN || udp_len > l4_len {
+            return malformed;
+        }
+        pkt.tuple.sport_be = udp.sport_be;
+        pkt.tuple.dport_be = udp.dport_be;
+        pkt.l4_payload_len = (udp_len - UDP_HLEN) as u32;
+    }
+    Parsed::L4(pkt)
+}
