@@ -1,0 +1,127 @@
+//! Reading the pinned maps back, for `lb-agent dump` and for tests: what the datapath sees,
+//! straight from the kernel.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{names, stats, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot, SlotKey};
+
+/// A snapshot of the pinned maps.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Frontend -> (service entry, backends in slot order; `None` for a dangling slot).
+    pub frontends: BTreeMap<FrontendKey, (Service, Vec<Option<Backend>>)>,
+    /// Connection-tracking entries.
+    pub conntrack: Vec<(CtKey, CtEntry)>,
+    /// Counters summed over CPUs, indexed by `lb_common::stats` reason.
+    pub counters: Vec<Counter>,
+}
+
+impl Snapshot {
+    /// Backends (address, port) of the frontend `addr:port` for `proto`.
+    pub fn backends_of(&self, addr: Ipv4Addr, port: u16, proto: u8) -> Option<Vec<(Ipv4Addr, u16)>> {
+        let key = FrontendKey {
+            addr: addr.octets(),
+            port_be: port.to_be(),
+            proto,
+            scope: lb_common::SCOPE_ALL,
+        };
+        self.frontends.get(&key).map(|(_, bs)| {
+            bs.iter()
+                .flatten()
+                .map(|b| (Ipv4Addr::from(b.addr), u16::from_be(b.port_be)))
+                .collect()
+        })
+    }
+
+    /// Human-readable rendering for the CLI.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "frontends ({}):", self.frontends.len());
+        for (k, (svc, backends)) in &self.frontends {
+            let _ = writeln!(
+                out,
+                "  {}:{}/{} svc_id={} backends={} affinity_timeout_s={}",
+                Ipv4Addr::from(k.addr),
+                u16::from_be(k.port_be),
+                proto_name(k.proto),
+                svc.svc_id,
+                svc.backend_count,
+                svc.affinity_timeout_s
+            );
+            for (i, b) in backends.iter().enumerate() {
+                match b {
+                    Some(b) => {
+                        let _ = writeln!(out, "    slot {}: {}:{}", i + 1, Ipv4Addr::from(b.addr), u16::from_be(b.port_be));
+                    }
+                    None => {
+                        let _ = writeln!(out, "    slot {}: <missing>", i + 1);
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "conntrack entries: {}", self.conntrack.len());
+        let _ = writeln!(out, "counters (packets / bytes, all CPUs):");
+        for (i, c) in self.counters.iter().enumerate() {
+            if c.packets > 0 {
+                let _ = writeln!(out, "  {:<24} {:>10} {:>12}", stats::NAMES[i], c.packets, c.bytes);
+            }
+        }
+        out
+    }
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        lb_common::proto::TCP => "TCP",
+        lb_common::proto::UDP => "UDP",
+        lb_common::proto::SCTP => "SCTP",
+        _ => "?",
+    }
+}
+
+fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!("cannot open pinned map {}: {e}; is the agent running with --bpffs {}?", path.display(), dir.display())
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Reads every pinned map under `dir`.
+pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
+    let services: HashMap<_, FrontendKey, Service> = open(dir, names::SERVICES)?.try_into()?;
+    let slots: HashMap<_, SlotKey, Slot> = open(dir, names::BACKEND_SLOTS)?.try_into()?;
+    let backends: HashMap<_, u32, Backend> = open(dir, names::BACKENDS)?.try_into()?;
+    let conntrack: HashMap<_, CtKey, CtEntry> = open(dir, names::CONNTRACK)?.try_into()?;
+    let counters: PerCpuArray<_, Counter> = open(dir, names::STATS)?.try_into()?;
+
+    let mut snap = Snapshot::default();
+    for item in services.iter() {
+        let (k, svc) = item?;
+        let list = (1..=svc.backend_count as u32)
+            .map(|slot| {
+                let s = slots.get(&SlotKey { svc_id: svc.svc_id, slot }, 0).ok()?;
+                backends.get(&s.backend_id, 0).ok()
+            })
+            .collect();
+        snap.frontends.insert(k, (svc, list));
+    }
+    for item in conntrack.iter() {
+        snap.conntrack.push(item?);
+    }
+    for reason in 0..stats::REASONS {
+        let per_cpu = counters.get(&reason, 0)?;
+        let total = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        });
+        snap.counters.push(total);
+    }
+    Ok(snap)
+}

@@ -1,0 +1,277 @@
+//! The eBPF dataplane: loads the embedded datapath, pins its maps, attaches it at tc ingress,
+//! and keeps the maps equal to the desired state by executing `plan::Plan`s.
+
+pub mod inspect;
+pub mod plan;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    programs::{tc, SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{names, Backend, FrontendKey, Service, Slot, SlotKey, Vip, VipKey};
+use log::info;
+
+use super::{ApplyReport, Dataplane};
+use crate::model::DesiredState;
+use plan::{Leftovers, Op, Programmed};
+
+/// The datapath object, built by build.rs from `lb-ebpf`.
+pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// The classifier's name in the object.
+pub const PROGRAM: &str = "lb_ingress";
+/// Where maps are pinned unless `--bpffs` says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Errors an operator can cause or fix, each saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{dir} is not on a bpffs mount, so maps cannot be pinned there; mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --bpffs DIR under an existing bpffs")]
+    NotBpffs { dir: PathBuf },
+    #[error("cannot create the pin directory {dir}: {source}")]
+    PinDir { dir: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF datapath failed: {source}; it needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with BPF and BTF (5.10 or newer)")]
+    Load { source: aya::EbpfError },
+    #[error("the kernel rejected the datapath program: {source}")]
+    Program { source: aya::programs::ProgramError },
+    #[error("map {name} is missing from the datapath object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("cannot attach to interface {iface}: {source}; check that it exists (`ip link show {iface}`) in this network namespace")]
+    Attach { iface: String, source: aya::programs::ProgramError },
+}
+
+/// The typed maps the agent writes.
+struct Maps {
+    services: HashMap<MapData, FrontendKey, Service>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    backends: HashMap<MapData, u32, Backend>,
+    vips: HashMap<MapData, VipKey, Vip>,
+}
+
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    pin_dir: PathBuf,
+    programmed: Programmed,
+    /// Set when an apply failed half way: the next apply re-reads the maps first.
+    resync: bool,
+}
+
+impl EbpfDataplane {
+    /// Loads the datapath with its maps pinned under `pin_dir`, reusing maps already pinned
+    /// there by an earlier run (their connection-tracking entries keep live flows going).
+    pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_with(pin_dir, &[])
+    }
+
+    /// As `load`, with map capacities overridden (`(map name, max entries)`); tests use
+    /// small tables.
+    pub fn load_with(pin_dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Self, LoadError> {
+        prepare_pin_dir(pin_dir)?;
+        let pins: Vec<(&'static str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        for (name, entries) in capacities {
+            loader.map_max_entries(name, *entries);
+        }
+        let mut ebpf = loader
+            .load(DATAPATH)
+            .map_err(|source| LoadError::Load { source })?;
+        // Pinned objects are for root only: they describe every service and connection.
+        for (_, path) in &pins {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let program: &mut SchedClassifier = program_mut(&mut ebpf)?;
+        program.load().map_err(|source| LoadError::Program { source })?;
+
+        let maps = Maps {
+            services: take_map(&mut ebpf, names::SERVICES)?,
+            slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
+            backends: take_map(&mut ebpf, names::BACKENDS)?,
+            vips: take_map(&mut ebpf, names::VIPS)?,
+        };
+        let mut dp = EbpfDataplane {
+            ebpf,
+            maps,
+            pin_dir: pin_dir.to_owned(),
+            programmed: Programmed::default(),
+            resync: false,
+        };
+        dp.programmed = dp.adopt()?;
+        Ok(dp)
+    }
+
+    /// Attaches the classifier at tc ingress of `iface`.
+    pub fn attach(&mut self, iface: &str) -> Result<(), LoadError> {
+        // Fails harmlessly when the qdisc exists; on kernels with tcx it is not even needed.
+        let _ = tc::qdisc_add_clsact(iface);
+        let program = program_mut(&mut self.ebpf)?;
+        program
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| LoadError::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        info!("attached {PROGRAM} at tc ingress of {iface}");
+        Ok(())
+    }
+
+    /// The program file descriptor's owner, for tests that run it with BPF_PROG_TEST_RUN.
+    pub fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        program_mut(&mut self.ebpf)
+    }
+
+    /// Where the maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Removes the pins (the maps go away with the last user). For `--cleanup`.
+    pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+        for name in names::ALL {
+            match std::fs::remove_file(pin_dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        match std::fs::remove_dir(pin_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads what the pinned maps hold into leftovers for the first plan to replace.
+    fn adopt(&self) -> Result<Programmed, LoadError> {
+        let mut left = Leftovers::default();
+        let mut max_svc = 0;
+        let mut max_backend = 0;
+        for item in self.maps.services.iter() {
+            let (k, v) = item.map_err(|source| map_err(names::SERVICES, source))?;
+            left.services.insert(k);
+            max_svc = max_svc.max(v.svc_id);
+        }
+        for k in self.maps.slots.keys() {
+            let k = k.map_err(|source| map_err(names::BACKEND_SLOTS, source))?;
+            left.slots.insert(k);
+            max_svc = max_svc.max(k.svc_id);
+        }
+        for k in self.maps.backends.keys() {
+            let k = k.map_err(|source| map_err(names::BACKENDS, source))?;
+            left.backends.insert(k);
+            max_backend = max_backend.max(k);
+        }
+        for k in self.maps.vips.keys() {
+            left.vips.insert(k.map_err(|source| map_err(names::VIPS, source))?);
+        }
+        if !left.services.is_empty() {
+            info!(
+                "adopting pinned maps in {}: {} frontends, {} backends from an earlier run",
+                self.pin_dir.display(),
+                left.services.len(),
+                left.backends.len()
+            );
+        }
+        Ok(Programmed::adopt(left, max_svc, max_backend))
+    }
+
+    fn execute(&mut self, op: &Op) -> Result<(), MapError> {
+        let m = &mut self.maps;
+        let result = match *op {
+            Op::PutBackend(id, b) => m.backends.insert(id, b, 0),
+            Op::PutSlot(k, v) => m.slots.insert(k, v, 0),
+            Op::PutService(k, v) => m.services.insert(k, v, 0),
+            Op::PutVip(k, v) => m.vips.insert(k, v, 0),
+            Op::DeleteVip(k) => m.vips.remove(&k),
+            Op::DeleteService(k) => m.services.remove(&k),
+            Op::DeleteSlot(k) => m.slots.remove(&k),
+            Op::DeleteBackend(id) => m.backends.remove(&id),
+        };
+        match result {
+            // Deleting what is already gone is the desired outcome.
+            Err(MapError::KeyNotFound) if op.is_delete() => Ok(()),
+            r => r,
+        }
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
+        if self.resync {
+            self.programmed = self.adopt()?;
+            self.resync = false;
+        }
+        let plan = self.programmed.plan(desired);
+        let mut report = ApplyReport::default();
+        for op in &plan.ops {
+            if let Err(e) = self.execute(op) {
+                self.resync = true;
+                anyhow::bail!("map update {op:?} failed: {e}; will re-read the maps and retry on the next sync");
+            }
+            if op.is_delete() {
+                report.deletes += 1;
+            } else {
+                report.writes += 1;
+            }
+        }
+        self.programmed = plan.next;
+        report.service_ports = self.programmed.service_ports();
+        report.backends = self.programmed.backend_count();
+        Ok(report)
+    }
+}
+
+fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    if !is_bpffs(dir) {
+        return Err(LoadError::NotBpffs { dir: dir.to_owned() });
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(LoadError::MissingMap { name: PROGRAM })?;
+    program
+        .try_into()
+        .map_err(|source| LoadError::Program { source })
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, LoadError> {
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap { name })?;
+    HashMap::try_from(map).map_err(|source| map_err(name, source))
+}
+
+fn map_err(name: &'static str, source: MapError) -> LoadError {
+    LoadError::Map { name, source }
+}

@@ -1,0 +1,24 @@
+//! Dataplanes: what programs the kernel from a desired state. Each applies the difference
+//! between what it last programmed and the new desired state; the agent holds exactly one.
+
+pub mod ebpf;
+
+use crate::model::DesiredState;
+
+/// What one apply did, for logs and the `synced` line tests wait on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Service ports programmed after the apply.
+    pub service_ports: usize,
+    /// Distinct backends programmed after the apply.
+    pub backends: usize,
+    /// Map writes and deletions the apply made.
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+/// One way of programming the kernel.
+pub trait Dataplane {
+    /// Programs `desired`, changing only what differs from the last apply.
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport>;
+}

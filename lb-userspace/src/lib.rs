@@ -1,0 +1,13 @@
+//! lb-agent: a node agent that replaces kube-proxy with an eBPF datapath.
+//!
+//! The pipeline is visible in the module tree:
+//! `source` (where Services and EndpointSlices come from) -> `model` (pure translation to the
+//! desired state; kube-proxy's semantics live here) -> `dataplane` (programs the kernel from a
+//! desired state, applying only differences).
+//! `testbed` holds the network-namespace topology and the packet builder shared by the tests,
+//! the demo and the benchmarks.
+
+pub mod dataplane;
+pub mod model;
+pub mod source;
+pub mod testbed;

@@ -1,0 +1,167 @@
+//! `lb-agent`: the node agent. `run` programs the eBPF datapath from Services and
+//! EndpointSlices and keeps it in step with them; `dump` shows what the datapath holds.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use log::{error, info, warn};
+use tokio::signal::unix::{signal, SignalKind};
+
+use lb_userspace::{
+    dataplane::{
+        ebpf::{inspect, EbpfDataplane, DEFAULT_PIN_DIR},
+        Dataplane,
+    },
+    model,
+    source::{self, manifest_dir::ManifestDir, Source},
+};
+
+#[derive(Parser)]
+#[command(name = "lb-agent", version, about = "Kubernetes service load balancer for Linux nodes (eBPF datapath)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program the datapath from a source of Services and EndpointSlices and keep it in step.
+    Run(RunArgs),
+    /// Print what the pinned maps hold: frontends, their backends, connections, counters.
+    Dump {
+        /// Directory on a bpffs mount where the agent pins its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where Services and EndpointSlices come from: `dir:PATH` (YAML/JSON manifests, watched).
+    #[arg(long)]
+    source: String,
+    /// Interface to attach the datapath to at tc ingress (repeatable): every interface that
+    /// carries traffic from clients or replies from backends.
+    #[arg(long = "iface", required = true)]
+    ifaces: Vec<String>,
+    /// Directory on a bpffs mount to pin maps under; maps already there are adopted.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
+    /// On exit, also remove the pinned maps (default: keep them for the next run).
+    #[arg(long)]
+    cleanup: bool,
+    /// Only program services whose `service.kubernetes.io/service-proxy-name` label is this
+    /// (services without the label are always programmed).
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Full rescan period in seconds, as a safety net behind file notifications.
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args)),
+        Command::Dump { bpffs } => {
+            print!("{}", inspect::read(&bpffs)?.render());
+            Ok(())
+        }
+    }
+}
+
+/// Owns the dataplane and applies every change to it, one at a time.
+struct Syncer {
+    dir: ManifestDir,
+    dataplane: EbpfDataplane,
+    service_proxy_name: Option<String>,
+    generation: u64,
+}
+
+impl Syncer {
+    /// Rescans the source and, if anything changed, applies the new desired state.
+    fn sync(&mut self) {
+        let started = std::time::Instant::now();
+        let scan = self.dir.scan();
+        for e in &scan.errors {
+            error!("{e}");
+        }
+        if !scan.changed && self.generation > 0 {
+            return;
+        }
+        let (desired, warnings) = model::build(
+            &scan.services,
+            &scan.endpoint_slices,
+            self.service_proxy_name.as_deref(),
+        );
+        for w in &warnings {
+            warn!("{w}");
+        }
+        match self.dataplane.apply(&desired) {
+            Ok(r) => {
+                self.generation += 1;
+                info!(
+                    "synced generation={} service_ports={} backends={} writes={} deletes={} in {:?}",
+                    self.generation,
+                    r.service_ports,
+                    r.backends,
+                    r.writes,
+                    r.deletes,
+                    started.elapsed()
+                );
+            }
+            Err(e) => error!("applying the desired state failed: {e:#}"),
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Source::Dir(path) = args.source.parse::<Source>()?;
+    let mut dataplane = EbpfDataplane::load(&args.bpffs)?;
+    for iface in &args.ifaces {
+        dataplane.attach(iface)?;
+    }
+    info!("maps pinned under {}", args.bpffs.display());
+    let (_watcher, mut changes) = source::manifest_dir::watch(&path)
+        .with_context(|| format!("watching {}", path.display()))?;
+    let mut syncer = Syncer {
+        dir: ManifestDir::new(&path)?,
+        dataplane,
+        service_proxy_name: args.service_proxy_name,
+        generation: 0,
+    };
+    syncer.sync();
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                // Editors write a file in several steps: let the burst settle, then sync once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while changes.try_recv().is_ok() {}
+                syncer.sync();
+            }
+            _ = resync.tick() => syncer.sync(),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    // Dropping the dataplane releases the program links, which detaches the datapath.
+    drop(syncer);
+    if args.cleanup {
+        EbpfDataplane::remove_pins(&args.bpffs)
+            .with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
+        info!("detached; removed the pinned maps under {}", args.bpffs.display());
+    } else {
+        info!("detached; maps stay pinned under {} for the next run", args.bpffs.display());
+    }
+    Ok(())
+}
