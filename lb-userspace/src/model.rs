@@ -1,0 +1,1311 @@
+//! The pure model: Kubernetes Services and EndpointSlices in, the desired load-balancer state
+//! out. No I/O and no privileges, so kube-proxy's semantics are table-tested here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// L4 protocol of a service port, as Kubernetes names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number the datapath keys on.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::proto::TCP,
+            Protocol::Udp => lb_common::proto::UDP,
+            Protocol::Sctp => lb_common::proto::SCTP,
+        }
+    }
+}
+
+/// Identifies one port of one service, the unit that owns a backend set
+/// (kube-proxy's `ServicePortName`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The service port's name; empty for a single unnamed port.
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{:?}", self.protocol)
+    }
+}
+
+/// An address and port the datapath answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// An endpoint traffic is sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Everything the dataplane needs to serve one service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Addresses it answers on (ClusterIPs for now).
+    pub frontends: BTreeSet<Frontend>,
+    /// Ready endpoints, de-duplicated across EndpointSlices. Empty means reject.
+    pub endpoints: BTreeSet<Endpoint>,
+    /// ClientIP session-affinity timeout in seconds; `None` when affinity is off.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// The whole desired state: what every dataplane mode programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Translation from Kubernetes objects, following kube-proxy (pkg/proxy: serviceport.go,
+// servicechangetracker.go, endpointslicecache.go).
+
+/// Label naming the service proxy that implements a Service instead of the default one.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label marking a Service as headless: service proxies leave it alone.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label linking an EndpointSlice to the Service it holds endpoints for.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The namespace of an object whose metadata names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// ClientIP affinity timeout when the Service gives none (the API server's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest ClientIP affinity timeout the API accepts.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+impl Protocol {
+    /// The protocol Kubernetes spells `name` (case-sensitive, as the API is).
+    pub fn from_kubernetes(name: &str) -> Option<Protocol> {
+        match name {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The name Kubernetes uses for the protocol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol.as_str())
+    }
+}
+
+/// The kinds of object the model reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    Service,
+    EndpointSlice,
+}
+
+impl ObjectKind {
+    /// The `kind` field of such an object.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    /// The `apiVersion` this agent reads the kind in.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "v1",
+            ObjectKind::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Names one Kubernetes object, as `kubectl` would: `Service default/web`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// The object `meta` describes; an absent or empty namespace is `default`.
+    pub fn new(kind: ObjectKind, meta: &ObjectMeta) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: namespace_of(meta).to_owned(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Something in a Service or EndpointSlice that the model could not program as written.
+/// The rest of the object is still programmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {problem}")]
+pub struct ModelWarning {
+    pub object: ObjectRef,
+    pub problem: Problem,
+}
+
+/// What was wrong, and what the model did about it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("cluster IP {addr:?} is not an IP address; skipping it")]
+    InvalidClusterIp { addr: String },
+    #[error("IPv6 is not programmed yet; skipping cluster IPs {addrs:?}")]
+    Ipv6NotProgrammed { addrs: Vec<String> },
+    #[error("the service has no ports; nothing to program")]
+    NoPorts,
+    #[error("port {port:?} has protocol {protocol:?}, not TCP, UDP or SCTP; skipping that port")]
+    UnknownProtocol { port: String, protocol: String },
+    #[error("port {port:?} has number {number}, outside 1-65535; skipping that port")]
+    InvalidPortNumber { port: String, number: i32 },
+    #[error("port {port:?} has no port number; skipping that port")]
+    MissingPortNumber { port: String },
+    #[error("{frontend} already belongs to {owner}; skipping it for port {port:?}")]
+    FrontendTaken {
+        frontend: Frontend,
+        owner: ServicePortName,
+        port: String,
+    },
+    #[error("sessionAffinity {given:?} is neither None nor ClientIP; affinity is off")]
+    UnknownSessionAffinity { given: String },
+    #[error(
+        "sessionAffinityConfig.clientIP.timeoutSeconds {given} is outside 1-86400; using {used}"
+    )]
+    AffinityTimeoutOutOfRange { given: i32, used: u32 },
+    #[error(
+        "the slice has no {LABEL_SERVICE_NAME} label, so it belongs to no service; ignoring it"
+    )]
+    NoServiceName,
+    #[error("endpoint address {addr:?} is not an IPv4 address; skipping that endpoint")]
+    InvalidEndpointAddress { addr: String },
+    #[error("an endpoint has no addresses; skipping it")]
+    EndpointWithoutAddress,
+}
+
+/// Translates Services and EndpointSlices into the desired state, as kube-proxy would
+/// (IPv4 ClusterIPs only, for now). Never fails: whatever cannot be programmed is skipped and
+/// described by a warning, and the rest is programmed.
+///
+/// Services are skipped, without a warning, when kube-proxy would skip them: `ExternalName`,
+/// headless (no ClusterIP, or the headless label), or labelled for another service proxy
+/// (`service_proxy_name` is this agent's name; `None` skips every labelled Service).
+pub fn build<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    service_proxy_name: Option<&str>,
+) -> (DesiredState, Vec<ModelWarning>) {
+    let mut warnings = Vec::new();
+    let endpoints = EndpointIndex::new(slices, &mut warnings);
+
+    // Sorted, so that when two services claim one frontend the same one always wins.
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|a, b| {
+        (namespace_of(&a.metadata), &a.metadata.name)
+            .cmp(&(namespace_of(&b.metadata), &b.metadata.name))
+    });
+
+    let mut state = DesiredState::default();
+    let mut owners: HashMap<Frontend, ServicePortName> = HashMap::new();
+    for service in services {
+        add_service(
+            service,
+            service_proxy_name,
+            &endpoints,
+            &mut owners,
+            &mut state,
+            &mut warnings,
+        );
+    }
+    (state, warnings)
+}
+
+/// Parses a dotted-quad IPv4 address the way Kubernetes does (Go's `ParseIPSloppy`): each
+/// part is decimal even with leading zeros, so `010.096.000.010` is 10.96.0.10. The standard
+/// library rejects leading zeros, and reading them as octal, as some resolvers do, would send
+/// traffic somewhere the API server never validated (CVE-2021-29923).
+pub fn parse_ipv4_sloppy(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() {
+            return None;
+        }
+        let mut value: u32 = 0;
+        for b in part.bytes() {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            value = value * 10 + u32::from(b - b'0');
+            if value > 255 {
+                return None;
+            }
+        }
+        *octet = value as u8;
+    }
+    match parts.next() {
+        None => Some(Ipv4Addr::from(octets)),
+        Some(_) => None,
+    }
+}
+
+/// The object's namespace; an absent or empty one is `default`.
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    match meta.namespace.as_deref() {
+        None | Some("") => DEFAULT_NAMESPACE,
+        Some(ns) => ns,
+    }
+}
+
+fn label<'m>(meta: &'m ObjectMeta, key: &str) -> Option<&'m str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Adds every port of `service` to `state`, unless kube-proxy would leave the service alone.
+fn add_service(
+    service: &Service,
+    service_proxy_name: Option<&str>,
+    endpoints: &EndpointIndex<'_>,
+    owners: &mut HashMap<Frontend, ServicePortName>,
+    state: &mut DesiredState,
+    warnings: &mut Vec<ModelWarning>,
+) {
+    let meta = &service.metadata;
+    let Some(spec) = &service.spec else { return };
+    if spec.type_.as_deref() == Some("ExternalName") || label(meta, LABEL_HEADLESS).is_some() {
+        return;
+    }
+    if let Some(wanted) = label(meta, LABEL_SERVICE_PROXY_NAME) {
+        if service_proxy_name != Some(wanted) {
+            return;
+        }
+    }
+    let object = ObjectRef::new(ObjectKind::Service, meta);
+    let mut warn = |problem| {
+        warnings.push(ModelWarning {
+            object: object.clone(),
+            problem,
+        })
+    };
+    let Some(addrs) = cluster_ipv4s(spec, &mut warn) else {
+        return;
+    };
+    if addrs.is_empty() {
+        return;
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        warn(Problem::NoPorts);
+        return;
+    }
+    let affinity_timeout_s = affinity_timeout(spec, &mut warn);
+
+    for port in ports {
+        let port_name = port.name.clone().unwrap_or_default();
+        let protocol_name = port.protocol.as_deref().unwrap_or("TCP");
+        let Some(protocol) = Protocol::from_kubernetes(protocol_name) else {
+            warn(Problem::UnknownProtocol {
+                port: port_name,
+                protocol: protocol_name.to_owned(),
+            });
+            continue;
+        };
+        let Some(number) = port_number(port.port) else {
+            warn(Problem::InvalidPortNumber {
+                port: port_name,
+                number: port.port,
+            });
+            continue;
+        };
+        let spn = ServicePortName {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            port: port_name,
+            protocol,
+        };
+
+        let mut frontends = BTreeSet::new();
+        for &addr in &addrs {
+            let frontend = Frontend {
+                addr,
+                port: number,
+                protocol,
+            };
+            let owner = owners.entry(frontend).or_insert_with(|| spn.clone());
+            if *owner == spn {
+                frontends.insert(frontend);
+            } else {
+                warn(Problem::FrontendTaken {
+                    frontend,
+                    owner: owner.clone(),
+                    port: spn.port.clone(),
+                });
+            }
+        }
+        if frontends.is_empty() {
+            continue;
+        }
+
+        let ready = endpoints.lookup(&spn);
+        let entry = state.services.entry(spn).or_default();
+        entry.frontends.extend(frontends);
+        entry.endpoints.extend(ready);
+        entry.affinity_timeout_s = affinity_timeout_s;
+    }
+}
+
+/// The service's IPv4 ClusterIPs, or `None` when it is headless. IPv6 and invalid addresses
+/// are left out with a warning.
+fn cluster_ipv4s(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Option<Vec<Ipv4Addr>> {
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    // The first address is the primary one, equal to `clusterIP`; kube-proxy looks only at it
+    // to tell a headless service.
+    if listed
+        .first()
+        .is_none_or(|ip| ip.is_empty() || *ip == "None")
+    {
+        return None;
+    }
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in listed {
+        if let Some(addr) = parse_ipv4_sloppy(ip) {
+            v4.push(addr);
+        } else if ip.parse::<Ipv6Addr>().is_ok() {
+            v6.push(ip.to_owned());
+        } else {
+            warn(Problem::InvalidClusterIp {
+                addr: ip.to_owned(),
+            });
+        }
+    }
+    if !v6.is_empty() {
+        warn(Problem::Ipv6NotProgrammed { addrs: v6 });
+    }
+    Some(v4)
+}
+
+/// The ClientIP affinity timeout, or `None` when affinity is off.
+fn affinity_timeout(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Option<u32> {
+    match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => None,
+        Some("ClientIP") => {
+            let given = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let Some(given) = given else {
+                return Some(DEFAULT_AFFINITY_TIMEOUT_S);
+            };
+            match u32::try_from(given) {
+                Ok(t @ 1..=MAX_AFFINITY_TIMEOUT_S) => Some(t),
+                _ => {
+                    // Too long is clamped to the longest the API allows; zero or negative is
+                    // treated as unset.
+                    let used = if given > 0 {
+                        MAX_AFFINITY_TIMEOUT_S
+                    } else {
+                        DEFAULT_AFFINITY_TIMEOUT_S
+                    };
+                    warn(Problem::AffinityTimeoutOutOfRange { given, used });
+                    Some(used)
+                }
+            }
+        }
+        Some(other) => {
+            warn(Problem::UnknownSessionAffinity {
+                given: other.to_owned(),
+            });
+            None
+        }
+    }
+}
+
+/// A port number from the API's `int32`, if it is one a packet can carry.
+fn port_number(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
+/// The ready IPv4 endpoints of every EndpointSlice, grouped by the service they belong to.
+struct EndpointIndex<'a> {
+    by_service: HashMap<(&'a str, &'a str), Vec<SliceEndpoints>>,
+}
+
+/// What one EndpointSlice contributes: its usable ports and its ready addresses.
+struct SliceEndpoints {
+    /// (port name, protocol, port number); the number is the service's resolved target port.
+    ports: Vec<(String, Protocol, u16)>,
+    ready: Vec<Ipv4Addr>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    fn new(
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        warnings: &mut Vec<ModelWarning>,
+    ) -> EndpointIndex<'a> {
+        let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
+        for slice in slices {
+            // kube-proxy programs one address family at a time; FQDN slices are for DNS.
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let meta = &slice.metadata;
+            let object = ObjectRef::new(ObjectKind::EndpointSlice, meta);
+            let mut warn = |problem| {
+                warnings.push(ModelWarning {
+                    object: object.clone(),
+                    problem,
+                })
+            };
+            let Some(service) = label(meta, LABEL_SERVICE_NAME).filter(|s| !s.is_empty()) else {
+                warn(Problem::NoServiceName);
+                continue;
+            };
+            let endpoints = SliceEndpoints {
+                ports: slice_ports(slice, &mut warn),
+                ready: ready_addresses(slice, &mut warn),
+            };
+            by_service
+                .entry((namespace_of(meta), service))
+                .or_default()
+                .push(endpoints);
+        }
+        EndpointIndex { by_service }
+    }
+
+    /// The ready endpoints of one service port, de-duplicated across slices. A slice port
+    /// belongs to the service port with the same name (both empty when unnamed) and protocol.
+    fn lookup(&self, spn: &ServicePortName) -> BTreeSet<Endpoint> {
+        let mut found = BTreeSet::new();
+        let slices = self
+            .by_service
+            .get(&(spn.namespace.as_str(), spn.name.as_str()));
+        for slice in slices.into_iter().flatten() {
+            for (name, protocol, port) in &slice.ports {
+                if *name == spn.port && *protocol == spn.protocol {
+                    found.extend(
+                        slice
+                            .ready
+                            .iter()
+                            .map(|&addr| Endpoint { addr, port: *port }),
+                    );
+                }
+            }
+        }
+        found
+    }
+}
+
+fn slice_ports(
+    slice: &EndpointSlice,
+    warn: &mut impl FnMut(Problem),
+) -> Vec<(String, Protocol, u16)> {
+    let mut ports = Vec::new();
+    for port in slice.ports.iter().flatten() {
+        let name = port.name.clone().unwrap_or_default();
+        let protocol_name = port.protocol.as_deref().unwrap_or("TCP");
+        let Some(protocol) = Protocol::from_kubernetes(protocol_name) else {
+            warn(Problem::UnknownProtocol {
+                port: name,
+                protocol: protocol_name.to_owned(),
+            });
+            continue;
+        };
+        match port.port {
+            None => warn(Problem::MissingPortNumber { port: name }),
+            Some(number) => match port_number(number) {
+                Some(number) => ports.push((name, protocol, number)),
+                None => warn(Problem::InvalidPortNumber { port: name, number }),
+            },
+        }
+    }
+    ports
+}
+
+/// The addresses of the slice's ready endpoints. An unset `ready` means ready, as the API
+/// documents; like kube-proxy, only the first address of an endpoint is used.
+fn ready_addresses(slice: &EndpointSlice, warn: &mut impl FnMut(Problem)) -> Vec<Ipv4Addr> {
+    let mut ready = Vec::new();
+    for endpoint in &slice.endpoints {
+        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
+        if is_ready == Some(false) {
+            continue;
+        }
+        let Some(first) = endpoint.addresses.first() else {
+            warn(Problem::EndpointWithoutAddress);
+            continue;
+        };
+        match parse_ipv4_sloppy(first) {
+            Some(addr) => ready.push(addr),
+            None => warn(Problem::InvalidEndpointAddress {
+                addr: first.clone(),
+            }),
+        }
+    }
+    ready
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Protocol::{Sctp, Tcp, Udp};
+
+    /// A Service or EndpointSlice from one line of flow-style YAML.
+    fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        serde_yaml::from_str(yaml).unwrap_or_else(|err| panic!("{err}: {yaml}"))
+    }
+
+    /// `"ns/name"` (or `"name"` in default) with a port name and protocol.
+    fn spn(service: &str, port: &str, protocol: Protocol) -> ServicePortName {
+        let (namespace, name) = service
+            .split_once('/')
+            .unwrap_or((DEFAULT_NAMESPACE, service));
+        ServicePortName {
+            namespace: namespace.into(),
+            name: name.into(),
+            port: port.into(),
+            protocol,
+        }
+    }
+
+    /// A service port from `"addr:port/PROTO"` frontends and `"addr:port"` endpoints.
+    fn sp(frontends: &[&str], endpoints: &[&str], affinity_timeout_s: Option<u32>) -> ServicePort {
+        let frontend = |s: &&str| {
+            let (addr_port, protocol) = s.split_once('/').unwrap();
+            let (addr, port) = addr_port.split_once(':').unwrap();
+            Frontend {
+                addr: addr.parse().unwrap(),
+                port: port.parse().unwrap(),
+                protocol: Protocol::from_kubernetes(protocol).unwrap(),
+            }
+        };
+        let endpoint = |s: &&str| {
+            let (addr, port) = s.split_once(':').unwrap();
+            Endpoint {
+                addr: addr.parse().unwrap(),
+                port: port.parse().unwrap(),
+            }
+        };
+        ServicePort {
+            frontends: frontends.iter().map(frontend).collect(),
+            endpoints: endpoints.iter().map(endpoint).collect(),
+            affinity_timeout_s,
+        }
+    }
+
+    /// A warning about `"Kind ns/name"`.
+    fn warning(object: &str, problem: Problem) -> ModelWarning {
+        let (kind, namespaced) = object.split_once(' ').unwrap();
+        let (namespace, name) = namespaced.split_once('/').unwrap();
+        let kind = match kind {
+            "Service" => ObjectKind::Service,
+            "EndpointSlice" => ObjectKind::EndpointSlice,
+            other => panic!("kind {other}"),
+        };
+        ModelWarning {
+            object: ObjectRef {
+                kind,
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+            problem,
+        }
+    }
+
+    #[derive(Default)]
+    struct Case {
+        what: &'static str,
+        services: &'static [&'static str],
+        slices: &'static [&'static str],
+        proxy_name: Option<&'static str>,
+        want: Vec<(ServicePortName, ServicePort)>,
+        warnings: Vec<ModelWarning>,
+    }
+
+    const WEB: &str = "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                       ports: [{port: 80, targetPort: 8080}]}}";
+    const WEB_SLICE: &str = "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                             addressType: IPv4, ports: [{port: 8080}], \
+                             endpoints: [{addresses: [10.0.0.1]}]}";
+
+    fn run(cases: Vec<Case>) {
+        for case in cases {
+            let services: Vec<Service> = case.services.iter().map(|s| parse(s)).collect();
+            let slices: Vec<EndpointSlice> = case.slices.iter().map(|s| parse(s)).collect();
+            let (state, warnings) = build(&services, &slices, case.proxy_name);
+            let want: BTreeMap<_, _> = case.want.into_iter().collect();
+            assert_eq!(state.services, want, "{}", case.what);
+            assert_eq!(warnings, case.warnings, "{}", case.what);
+        }
+    }
+
+    #[test]
+    fn services_and_endpoints() {
+        run(vec![
+            Case {
+                what: "single unnamed port",
+                services: &[WEB],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{name: '', port: 8080, protocol: TCP}], \
+                     endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}, \
+                     {addresses: [10.0.0.2], conditions: {ready: true}}]}",
+                ],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(
+                        &["10.96.0.10:80/TCP"],
+                        &["10.0.0.1:8080", "10.0.0.2:8080"],
+                        None,
+                    ),
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "multi-port service, each port's endpoints in its own slice",
+                services: &["{metadata: {name: web, namespace: shop}, \
+                             spec: {clusterIP: 10.96.0.10, \
+                             ports: [{name: http, port: 80}, {name: https, port: 443}]}}"],
+                slices: &[
+                    "{metadata: {name: web-a, namespace: shop, \
+                     labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{name: http, port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1]}]}",
+                    "{metadata: {name: web-b, namespace: shop, \
+                     labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{name: https, port: 8443}], \
+                     endpoints: [{addresses: [10.0.0.2]}]}",
+                ],
+                want: vec![
+                    (
+                        spn("shop/web", "http", Tcp),
+                        sp(&["10.96.0.10:80/TCP"], &["10.0.0.1:8080"], None),
+                    ),
+                    (
+                        spn("shop/web", "https", Tcp),
+                        sp(&["10.96.0.10:443/TCP"], &["10.0.0.2:8443"], None),
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                what:
+                    "a named targetPort is resolved by the slice, matched on the service port name",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             ports: [{name: web, port: 80, targetPort: http}]}}"],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, \
+                     ports: [{name: web, port: 8080}, {name: http, port: 9999}], \
+                     endpoints: [{addresses: [10.0.0.1]}]}",
+                ],
+                want: vec![(
+                    spn("web", "web", Tcp),
+                    sp(&["10.96.0.10:80/TCP"], &["10.0.0.1:8080"], None),
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "one port number on TCP and UDP",
+                services: &["{metadata: {name: dns, namespace: kube-system}, \
+                             spec: {clusterIP: 10.96.0.10, \
+                             ports: [{name: dns, port: 53, protocol: UDP}, \
+                                     {name: dns-tcp, port: 53, protocol: TCP}, \
+                                     {name: sig, port: 53, protocol: SCTP}]}}"],
+                slices: &["{metadata: {name: dns-1, namespace: kube-system, \
+                           labels: {kubernetes.io/service-name: dns}}, \
+                           addressType: IPv4, \
+                           ports: [{name: dns, port: 5353, protocol: UDP}, \
+                                   {name: dns-tcp, port: 5354, protocol: TCP}, \
+                                   {name: sig, port: 5355, protocol: SCTP}], \
+                           endpoints: [{addresses: [10.0.0.1]}]}"],
+                want: vec![
+                    (
+                        spn("kube-system/dns", "dns", Udp),
+                        sp(&["10.96.0.10:53/UDP"], &["10.0.0.1:5353"], None),
+                    ),
+                    (
+                        spn("kube-system/dns", "dns-tcp", Tcp),
+                        sp(&["10.96.0.10:53/TCP"], &["10.0.0.1:5354"], None),
+                    ),
+                    (
+                        spn("kube-system/dns", "sig", Sctp),
+                        sp(&["10.96.0.10:53/SCTP"], &["10.0.0.1:5355"], None),
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                what: "a slice port matches only on the same protocol",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             ports: [{port: 80, protocol: UDP}]}}"],
+                slices: &[WEB_SLICE],
+                want: vec![(spn("web", "", Udp), sp(&["10.96.0.10:80/UDP"], &[], None))],
+                ..Case::default()
+            },
+            Case {
+                what: "ready false is left out; ready unset, or no conditions, counts as ready",
+                services: &[WEB],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], endpoints: [ \
+                       {addresses: [10.0.0.1], \
+                        conditions: {ready: true, serving: true, terminating: false}}, \
+                       {addresses: [10.0.0.2], \
+                        conditions: {ready: false, serving: true, terminating: true}}, \
+                       {addresses: [10.0.0.3], conditions: {ready: false}}, \
+                       {addresses: [10.0.0.4], conditions: {serving: true}}, \
+                       {addresses: [10.0.0.5]}]}",
+                ],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(
+                        &["10.96.0.10:80/TCP"],
+                        &["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.5:8080"],
+                        None,
+                    ),
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "an endpoint in two slices is one endpoint",
+                services: &[WEB],
+                slices: &[
+                    WEB_SLICE,
+                    "{metadata: {name: web-2, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]}",
+                ],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(
+                        &["10.96.0.10:80/TCP"],
+                        &["10.0.0.1:8080", "10.0.0.2:8080"],
+                        None,
+                    ),
+                )],
+                ..Case::default()
+            },
+            Case {
+                what:
+                    "slices of another service, of one in another namespace, and of other address \
+                     types are ignored",
+                services: &[WEB],
+                slices: &[
+                    "{metadata: {name: db-1, labels: {kubernetes.io/service-name: db}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1]}]}",
+                    "{metadata: {name: web-1, namespace: other, \
+                     labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.2]}]}",
+                    "{metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv6, ports: [{port: 8080}], \
+                     endpoints: [{addresses: ['fd00::1']}]}",
+                    "{metadata: {name: web-fqdn, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: FQDN, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [db.example.com]}]}",
+                ],
+                want: vec![(spn("web", "", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None))],
+                ..Case::default()
+            },
+            Case {
+                what: "a service without slices has its ports with no endpoints, so they reject",
+                services: &[WEB],
+                want: vec![(spn("web", "", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None))],
+                ..Case::default()
+            },
+            Case {
+                what: "service types other than ExternalName program their ClusterIPs",
+                services: &[
+                    "{metadata: {name: lb}, spec: {type: LoadBalancer, \
+                     clusterIP: 10.96.0.11, \
+                     ports: [{port: 80, nodePort: 30080}]}}",
+                    "{metadata: {name: np}, spec: {type: NodePort, clusterIP: 10.96.0.12, \
+                     ports: [{port: 80, nodePort: 30081}]}}",
+                ],
+                want: vec![
+                    (spn("lb", "", Tcp), sp(&["10.96.0.11:80/TCP"], &[], None)),
+                    (spn("np", "", Tcp), sp(&["10.96.0.12:80/TCP"], &[], None)),
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn services_kube_proxy_leaves_alone() {
+        let skipped = [
+            (
+                "headless",
+                "{metadata: {name: web}, spec: {clusterIP: None, ports: [{port: 80}]}}",
+            ),
+            (
+                "headless, dual-stack",
+                "{metadata: {name: web}, spec: {clusterIP: None, \
+                 clusterIPs: [None], ports: [{port: 80}]}}",
+            ),
+            (
+                "no cluster IP",
+                "{metadata: {name: web}, spec: {ports: [{port: 80}]}}",
+            ),
+            (
+                "empty cluster IP",
+                "{metadata: {name: web}, spec: {clusterIP: '', ports: [{port: 80}]}}",
+            ),
+            ("no spec", "{metadata: {name: web}}"),
+            (
+                "ExternalName",
+                "{metadata: {name: web}, spec: {type: ExternalName, \
+                 externalName: db.example.com, clusterIP: 10.96.0.10, ports: [{port: 80}]}}",
+            ),
+            (
+                "headless label",
+                "{metadata: {name: web, labels: {service.kubernetes.io/headless: ''}}, \
+                 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}",
+            ),
+            (
+                "another proxy's",
+                "{metadata: {name: web, labels: \
+                 {service.kubernetes.io/service-proxy-name: other}}, \
+                 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}",
+            ),
+        ];
+        for (what, service) in skipped {
+            for proxy_name in [None, Some("lb-agent")] {
+                // With endpoints, to show that they do not matter.
+                let (state, warnings) = build(&[parse(service)], &[parse(WEB_SLICE)], proxy_name);
+                assert_eq!(
+                    state,
+                    DesiredState::default(),
+                    "{what}, proxy {proxy_name:?}"
+                );
+                assert_eq!(warnings, [], "{what}");
+            }
+        }
+
+        const OURS: &str = "{metadata: {name: web, \
+                            labels: {service.kubernetes.io/service-proxy-name: lb-agent}}, \
+                            spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}";
+        run(vec![
+            Case {
+                what: "labelled for this agent, by its name",
+                services: &[OURS],
+                proxy_name: Some("lb-agent"),
+                want: vec![(spn("web", "", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None))],
+                ..Case::default()
+            },
+            Case {
+                what: "labelled, and this agent has no name",
+                services: &[OURS],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn cluster_ips() {
+        run(vec![
+            Case {
+                what: "leading zeros are decimal, in ClusterIPs and endpoint addresses",
+                services: &[
+                    "{metadata: {name: web}, spec: {clusterIP: 010.096.000.010, \
+                     ports: [{port: 80}]}}",
+                ],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [010.000.000.011]}]}",
+                ],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(&["10.96.0.10:80/TCP"], &["10.0.0.11:8080"], None),
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "an invalid ClusterIP is skipped with a warning",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.300, \
+                             ports: [{port: 80}]}}"],
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::InvalidClusterIp {
+                        addr: "10.96.0.300".into(),
+                    },
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "clusterIPs wins over clusterIP; a bad one among good ones is skipped",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             clusterIPs: [10.96.0.10, bogus, 10.96.0.11], ports: [{port: 80}]}}"],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(&["10.96.0.10:80/TCP", "10.96.0.11:80/TCP"], &[], None),
+                )],
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::InvalidClusterIp {
+                        addr: "bogus".into(),
+                    },
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "IPv6-only: one warning, nothing programmed",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 'fd00::10', \
+                             clusterIPs: ['fd00::10'], ports: [{port: 80}, {port: 81}]}}"],
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::Ipv6NotProgrammed {
+                        addrs: vec!["fd00::10".into()],
+                    },
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "dual-stack: IPv4 programmed, one warning for IPv6",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 'fd00::10', \
+                             clusterIPs: ['fd00::10', 10.96.0.10], \
+                             ports: [{name: a, port: 80}, {name: b, port: 81}]}}"],
+                want: vec![
+                    (spn("web", "a", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None)),
+                    (spn("web", "b", Tcp), sp(&["10.96.0.10:81/TCP"], &[], None)),
+                ],
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::Ipv6NotProgrammed {
+                        addrs: vec!["fd00::10".into()],
+                    },
+                )],
+                ..Case::default()
+            },
+            Case {
+                what: "two services claiming one frontend: the first by namespace/name keeps it",
+                services: &[
+                    "{metadata: {name: web2}, spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}",
+                    "{metadata: {name: web1}, spec: {clusterIP: 10.96.0.10, \
+                     ports: [{port: 80}, {port: 81}]}}",
+                ],
+                want: vec![(
+                    spn("web1", "", Tcp),
+                    sp(&["10.96.0.10:80/TCP", "10.96.0.10:81/TCP"], &[], None),
+                )],
+                warnings: vec![warning(
+                    "Service default/web2",
+                    Problem::FrontendTaken {
+                        frontend: sp(&["10.96.0.10:80/TCP"], &[], None)
+                            .frontends
+                            .pop_first()
+                            .unwrap(),
+                        owner: spn("web1", "", Tcp),
+                        port: String::new(),
+                    },
+                )],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn session_affinity() {
+        // Spec fields, spliced in front of the ClusterIP and ports.
+        let cases = [
+            ("", None, None),
+            ("sessionAffinity: None,", None, None),
+            ("sessionAffinity: ClientIP,", Some(10_800), None),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {}},",
+                Some(10_800),
+                None,
+            ),
+            (
+                "sessionAffinity: ClientIP, \
+                 sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}},",
+                Some(600),
+                None,
+            ),
+            (
+                "sessionAffinity: ClientIP, \
+                 sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}},",
+                Some(86_400),
+                None,
+            ),
+            (
+                "sessionAffinity: ClientIP, \
+                 sessionAffinityConfig: {clientIP: {timeoutSeconds: 999999}},",
+                Some(86_400),
+                Some(Problem::AffinityTimeoutOutOfRange {
+                    given: 999_999,
+                    used: 86_400,
+                }),
+            ),
+            (
+                "sessionAffinity: ClientIP, \
+                 sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}},",
+                Some(10_800),
+                Some(Problem::AffinityTimeoutOutOfRange {
+                    given: 0,
+                    used: 10_800,
+                }),
+            ),
+            (
+                "sessionAffinity: Cookie,",
+                None,
+                Some(Problem::UnknownSessionAffinity {
+                    given: "Cookie".into(),
+                }),
+            ),
+        ];
+        for (affinity, want, problem) in cases {
+            let service = format!(
+                "{{metadata: {{name: web}}, spec: {{{affinity} clusterIP: 10.96.0.10, \
+                 ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}}}"
+            );
+            let (state, warnings) = build(&[parse(&service)], &[], None);
+            for port in ["a", "b"] {
+                let got = state.services[&spn("web", port, Tcp)].affinity_timeout_s;
+                assert_eq!(got, want, "{affinity:?}, port {port}");
+            }
+            let want_warnings: Vec<_> = problem
+                .into_iter()
+                .map(|p| warning("Service default/web", p))
+                .collect();
+            assert_eq!(
+                warnings, want_warnings,
+                "{affinity:?}: warned once per service"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_ports_are_skipped_with_a_warning() {
+        run(vec![
+            Case {
+                what: "unknown protocol: that port only",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             ports: [{name: q, port: 443, protocol: QUIC}, {name: h, port: 80}, \
+                                     {name: low, port: 81, protocol: tcp}]}}"],
+                want: vec![(spn("web", "h", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None))],
+                warnings: vec![
+                    warning(
+                        "Service default/web",
+                        Problem::UnknownProtocol {
+                            port: "q".into(),
+                            protocol: "QUIC".into(),
+                        },
+                    ),
+                    warning(
+                        "Service default/web",
+                        Problem::UnknownProtocol {
+                            port: "low".into(),
+                            protocol: "tcp".into(),
+                        },
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                what: "port numbers outside 1-65535, and no ports at all",
+                services: &[
+                    "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                     ports: [{name: z, port: 0}, {name: big, port: 70000}, \
+                             {name: ok, port: 65535}]}}",
+                    "{metadata: {name: empty}, spec: {clusterIP: 10.96.0.11, ports: []}}",
+                ],
+                want: vec![(
+                    spn("web", "ok", Tcp),
+                    sp(&["10.96.0.10:65535/TCP"], &[], None),
+                )],
+                warnings: vec![
+                    warning("Service default/empty", Problem::NoPorts),
+                    warning(
+                        "Service default/web",
+                        Problem::InvalidPortNumber {
+                            port: "z".into(),
+                            number: 0,
+                        },
+                    ),
+                    warning(
+                        "Service default/web",
+                        Problem::InvalidPortNumber {
+                            port: "big".into(),
+                            number: 70_000,
+                        },
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                what: "slice ports without a number, out of range or of an unknown protocol; bad \
+                       endpoint addresses; a slice without a service name",
+                services: &[WEB],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, \
+                     ports: [{name: ''}, {port: 0}, {port: 8080, protocol: ICMP}, {port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1]}, {addresses: [not-an-ip]}, \
+                                 {addresses: []}, {addresses: ['fd00::1']}]}",
+                    "{metadata: {name: orphan}, addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.9]}]}",
+                ],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(&["10.96.0.10:80/TCP"], &["10.0.0.1:8080"], None),
+                )],
+                warnings: vec![
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::MissingPortNumber {
+                            port: String::new(),
+                        },
+                    ),
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::InvalidPortNumber {
+                            port: String::new(),
+                            number: 0,
+                        },
+                    ),
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::UnknownProtocol {
+                            port: String::new(),
+                            protocol: "ICMP".into(),
+                        },
+                    ),
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::InvalidEndpointAddress {
+                            addr: "not-an-ip".into(),
+                        },
+                    ),
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::EndpointWithoutAddress,
+                    ),
+                    warning(
+                        "EndpointSlice default/web-1",
+                        Problem::InvalidEndpointAddress {
+                            addr: "fd00::1".into(),
+                        },
+                    ),
+                    warning("EndpointSlice default/orphan", Problem::NoServiceName),
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn warnings_read_well() {
+        let w = warning(
+            "Service shop/web",
+            Problem::InvalidClusterIp {
+                addr: "1.2.3".into(),
+            },
+        );
+        assert_eq!(
+            w.to_string(),
+            "Service shop/web: cluster IP \"1.2.3\" is not an IP address; skipping it"
+        );
+    }
+
+    #[test]
+    fn empty_objects_do_not_panic() {
+        let services: Vec<Service> = vec![
+            Service::default(),
+            parse("{spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}"),
+            parse("{spec: {clusterIP: 10.96.0.10, clusterIPs: [], ports: [{port: -1}]}}"),
+        ];
+        let slices: Vec<EndpointSlice> = vec![
+            EndpointSlice::default(),
+            parse(
+                "{metadata: {labels: {kubernetes.io/service-name: ''}}, addressType: IPv4, \
+                 endpoints: []}",
+            ),
+            parse(
+                "{metadata: {labels: {kubernetes.io/service-name: x}}, addressType: IPv4, \
+                 endpoints: [{addresses: ['']}]}",
+            ),
+        ];
+        let (state, _) = build(&services, &slices, None);
+        // A nameless service is still programmed: rejecting input is the API server's job.
+        assert_eq!(state.services.len(), 1);
+    }
+
+    #[test]
+    fn sloppy_ipv4_parsing() {
+        let cases: [(&str, Option<[u8; 4]>); 14] = [
+            ("10.96.0.10", Some([10, 96, 0, 10])),
+            ("010.096.000.010", Some([10, 96, 0, 10])),
+            ("0010.0.0.1", Some([10, 0, 0, 1])),
+            ("255.255.255.255", Some([255, 255, 255, 255])),
+            ("0.0.0.0", Some([0, 0, 0, 0])),
+            ("256.0.0.1", None),
+            ("1.2.3", None),
+            ("1.2.3.4.5", None),
+            ("1..3.4", None),
+            ("1.2.3.", None),
+            ("+1.2.3.4", None),
+            (" 1.2.3.4", None),
+            ("0x0a.0.0.1", None),
+            ("99999999999999999999.0.0.1", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                parse_ipv4_sloppy(input),
+                want.map(Ipv4Addr::from),
+                "{input:?}"
+            );
+        }
+    }
+}

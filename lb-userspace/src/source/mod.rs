@@ -1,0 +1,104 @@
+//! Where Services and EndpointSlices come from: `--source dir:PATH` reads manifest files from a
+//! directory ([`manifest_dir`]); `--source kube` (watching the API server) comes later.
+
+pub mod manifest_dir;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Where the agent reads Services and EndpointSlices from (`--source`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `dir:PATH`: manifest files under PATH, re-read when they change.
+    Dir(PathBuf),
+}
+
+/// A `--source` argument that names no source this agent has.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceArgError {
+    #[error("--source kube is not supported yet; use --source dir:PATH")]
+    KubeNotSupportedYet,
+    #[error(
+        "--source dir: needs a path after the colon, e.g. --source dir:/etc/lb-agent/manifests"
+    )]
+    EmptyPath,
+    #[error(
+        "--source {given:?} is not a source; accepted forms: dir:PATH (kube: not supported yet)"
+    )]
+    Unknown { given: String },
+}
+
+impl FromStr for Source {
+    type Err = SourceArgError;
+
+    fn from_str(arg: &str) -> Result<Source, SourceArgError> {
+        if let Some(path) = arg.strip_prefix("dir:") {
+            return match path {
+                "" => Err(SourceArgError::EmptyPath),
+                path => Ok(Source::Dir(PathBuf::from(path))),
+            };
+        }
+        match arg {
+            "kube" => Err(SourceArgError::KubeNotSupportedYet),
+            _ => Err(SourceArgError::Unknown {
+                given: arg.to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Dir(path) => write!(f, "dir:{}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_source_arguments() {
+        let cases: [(&str, Result<Source, SourceArgError>); 6] = [
+            (
+                "dir:/etc/manifests",
+                Ok(Source::Dir("/etc/manifests".into())),
+            ),
+            ("dir:relative/path", Ok(Source::Dir("relative/path".into()))),
+            ("dir:", Err(SourceArgError::EmptyPath)),
+            ("kube", Err(SourceArgError::KubeNotSupportedYet)),
+            (
+                "/etc/manifests",
+                Err(SourceArgError::Unknown {
+                    given: "/etc/manifests".into(),
+                }),
+            ),
+            (
+                "file:/x",
+                Err(SourceArgError::Unknown {
+                    given: "file:/x".into(),
+                }),
+            ),
+        ];
+        for (arg, want) in cases {
+            assert_eq!(arg.parse::<Source>(), want, "--source {arg}");
+        }
+    }
+
+    #[test]
+    fn errors_list_the_accepted_forms() {
+        let unknown = "nope".parse::<Source>().unwrap_err().to_string();
+        assert!(unknown.contains("dir:PATH"), "{unknown}");
+        let kube = "kube".parse::<Source>().unwrap_err().to_string();
+        assert!(kube.contains("not supported yet"), "{kube}");
+    }
+
+    #[test]
+    fn displays_as_it_parses() {
+        let source: Source = "dir:/etc/manifests".parse().unwrap();
+        assert_eq!(source.to_string(), "dir:/etc/manifests");
+    }
+}
