@@ -218,7 +218,18 @@ mod user {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    plain_old_data!(FrontendKey, Service, SlotKey, Slot, Backend, VipKey, Vip, CtKey, CtEntry, Counter);
+    plain_old_data!(
+        FrontendKey,
+        Service,
+        SlotKey,
+        Slot,
+        Backend,
+        VipKey,
+        Vip,
+        CtKey,
+        CtEntry,
+        Counter
+    );
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{next_tcp_state, starts_new_connection},
-    proto, stats::DROP_CT_FULL, Backend, CtEntry, CtKey, CT_FORWARD,
-    CT_REVERSE,
+    proto,
+    stats::DROP_CT_FULL,
+    Backend, CtEntry, CtKey, CT_FORWARD, CT_REVERSE,
 };
 
 use crate::{maps::CONNTRACK, parse::Packet};
@@ -23,7 +24,7 @@ pub struct Hit {
 /// Looks `pkt`'s own tuple up and, on a hit, records the packet (TCP state, last seen).
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Option<Hit> {
-    let e = CONNTRACK.get_ptr_mut(&pkt.tuple)?;
+    let e = CONNTRACK.get_ptr_mut(pkt.tuple)?;
     // SAFETY: the pointer comes from a successful lookup and is used before any other map
     // operation on CONNTRACK. Concurrent writers on other CPUs can only race on these
     // informational fields, never on the NAT target.
@@ -35,10 +36,7 @@ pub fn lookup(pkt: &Packet) -> Option<Hit> {
             (*e).tcp_state = next_tcp_state(state, pkt.tcp_flags);
         }
         (*e).last_seen_ns = bpf_ktime_get_ns();
-        Some(Hit {
-            entry: *e,
-            reopens,
-        })
+        Some(Hit { entry: *e, reopens })
     }
 }
 
@@ -71,9 +69,9 @@ pub fn create(
         last_seen_ns: now,
     };
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST } as u64;
-    if CONNTRACK.insert(&pkt.tuple, &forward, flags).is_err() {
+    if CONNTRACK.insert(pkt.tuple, forward, flags).is_err() {
         // Lost a race with another CPU (EEXIST): use its entry. Anything else: the map failed.
-        return match CONNTRACK.get_ptr(&pkt.tuple) {
+        return match CONNTRACK.get_ptr(pkt.tuple) {
             // SAFETY: pointer from a successful lookup, copied out at once.
             Some(e) => Ok(unsafe { *e }),
             None => Err(DROP_CT_FULL),
@@ -94,7 +92,7 @@ pub fn create(
         ..forward
     };
     CONNTRACK
-        .insert(&reply_key, &reverse, BPF_ANY as u64)
+        .insert(reply_key, reverse, BPF_ANY as u64)
         .map_err(|_| DROP_CT_FULL)?;
     Ok(forward)
 }

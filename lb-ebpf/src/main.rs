@@ -16,7 +16,19 @@ mod reject;
 mod service;
 mod stats;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// tc actions as a classifier returns them.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "the bindings type them u32 for bpf and i32 on the host, where this only type-checks"
+)]
+pub mod action {
+    use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+    pub const OK: i32 = TC_ACT_OK as i32;
+    pub const SHOT: i32 = TC_ACT_SHOT as i32;
+    pub const REDIRECT: i32 = TC_ACT_REDIRECT as i32;
+}
 
 /// What to do with a packet, and why (a `lb_common::stats` reason).
 pub struct Verdict {
@@ -31,7 +43,7 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let (action, reason) = match service::try_ingress(&ctx) {
         Ok(v) => (v.action, v.reason),
-        Err(reason) => (TC_ACT_SHOT as i32, reason),
+        Err(reason) => (action::SHOT, reason),
     };
     stats::count(reason, len);
     action

@@ -37,7 +37,12 @@ pub fn rewrite(
             pkt.tuple.daddr,
             pkt.tuple.dport_be,
         ),
-        End::Source => (IP_SADDR_OFF, pkt.l4_off, pkt.tuple.saddr, pkt.tuple.sport_be),
+        End::Source => (
+            IP_SADDR_OFF,
+            pkt.l4_off,
+            pkt.tuple.saddr,
+            pkt.tuple.sport_be,
+        ),
     };
     // A UDP checksum of 0 means "not computed" and must stay 0; MANGLED_0 also turns a
     // computed result of 0 into 0xffff so it is not mistaken for "none".
@@ -50,8 +55,13 @@ pub fn rewrite(
     let old_a = u32::from_ne_bytes(old_addr) as u64;
     let new_a = u32::from_ne_bytes(addr) as u64;
 
-    ctx.l4_csum_replace(check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
+    ctx.l4_csum_replace(
+        check_off,
+        old_a,
+        new_a,
+        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+    )
+    .map_err(|_| DROP_REWRITE_FAILED)?;
     ctx.l4_csum_replace(check_off, old_port as u64, port_be as u64, mangled | 2)
         .map_err(|_| DROP_REWRITE_FAILED)?;
     ctx.l3_csum_replace(IP_CHECK_OFF, old_a, new_a, 4)

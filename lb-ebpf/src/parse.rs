@@ -129,7 +129,11 @@ struct UdpHdr {
 pub fn parse(ctx: &TcContext) -> Parsed {
     // Headers may sit partly in paged data (GRO, large sends); make them linear first.
     // Failure is harmless: the bounds checks below then treat the packet as short.
-    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+    let want = if ctx.len() < MAX_HEADERS {
+        ctx.len()
+    } else {
+        MAX_HEADERS
+    };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }

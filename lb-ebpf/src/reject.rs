@@ -4,7 +4,6 @@
 //! out.
 
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -68,7 +67,11 @@ fn reply_ethernet(ctx: &TcContext, frame: &mut [u8]) -> Result<(), u32> {
 
 /// Resizes the packet to `len`, writes `frame` over it and sends it back where it came from.
 #[inline(always)]
-fn send_back<const N: usize>(ctx: &TcContext, frame: &[u8; N], reason: u32) -> Result<Verdict, u32> {
+fn send_back<const N: usize>(
+    ctx: &TcContext,
+    frame: &[u8; N],
+    reason: u32,
+) -> Result<Verdict, u32> {
     // SAFETY: the helper only reads the skb pointer the program was given.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) } != 0 {
         return Err(DROP_REWRITE_FAILED);
@@ -78,7 +81,7 @@ fn send_back<const N: usize>(ctx: &TcContext, frame: &[u8; N], reason: u32) -> R
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; egress of the ingress device sends the answer back.
     let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
+    if action != crate::action::REDIRECT {
         return Err(DROP_REWRITE_FAILED);
     }
     Ok(Verdict { action, reason })
@@ -103,7 +106,14 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     let t = &pkt.tuple;
     let mut frame = [0u8; RST_LEN];
     reply_ethernet(ctx, &mut frame)?;
-    ipv4_header(&mut frame[ETH_HLEN..], 0, (IPV4_HLEN + TCP_HLEN) as u16, proto::TCP, t.daddr, t.saddr);
+    ipv4_header(
+        &mut frame[ETH_HLEN..],
+        0,
+        (IPV4_HLEN + TCP_HLEN) as u16,
+        proto::TCP,
+        t.daddr,
+        t.saddr,
+    );
 
     let tcp = &mut frame[ETH_HLEN + IPV4_HLEN..];
     tcp[0..2].copy_from_slice(&t.dport_be.to_ne_bytes());
@@ -130,9 +140,16 @@ fn icmp_port_unreachable(ctx: &TcContext) -> Result<Verdict, u32> {
     let mut daddr = [0u8; 4];
     saddr.copy_from_slice(&quote[16..20]); // the frontend the datagram was sent to
     daddr.copy_from_slice(&quote[12..16]); // the client
-    // TOS 0xc0 (internetwork control), as the kernel's own ICMP errors carry.
+                                           // TOS 0xc0 (internetwork control), as the kernel's own ICMP errors carry.
     let tot_len = (IPV4_HLEN + ICMP_HLEN + QUOTE_LEN) as u16;
-    ipv4_header(&mut frame[ETH_HLEN..], 0xc0, tot_len, proto::ICMP, saddr, daddr);
+    ipv4_header(
+        &mut frame[ETH_HLEN..],
+        0xc0,
+        tot_len,
+        proto::ICMP,
+        saddr,
+        daddr,
+    );
 
     let icmp = &mut frame[ETH_HLEN + IPV4_HLEN..];
     icmp[0] = ICMP_DEST_UNREACH;

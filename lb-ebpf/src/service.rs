@@ -1,13 +1,10 @@
 //! The ingress decision: tracked flow, new flow to a frontend, or not ours.
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
-use lb_common::{
-    stats::*, Backend, FrontendKey, Service, SlotKey, VipKey,
-    CT_FORWARD, SCOPE_ALL,
-};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use lb_common::{stats::*, Backend, FrontendKey, Service, SlotKey, VipKey, CT_FORWARD, SCOPE_ALL};
 
 use crate::{
-    conntrack,
+    action, conntrack,
     maps::{BACKENDS, BACKEND_SLOTS, SERVICES, VIPS},
     nat::{self, End},
     parse::{self, Parsed},
@@ -17,7 +14,7 @@ use crate::{
 #[inline(always)]
 fn pass(reason: u32) -> Result<Verdict, u32> {
     Ok(Verdict {
-        action: TC_ACT_OK as i32,
+        action: action::OK,
         reason,
     })
 }
@@ -62,7 +59,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         proto: pkt.tuple.proto,
         scope: SCOPE_ALL,
     };
-    let Some(svc) = SERVICES.get_ptr(&key) else {
+    let Some(svc) = SERVICES.get_ptr(key) else {
         return pass(PASS_NOT_SERVICE);
     };
     // SAFETY: pointer from a successful lookup, copied out before any other map operation.
@@ -72,9 +69,15 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
     }
     let (backend_id, backend) = select_backend(&svc)?;
     let entry = conntrack::create(&pkt, svc.svc_id, backend_id, &backend, replace)?;
-    nat::rewrite(ctx, &pkt, End::Destination, entry.nat_addr, entry.nat_port_be)?;
+    nat::rewrite(
+        ctx,
+        &pkt,
+        End::Destination,
+        entry.nat_addr,
+        entry.nat_port_be,
+    )?;
     Ok(Verdict {
-        action: TC_ACT_OK as i32,
+        action: action::OK,
         reason: XLATE_NEW_FLOW,
     })
 }
@@ -88,7 +91,7 @@ fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
         svc_id: svc.svc_id,
         slot,
     };
-    let Some(s) = BACKEND_SLOTS.get_ptr(&slot_key) else {
+    let Some(s) = BACKEND_SLOTS.get_ptr(slot_key) else {
         return Err(DROP_NO_BACKEND_ENTRY);
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
@@ -99,4 +102,3 @@ fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
     // SAFETY: as above.
     Ok((backend_id, unsafe { *b }))
 }
-
