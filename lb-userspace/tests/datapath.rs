@@ -17,12 +17,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
 use lb_common::{proto, stats};
 use lb_userspace::{
-    dataplane::{
-        ebpf::{inspect, EbpfDataplane},
-        Dataplane,
-    },
+    dataplane::{ebpf::EbpfDataplane, Dataplane},
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
-    testbed::packet::{patch_ipv4, tcp, Frame, L4, CLIENT_MAC, NODE_MAC},
+    testbed::packet::{patch_ipv4, tcp, Frame, CLIENT_MAC, L4, NODE_MAC},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -85,16 +82,22 @@ fn desired(web_backends: BTreeSet<Endpoint>) -> DesiredState {
             service_port("web", "http", Protocol::Tcp, VIP, 80, web_backends),
             service_port("web", "dns", Protocol::Udp, VIP, 53, dns.into()),
             service_port("empty", "", Protocol::Tcp, EMPTY_VIP, 80, BTreeSet::new()),
-            service_port("empty", "udp", Protocol::Udp, EMPTY_VIP, 53, BTreeSet::new()),
+            service_port(
+                "empty",
+                "udp",
+                Protocol::Udp,
+                EMPTY_VIP,
+                53,
+                BTreeSet::new(),
+            ),
         ]
         .into(),
     }
 }
 
-/// The loaded datapath, shared by the cases in this file (one load, one pin directory).
+/// The loaded datapath, shared by the cases in this file (one load).
 struct Fixture {
     dp: EbpfDataplane,
-    pin_dir: PathBuf,
 }
 
 fn fixture() -> MutexGuard<'static, Fixture> {
@@ -109,13 +112,29 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         let _ = EbpfDataplane::remove_pins(&pin_dir);
         let mut dp = EbpfDataplane::load_with(&pin_dir, &[("CONNTRACK", 4096)])
             .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
-        // The maps live on in the loaded program; the pins are only needed for reading back,
-        // which keeps working through them until the test process exits. Removing them at the
-        // end is the test runner's job (xtask) since statics are never dropped.
-        dp.apply(&desired(backends(3))).expect("programming the maps");
-        Mutex::new(Fixture { dp, pin_dir })
+        // The maps live as long as the loaded program holds them; the pins are not needed
+        // (statics are never dropped, so nothing else would remove them).
+        EbpfDataplane::remove_pins(&pin_dir).expect("removing the fixture's pins");
+        dp.apply(&desired(backends(3)))
+            .expect("programming the maps");
+        report_verified_instructions(&mut dp);
+        Mutex::new(Fixture { dp })
     });
     f.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints how many instructions the kernel's verifier processed for the program, so growth
+/// is visible from run to run and kernel to kernel.
+fn report_verified_instructions(dp: &mut EbpfDataplane) {
+    let info = dp.program().expect("program").info().expect("program info");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "lb_ingress: {} instructions verified, {} translated bytes, on kernel {}",
+        info.verified_instruction_count()
+            .map_or("?".into(), |n| n.to_string()),
+        info.size_translated().map_or("?".into(), |n| n.to_string()),
+        kernel.trim()
+    );
 }
 
 struct Run {
@@ -127,12 +146,8 @@ struct Run {
 
 impl Fixture {
     fn counters(&self) -> Vec<u64> {
-        inspect::read(&self.pin_dir)
-            .expect("reading pinned maps")
-            .counters
-            .iter()
-            .map(|c| c.packets)
-            .collect()
+        let counters = self.dp.counters().expect("reading the counters");
+        counters.iter().map(|c| c.packets).collect()
     }
 
     fn run(&mut self, frame: &[u8]) -> Run {
@@ -265,7 +280,11 @@ fn syn_to_vip_is_translated_and_reply_is_reversed() {
     assert_eq!(run.action, TC_ACT_OK);
     let out = verified(&run.out);
     assert_eq!((out.saddr, out.sport), (CLIENT, 40001), "source untouched");
-    assert!(is_web_backend(out.daddr), "destination {} is a backend", out.daddr);
+    assert!(
+        is_web_backend(out.daddr),
+        "destination {} is a backend",
+        out.daddr
+    );
     assert_eq!(out.dport, 8080);
     assert_eq!(out.l4_payload, b"hello");
     assert_eq!(run.out[..14], syn[..14], "ethernet header untouched");
@@ -288,7 +307,11 @@ fn syn_to_vip_is_translated_and_reply_is_reversed() {
     let run = f.run(&synack);
     run.counted_as(stats::XLATE_REPLY);
     let out = verified(&run.out);
-    assert_eq!((out.saddr, out.sport), (VIP, 80), "reply comes from the VIP");
+    assert_eq!(
+        (out.saddr, out.sport),
+        (VIP, 80),
+        "reply comes from the VIP"
+    );
     assert_eq!((out.daddr, out.dport), (CLIENT, 40001));
 
     // Later packets of the flow stick to the same backend.
@@ -335,7 +358,11 @@ fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
             .build(),
     );
     run.counted_as(stats::XLATE_FORWARD);
-    assert_eq!(verified(&run.out).daddr, backend, "established flow stays put");
+    assert_eq!(
+        verified(&run.out).daddr,
+        backend,
+        "established flow stays put"
+    );
 
     // New flows avoid it.
     for sport in 42001..42101 {
@@ -386,7 +413,11 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let run = f.run(&no_sum.build());
     run.counted_as(stats::XLATE_NEW_FLOW);
     verified(&run.out);
-    assert_eq!(run.out[40..42], [0, 0], "UDP checksum 0 means none and must stay 0");
+    assert_eq!(
+        run.out[40..42],
+        [0, 0],
+        "UDP checksum 0 means none and must stay 0"
+    );
 
     let reply = Frame::udp(DNS_BACKEND, 5353, CLIENT, 44000)
         .payload(b"answer")
@@ -484,8 +515,14 @@ fn malformed_ipv4_is_left_to_the_kernel_untouched() {
     let cases = [
         ("ihl below 5", patched(0, &[0x44])),
         ("version 6 in an ipv4 ethertype", patched(0, &[0x65])),
-        ("total length beyond the frame", patched(2, &2000u16.to_be_bytes())),
-        ("total length shorter than the header", patched(2, &10u16.to_be_bytes())),
+        (
+            "total length beyond the frame",
+            patched(2, &2000u16.to_be_bytes()),
+        ),
+        (
+            "total length shorter than the header",
+            patched(2, &10u16.to_be_bytes()),
+        ),
     ];
     for (what, frame) in cases {
         println!("case: {what}");
@@ -531,7 +568,11 @@ fn unparseable_packets_for_a_service_are_dropped_not_misdirected() {
             truncate_l4(Frame::tcp(CLIENT, 48000, VIP, 80, tcp::SYN).build(), 10),
             stats::DROP_MALFORMED_L4,
         ),
-        ("tcp data offset below 5", bad_doff, stats::DROP_MALFORMED_L4),
+        (
+            "tcp data offset below 5",
+            bad_doff,
+            stats::DROP_MALFORMED_L4,
+        ),
         (
             "udp header cut short",
             truncate_l4(Frame::udp(CLIENT, 48000, VIP, 53).build(), 4),
@@ -557,9 +598,30 @@ fn tcp_to_a_service_without_backends_is_answered_with_rst() {
     let mut f = fixture();
     // (case, flags, payload, expected seq, ack, flags); the input has seq 1000, ack 5555.
     let cases = [
-        ("syn", tcp::SYN, &b""[..], 0u32, 1001u32, tcp::RST | tcp::ACK),
-        ("data without ack", tcp::PSH, &b"abcd"[..], 0, 1004, tcp::RST | tcp::ACK),
-        ("fin without ack", tcp::FIN, &b""[..], 0, 1001, tcp::RST | tcp::ACK),
+        (
+            "syn",
+            tcp::SYN,
+            &b""[..],
+            0u32,
+            1001u32,
+            tcp::RST | tcp::ACK,
+        ),
+        (
+            "data without ack",
+            tcp::PSH,
+            &b"abcd"[..],
+            0,
+            1004,
+            tcp::RST | tcp::ACK,
+        ),
+        (
+            "fin without ack",
+            tcp::FIN,
+            &b""[..],
+            0,
+            1001,
+            tcp::RST | tcp::ACK,
+        ),
         ("ack", tcp::ACK, &b"xy"[..], 5555, 0, tcp::RST),
     ];
     for (what, flags, payload, seq, ack, rst_flags) in cases {
@@ -660,4 +722,3 @@ fn ipv6_frame() -> Vec<u8> {
     f.extend_from_slice(&[0xfd; 32]);
     f
 }
-

@@ -17,8 +17,18 @@ pub use lb_common::conntrack::flags as tcp;
 /// The L4 part of a frame.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8 },
-    Udp { sport: u16, dport: u16, zero_checksum: bool },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        zero_checksum: bool,
+    },
     /// Raw bytes after the IP header with the given protocol number (ICMP, GRE, ...).
     Raw { proto: u8, bytes: Vec<u8> },
 }
@@ -42,11 +52,29 @@ pub struct Frame {
 
 impl Frame {
     pub fn tcp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, flags: u8) -> Frame {
-        Frame::new(saddr, daddr, L4::Tcp { sport, dport, seq: 1000, ack: 0, flags })
+        Frame::new(
+            saddr,
+            daddr,
+            L4::Tcp {
+                sport,
+                dport,
+                seq: 1000,
+                ack: 0,
+                flags,
+            },
+        )
     }
 
     pub fn udp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Frame {
-        Frame::new(saddr, daddr, L4::Udp { sport, dport, zero_checksum: false })
+        Frame::new(
+            saddr,
+            daddr,
+            L4::Udp {
+                sport,
+                dport,
+                zero_checksum: false,
+            },
+        )
     }
 
     pub fn new(saddr: Ipv4Addr, daddr: Ipv4Addr, l4: L4) -> Frame {
@@ -72,11 +100,17 @@ impl Frame {
     /// Renders the frame with correct lengths and checksums.
     pub fn build(&self) -> Vec<u8> {
         let mut opts = self.ip_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0); // end-of-options padding
         }
         let (l4_proto, mut l4) = match &self.l4 {
-            L4::Tcp { sport, dport, seq, ack, flags } => {
+            L4::Tcp {
+                sport,
+                dport,
+                seq,
+                ack,
+                flags,
+            } => {
                 let mut h = Vec::with_capacity(20);
                 h.extend_from_slice(&sport.to_be_bytes());
                 h.extend_from_slice(&dport.to_be_bytes());
@@ -99,13 +133,21 @@ impl Frame {
             L4::Raw { proto, bytes } => (*proto, bytes.clone()),
         };
         l4.extend_from_slice(&self.payload);
-        let sum = checksum::pseudo_header_v4(self.saddr.octets(), self.daddr.octets(), l4_proto, l4.len() as u16);
+        let sum = checksum::pseudo_header_v4(
+            self.saddr.octets(),
+            self.daddr.octets(),
+            l4_proto,
+            l4.len() as u16,
+        );
         match &self.l4 {
             L4::Tcp { .. } => {
                 let c = checksum::fold(checksum::sum_bytes(sum, &l4));
                 l4[16..18].copy_from_slice(&c.to_be_bytes());
             }
-            L4::Udp { zero_checksum: false, .. } => {
+            L4::Udp {
+                zero_checksum: false,
+                ..
+            } => {
                 let mut c = checksum::fold(checksum::sum_bytes(sum, &l4));
                 if c == 0 {
                     c = 0xffff; // RFC 768: a computed zero is sent as all ones

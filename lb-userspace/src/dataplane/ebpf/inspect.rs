@@ -1,15 +1,12 @@
 //! Reading the pinned maps back, for `lb-agent dump` and for tests: what the datapath sees,
 //! straight from the kernel.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::Ipv4Addr,
-    path::Path,
-};
+use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use lb_common::{names, stats, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot, SlotKey};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    names, stats, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot, SlotKey,
+};
 
 /// A snapshot of the pinned maps.
 #[derive(Debug, Default)]
@@ -24,7 +21,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Backends (address, port) of the frontend `addr:port` for `proto`.
-    pub fn backends_of(&self, addr: Ipv4Addr, port: u16, proto: u8) -> Option<Vec<(Ipv4Addr, u16)>> {
+    pub fn backends_of(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        proto: u8,
+    ) -> Option<Vec<(Ipv4Addr, u16)>> {
         let key = FrontendKey {
             addr: addr.octets(),
             port_be: port.to_be(),
@@ -57,7 +59,13 @@ impl Snapshot {
             for (i, b) in backends.iter().enumerate() {
                 match b {
                     Some(b) => {
-                        let _ = writeln!(out, "    slot {}: {}:{}", i + 1, Ipv4Addr::from(b.addr), u16::from_be(b.port_be));
+                        let _ = writeln!(
+                            out,
+                            "    slot {}: {}:{}",
+                            i + 1,
+                            Ipv4Addr::from(b.addr),
+                            u16::from_be(b.port_be)
+                        );
                     }
                     None => {
                         let _ = writeln!(out, "    slot {}: <missing>", i + 1);
@@ -69,7 +77,13 @@ impl Snapshot {
         let _ = writeln!(out, "counters (packets / bytes, all CPUs):");
         for (i, c) in self.counters.iter().enumerate() {
             if c.packets > 0 {
-                let _ = writeln!(out, "  {:<24} {:>10} {:>12}", stats::NAMES[i], c.packets, c.bytes);
+                let _ = writeln!(
+                    out,
+                    "  {:<24} {:>10} {:>12}",
+                    stats::NAMES[i],
+                    c.packets,
+                    c.bytes
+                );
             }
         }
         out
@@ -88,7 +102,11 @@ fn proto_name(p: u8) -> &'static str {
 fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|e| {
-        anyhow::anyhow!("cannot open pinned map {}: {e}; is the agent running with --bpffs {}?", path.display(), dir.display())
+        anyhow::anyhow!(
+            "cannot open pinned map {}: {e}; is the agent running with --bpffs {}?",
+            path.display(),
+            dir.display()
+        )
     })?;
     Ok(Map::from_map_data(data)?)
 }
@@ -106,7 +124,15 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
         let (k, svc) = item?;
         let list = (1..=svc.backend_count as u32)
             .map(|slot| {
-                let s = slots.get(&SlotKey { svc_id: svc.svc_id, slot }, 0).ok()?;
+                let s = slots
+                    .get(
+                        &SlotKey {
+                            svc_id: svc.svc_id,
+                            slot,
+                        },
+                        0,
+                    )
+                    .ok()?;
                 backends.get(&s.backend_id, 0).ok()
             })
             .collect();
@@ -115,13 +141,21 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     for item in conntrack.iter() {
         snap.conntrack.push(item?);
     }
-    for reason in 0..stats::REASONS {
-        let per_cpu = counters.get(&reason, 0)?;
-        let total = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        });
-        snap.counters.push(total);
-    }
+    snap.counters = sum_counters(&counters)?;
     Ok(snap)
+}
+
+/// Every reason's counter summed over CPUs, indexed by `lb_common::stats` reason.
+pub fn sum_counters<T: Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+) -> Result<Vec<Counter>, MapError> {
+    (0..stats::REASONS)
+        .map(|reason| {
+            let per_cpu = counters.get(&reason, 0)?;
+            Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
+        })
+        .collect()
 }

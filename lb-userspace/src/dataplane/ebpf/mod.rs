@@ -36,7 +36,10 @@ pub enum LoadError {
     #[error("{dir} is not on a bpffs mount, so maps cannot be pinned there; mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --bpffs DIR under an existing bpffs")]
     NotBpffs { dir: PathBuf },
     #[error("cannot create the pin directory {dir}: {source}")]
-    PinDir { dir: PathBuf, source: std::io::Error },
+    PinDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the eBPF datapath failed: {source}; it needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with BPF and BTF (5.10 or newer)")]
     Load { source: aya::EbpfError },
     #[error("the kernel rejected the datapath program: {source}")]
@@ -44,9 +47,15 @@ pub enum LoadError {
     #[error("map {name} is missing from the datapath object")]
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("cannot attach to interface {iface}: {source}; check that it exists (`ip link show {iface}`) in this network namespace")]
-    Attach { iface: String, source: aya::programs::ProgramError },
+    Attach {
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
 }
 
 /// The typed maps the agent writes.
@@ -75,7 +84,10 @@ impl EbpfDataplane {
 
     /// As `load`, with map capacities overridden (`(map name, max entries)`); tests use
     /// small tables.
-    pub fn load_with(pin_dir: &Path, capacities: &[(&'static str, u32)]) -> Result<Self, LoadError> {
+    pub fn load_with(
+        pin_dir: &Path,
+        capacities: &[(&'static str, u32)],
+    ) -> Result<Self, LoadError> {
         prepare_pin_dir(pin_dir)?;
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
@@ -94,7 +106,9 @@ impl EbpfDataplane {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         let program: &mut SchedClassifier = program_mut(&mut ebpf)?;
-        program.load().map_err(|source| LoadError::Program { source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { source })?;
 
         let maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES)?,
@@ -131,6 +145,17 @@ impl EbpfDataplane {
     /// The program file descriptor's owner, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
         program_mut(&mut self.ebpf)
+    }
+
+    /// The datapath's counters, summed over CPUs, indexed by `lb_common::stats` reason.
+    pub fn counters(&self) -> Result<Vec<lb_common::Counter>, LoadError> {
+        let map = self
+            .ebpf
+            .map(names::STATS)
+            .ok_or(LoadError::MissingMap { name: names::STATS })?;
+        let counters = aya::maps::PerCpuArray::try_from(map)
+            .map_err(|source| map_err(names::STATS, source))?;
+        inspect::sum_counters(&counters).map_err(|source| map_err(names::STATS, source))
     }
 
     /// Where the maps are pinned.
@@ -173,7 +198,8 @@ impl EbpfDataplane {
             max_backend = max_backend.max(k);
         }
         for k in self.maps.vips.keys() {
-            left.vips.insert(k.map_err(|source| map_err(names::VIPS, source))?);
+            left.vips
+                .insert(k.map_err(|source| map_err(names::VIPS, source))?);
         }
         if !left.services.is_empty() {
             info!(
@@ -238,7 +264,9 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
         source,
     })?;
     if !is_bpffs(dir) {
-        return Err(LoadError::NotBpffs { dir: dir.to_owned() });
+        return Err(LoadError::NotBpffs {
+            dir: dir.to_owned(),
+        });
     }
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     Ok(())

@@ -153,7 +153,10 @@ impl Programmed {
                 slots.push(id);
             }
             if slots.len() > u16::MAX as usize {
-                warn!("{name}: {} endpoints, only the first 65535 are used", slots.len());
+                warn!(
+                    "{name}: {} endpoints, only the first 65535 are used",
+                    slots.len()
+                );
                 slots.truncate(u16::MAX as usize);
             }
 
@@ -229,7 +232,12 @@ impl Programmed {
             }
         }
         let live_frontends: BTreeSet<&FrontendKey> = claimed.keys().collect();
-        for key in self.ports.values().flat_map(|p| &p.frontends).chain(&self.leftovers.services) {
+        for key in self
+            .ports
+            .values()
+            .flat_map(|p| &p.frontends)
+            .chain(&self.leftovers.services)
+        {
             if !live_frontends.contains(key) {
                 ops.push(Op::DeleteService(*key));
             }
@@ -248,7 +256,12 @@ impl Programmed {
                 ops.push(Op::DeleteBackend(*id));
             }
         }
-        ops.extend(self.leftovers.backends.iter().map(|id| Op::DeleteBackend(*id)));
+        ops.extend(
+            self.leftovers
+                .backends
+                .iter()
+                .map(|id| Op::DeleteBackend(*id)),
+        );
         Plan { ops, next }
     }
 }
@@ -294,8 +307,12 @@ mod tests {
         fn assert_no_holes(&self, after: &Op) {
             for (fe, svc) in &self.services {
                 for slot in 1..=svc.backend_count as u32 {
-                    let s = self.slots.get(&SlotKey { svc_id: svc.svc_id, slot });
-                    let s = s.unwrap_or_else(|| panic!("after {after:?}: {fe:?} slot {slot} missing"));
+                    let s = self.slots.get(&SlotKey {
+                        svc_id: svc.svc_id,
+                        slot,
+                    });
+                    let s =
+                        s.unwrap_or_else(|| panic!("after {after:?}: {fe:?} slot {slot} missing"));
                     assert!(
                         self.backends.contains_key(&s.backend_id),
                         "after {after:?}: {fe:?} slot {slot} names missing backend {}",
@@ -317,42 +334,81 @@ mod tests {
                         proto: fe.protocol.number(),
                         scope: SCOPE_ALL,
                     };
-                    let svc = self.services.get(&key).unwrap_or_else(|| panic!("{name}: no frontend"));
+                    let svc = self
+                        .services
+                        .get(&key)
+                        .unwrap_or_else(|| panic!("{name}: no frontend"));
                     let got: BTreeSet<Endpoint> = (1..=svc.backend_count as u32)
                         .map(|slot| {
-                            let s = self.slots[&SlotKey { svc_id: svc.svc_id, slot }];
+                            let s = self.slots[&SlotKey {
+                                svc_id: svc.svc_id,
+                                slot,
+                            }];
                             let b = self.backends[&s.backend_id];
-                            Endpoint { addr: Ipv4Addr::from(b.addr), port: u16::from_be(b.port_be) }
+                            Endpoint {
+                                addr: Ipv4Addr::from(b.addr),
+                                port: u16::from_be(b.port_be),
+                            }
                         })
                         .collect();
                     assert_eq!(got, port.endpoints, "{name}");
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
-            let used_slots: usize = self.services.values().map(|s| s.backend_count as usize).sum();
+            let used_slots: usize = self
+                .services
+                .values()
+                .map(|s| s.backend_count as usize)
+                .sum();
             assert_eq!(self.slots.len(), used_slots, "stale slots left");
             let used: BTreeSet<u32> = self.slots.values().map(|s| s.backend_id).collect();
-            assert_eq!(self.backends.keys().copied().collect::<BTreeSet<_>>(), used, "stale backends left");
+            assert_eq!(
+                self.backends.keys().copied().collect::<BTreeSet<_>>(),
+                used,
+                "stale backends left"
+            );
             let vips: BTreeSet<[u8; 4]> = self.services.keys().map(|k| k.addr).collect();
-            assert_eq!(self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(), vips);
+            assert_eq!(
+                self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(),
+                vips
+            );
         }
     }
 
     fn name(n: &str, protocol: Protocol) -> ServicePortName {
-        ServicePortName { namespace: "ns".into(), name: n.into(), port: String::new(), protocol }
+        ServicePortName {
+            namespace: "ns".into(),
+            name: n.into(),
+            port: String::new(),
+            protocol,
+        }
     }
 
     fn port(vip: [u8; 4], vport: u16, eps: &[u8]) -> ServicePort {
         ServicePort {
-            frontends: [Frontend { addr: Ipv4Addr::from(vip), port: vport, protocol: Protocol::Tcp }].into(),
-            endpoints: eps.iter().map(|i| Endpoint { addr: Ipv4Addr::new(10, 1, 0, *i), port: 8080 }).collect(),
+            frontends: [Frontend {
+                addr: Ipv4Addr::from(vip),
+                port: vport,
+                protocol: Protocol::Tcp,
+            }]
+            .into(),
+            endpoints: eps
+                .iter()
+                .map(|i| Endpoint {
+                    addr: Ipv4Addr::new(10, 1, 0, *i),
+                    port: 8080,
+                })
+                .collect(),
             affinity_timeout_s: None,
         }
     }
 
     fn state(services: &[(&str, ServicePort)]) -> DesiredState {
         DesiredState {
-            services: services.iter().map(|(n, p)| (name(n, Protocol::Tcp), p.clone())).collect(),
+            services: services
+                .iter()
+                .map(|(n, p)| (name(n, Protocol::Tcp), p.clone()))
+                .collect(),
         }
     }
 
@@ -385,10 +441,21 @@ mod tests {
     #[test]
     fn first_sync_writes_backends_then_slots_then_frontends() {
         let mut maps = Maps::default();
-        let (_, ops) = step(Programmed::default(), &mut maps, &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]));
+        let (_, ops) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]),
+        );
         assert_eq!(
             kinds(&ops),
-            ["put-backend", "put-backend", "put-slot", "put-slot", "put-service", "put-vip"]
+            [
+                "put-backend",
+                "put-backend",
+                "put-slot",
+                "put-slot",
+                "put-service",
+                "put-vip"
+            ]
         );
     }
 
@@ -404,33 +471,64 @@ mod tests {
     #[test]
     fn removing_an_endpoint_shrinks_only_what_changed() {
         let mut maps = Maps::default();
-        let (p, _) = step(Programmed::default(), &mut maps, &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2, 3]))]));
-        let (_, ops) = step(p, &mut maps, &state(&[("a", port([10, 96, 0, 1], 80, &[1, 3]))]));
+        let (p, _) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2, 3]))]),
+        );
+        let (_, ops) = step(
+            p,
+            &mut maps,
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 3]))]),
+        );
         // Slot 2 now names backend 3; the count drops; slot 3 and backend 2 go.
-        assert_eq!(kinds(&ops), ["put-slot", "put-service", "del-slot", "del-backend"]);
+        assert_eq!(
+            kinds(&ops),
+            ["put-slot", "put-service", "del-slot", "del-backend"]
+        );
     }
 
     #[test]
     fn a_backend_shared_by_two_services_outlives_one_of_them() {
         let mut maps = Maps::default();
-        let both = state(&[("a", port([10, 96, 0, 1], 80, &[1])), ("b", port([10, 96, 0, 2], 80, &[1]))]);
+        let both = state(&[
+            ("a", port([10, 96, 0, 1], 80, &[1])),
+            ("b", port([10, 96, 0, 2], 80, &[1])),
+        ]);
         let (p, ops) = step(Programmed::default(), &mut maps, &both);
-        assert_eq!(kinds(&ops).iter().filter(|k| **k == "put-backend").count(), 1);
-        let (_, ops) = step(p, &mut maps, &state(&[("b", port([10, 96, 0, 2], 80, &[1]))]));
+        assert_eq!(
+            kinds(&ops).iter().filter(|k| **k == "put-backend").count(),
+            1
+        );
+        let (_, ops) = step(
+            p,
+            &mut maps,
+            &state(&[("b", port([10, 96, 0, 2], 80, &[1]))]),
+        );
         assert_eq!(kinds(&ops), ["del-vip", "del-service", "del-slot"]);
     }
 
     #[test]
     fn two_services_claiming_one_frontend_keep_the_first() {
         let mut maps = Maps::default();
-        let clash = state(&[("a", port([10, 96, 0, 1], 80, &[1])), ("b", port([10, 96, 0, 1], 80, &[2]))]);
+        let clash = state(&[
+            ("a", port([10, 96, 0, 1], 80, &[1])),
+            ("b", port([10, 96, 0, 1], 80, &[2])),
+        ]);
         let plan = Programmed::default().plan(&clash);
         for op in &plan.ops {
             maps.apply(op);
         }
         let svc = maps.services.values().next().unwrap();
-        let slot = maps.slots[&SlotKey { svc_id: svc.svc_id, slot: 1 }];
-        assert_eq!(maps.backends[&slot.backend_id].addr, [10, 1, 0, 1], "a (first by name) wins");
+        let slot = maps.slots[&SlotKey {
+            svc_id: svc.svc_id,
+            slot: 1,
+        }];
+        assert_eq!(
+            maps.backends[&slot.backend_id].addr,
+            [10, 1, 0, 1],
+            "a (first by name) wins"
+        );
         assert_eq!(maps.services.len(), 1);
     }
 
@@ -439,14 +537,43 @@ mod tests {
         // An earlier run left a frontend (svc 7, backend 9) that the new state also wants,
         // and one it does not.
         let mut maps = Maps::default();
-        let kept = FrontendKey { addr: [10, 96, 0, 1], port_be: 80u16.to_be(), proto: 6, scope: 0 };
-        let gone = FrontendKey { addr: [10, 96, 0, 9], port_be: 80u16.to_be(), proto: 6, scope: 0 };
-        let old_backend = Backend { addr: [10, 1, 0, 1], port_be: 8080u16.to_be(), proto: 6, state: 0 };
+        let kept = FrontendKey {
+            addr: [10, 96, 0, 1],
+            port_be: 80u16.to_be(),
+            proto: 6,
+            scope: 0,
+        };
+        let gone = FrontendKey {
+            addr: [10, 96, 0, 9],
+            port_be: 80u16.to_be(),
+            proto: 6,
+            scope: 0,
+        };
+        let old_backend = Backend {
+            addr: [10, 1, 0, 1],
+            port_be: 8080u16.to_be(),
+            proto: 6,
+            state: 0,
+        };
         for op in [
             Op::PutBackend(9, old_backend),
             Op::PutSlot(SlotKey { svc_id: 7, slot: 1 }, Slot { backend_id: 9 }),
-            Op::PutService(kept, Service { svc_id: 7, backend_count: 1, ..Default::default() }),
-            Op::PutService(gone, Service { svc_id: 7, backend_count: 1, ..Default::default() }),
+            Op::PutService(
+                kept,
+                Service {
+                    svc_id: 7,
+                    backend_count: 1,
+                    ..Default::default()
+                },
+            ),
+            Op::PutService(
+                gone,
+                Service {
+                    svc_id: 7,
+                    backend_count: 1,
+                    ..Default::default()
+                },
+            ),
             Op::PutVip(VipKey { addr: kept.addr }, Vip { frontends: 1 }),
             Op::PutVip(VipKey { addr: gone.addr }, Vip { frontends: 1 }),
         ] {
@@ -459,11 +586,25 @@ mod tests {
             vips: maps.vips.keys().copied().collect(),
         };
         let p = Programmed::adopt(leftovers, 7, 9);
-        let (p, _) = step(p, &mut maps, &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]));
-        assert!(maps.services[&kept].svc_id > 7, "fresh ids above adopted ones");
+        let (p, _) = step(
+            p,
+            &mut maps,
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]),
+        );
+        assert!(
+            maps.services[&kept].svc_id > 7,
+            "fresh ids above adopted ones"
+        );
         assert!(maps.backends.keys().all(|id| *id > 9));
-        let (_, ops) = step(p, &mut maps, &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]));
-        assert!(ops.is_empty(), "leftovers are gone after the first apply: {ops:?}");
+        let (_, ops) = step(
+            p,
+            &mut maps,
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]),
+        );
+        assert!(
+            ops.is_empty(),
+            "leftovers are gone after the first apply: {ops:?}"
+        );
     }
 
     #[test]
@@ -488,7 +629,10 @@ mod tests {
             // Frontend clashes are resolved (first wins); keep the walk to unambiguous states.
             let mut seen = BTreeSet::new();
             services.retain(|(_, sp)| sp.frontends.iter().all(|f| seen.insert(*f)));
-            let refs: Vec<(&str, ServicePort)> = services.iter().map(|(n, sp)| (n.as_str(), sp.clone())).collect();
+            let refs: Vec<(&str, ServicePort)> = services
+                .iter()
+                .map(|(n, sp)| (n.as_str(), sp.clone()))
+                .collect();
             p = step(p, &mut maps, &state(&refs)).0;
         }
     }
