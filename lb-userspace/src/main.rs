@@ -14,11 +14,19 @@ use lb_userspace::{
         Dataplane,
     },
     model,
-    source::{self, manifest_dir::ManifestDir, Source},
+    source::{
+        self,
+        manifest_dir::{ManifestDir, ManifestError},
+        Source,
+    },
 };
 
 #[derive(Parser)]
-#[command(name = "lb-agent", version, about = "Kubernetes service load balancer for Linux nodes (eBPF datapath)")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "Kubernetes service load balancer for Linux nodes (eBPF datapath)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,6 +88,8 @@ struct Syncer {
     dataplane: EbpfDataplane,
     service_proxy_name: Option<String>,
     generation: u64,
+    /// The manifest errors last reported: a standing error is logged once, not every scan.
+    reported_errors: Vec<ManifestError>,
 }
 
 impl Syncer {
@@ -87,8 +97,11 @@ impl Syncer {
     fn sync(&mut self) {
         let started = std::time::Instant::now();
         let scan = self.dir.scan();
-        for e in &scan.errors {
-            error!("{e}");
+        if scan.errors != self.reported_errors {
+            for e in &scan.errors {
+                error!("{e}");
+            }
+            self.reported_errors = scan.errors.clone();
         }
         if !scan.changed && self.generation > 0 {
             return;
@@ -133,6 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dataplane,
         service_proxy_name: args.service_proxy_name,
         generation: 0,
+        reported_errors: Vec::new(),
     };
     syncer.sync();
 
@@ -159,9 +173,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.cleanup {
         EbpfDataplane::remove_pins(&args.bpffs)
             .with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
-        info!("detached; removed the pinned maps under {}", args.bpffs.display());
+        info!(
+            "detached; removed the pinned maps under {}",
+            args.bpffs.display()
+        );
     } else {
-        info!("detached; maps stay pinned under {} for the next run", args.bpffs.display());
+        info!(
+            "detached; maps stay pinned under {} for the next run",
+            args.bpffs.display()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,583 @@
+//! Tier 3: end to end in network namespaces, with real sockets and the real agent.
+//!
+//! Each test builds its own topology (client, node, backends; see `testbed::topology`),
+//! starts name-answering servers in the backends, writes a Service and its EndpointSlice into a
+//! fresh manifest directory and runs `lb-agent` on the node's interfaces. Everything is torn
+//! down by guards, also when an assertion fails; the agent's log is printed then.
+//!
+//! These need root and a BPF-capable kernel, so they are `#[ignore]`d for plain `cargo test`;
+//! `cargo xtask test` runs them with `--ignored --test-threads=1`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lb_userspace::testbed::agent::{Agent, SyncInfo};
+use lb_userspace::testbed::servers::{
+    backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
+};
+use lb_userspace::testbed::topology::Topology;
+use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
+
+/// The service's ClusterIP and ports.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP_PORT: u16 = 80;
+const TCP_TARGET: u16 = 8080;
+const UDP_PORT: u16 = 53;
+const UDP_TARGET: u16 = 5353;
+
+/// The manifest file the service lives in.
+const MANIFEST: &str = "demo.yaml";
+
+/// How long the agent may take to load, attach and apply its first sync.
+const FIRST_SYNC: Duration = Duration::from_secs(30);
+/// How long one manifest edit may take to be applied.
+const RESYNC: Duration = Duration::from_secs(10);
+
+fn tcp_vip() -> SocketAddr {
+    SocketAddr::from((VIP, TCP_PORT))
+}
+
+fn udp_vip() -> SocketAddr {
+    SocketAddr::from((VIP, UDP_PORT))
+}
+
+/// Service `demo` (ClusterIP 10.96.0.10: TCP 80 -> 8080, UDP 53 -> 5353) and one
+/// EndpointSlice listing the given backends (1-based) as ready; `&[]` gives an empty slice.
+fn manifest(backends: &[usize]) -> String {
+    let mut yaml = format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: demo
+  namespace: default
+spec:
+  type: ClusterIP
+  clusterIP: {VIP}
+  clusterIPs: [\"{VIP}\"]
+  ports:
+    - name: http
+      protocol: TCP
+      port: {TCP_PORT}
+      targetPort: {TCP_TARGET}
+    - name: dns
+      protocol: UDP
+      port: {UDP_PORT}
+      targetPort: {UDP_TARGET}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: demo-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: demo
+addressType: IPv4
+ports:
+  - name: http
+    protocol: TCP
+    port: {TCP_TARGET}
+  - name: dns
+    protocol: UDP
+    port: {UDP_TARGET}
+"
+    );
+    if backends.is_empty() {
+        yaml.push_str("endpoints: []\n");
+    } else {
+        yaml.push_str("endpoints:\n");
+        for &i in backends {
+            yaml.push_str(&format!(
+                "  - addresses: [\"10.0.{}.2\"]\n    conditions:\n      ready: true\n",
+                10 + i
+            ));
+        }
+    }
+    yaml
+}
+
+fn require_root_or_panic() {
+    if let Err(e) = require_root() {
+        panic!("{e}: these tests must not pass silently without it");
+    }
+}
+
+/// One test's world. Field order is drop order: the agent stops first, then the servers,
+/// then the namespaces go, then the manifest directory.
+struct Bed {
+    agent: Agent,
+    _servers: BackendServers,
+    topo: Topology,
+    manifests: PathBuf,
+    _dir: TempDir,
+}
+
+impl Bed {
+    /// Builds the topology with `n_backends`, writes `initial` as the manifest and starts the
+    /// agent, waiting for its first sync.
+    fn start(n_backends: usize, initial: &str) -> Bed {
+        require_root_or_panic();
+        let dir = TempDir::new("e2e").expect("temporary directory");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).expect("manifest directory");
+        TempDir::write_atomic(&manifests, MANIFEST, initial).expect("writing the manifest");
+        let topo = Topology::build(n_backends).expect("building the topology");
+        let servers = BackendServers::start(&topo, TCP_TARGET, UDP_TARGET).expect("servers");
+        let bpffs = unique_bpffs_dir().expect("bpffs");
+        let mut agent = Agent::start(
+            &topo.node,
+            &manifests,
+            &topo.node_ifaces(),
+            &bpffs,
+            Path::new(env!("CARGO_BIN_EXE_lb-agent")),
+        )
+        .expect("starting lb-agent");
+        let first = agent
+            .wait_synced(0, FIRST_SYNC)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("agent synced: {first:?}");
+        Bed {
+            agent,
+            _servers: servers,
+            topo,
+            manifests,
+            _dir: dir,
+        }
+    }
+
+    /// Applies `change` to the manifest directory and waits for the agent's next sync.
+    fn resync(&mut self, change: impl FnOnce(&Path)) -> SyncInfo {
+        let before = self.agent.last_sync().map_or(0, |s| s.generation);
+        change(&self.manifests);
+        let after = self
+            .agent
+            .wait_synced(before + 1, RESYNC)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("agent synced: {after:?}");
+        after
+    }
+
+    fn rewrite(&mut self, contents: String) -> SyncInfo {
+        self.resync(|dir| TempDir::write_atomic(dir, MANIFEST, &contents).expect("rewriting"))
+    }
+
+    /// `n` TCP connections to the VIP from the client, each returning who answered.
+    fn tcp_names(&self, n: usize) -> Vec<io::Result<String>> {
+        self.topo
+            .client
+            .ns
+            .run(move || {
+                (0..n)
+                    .map(|_| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+                    .collect()
+            })
+            .expect("running in the client namespace")
+    }
+
+    /// `n` UDP exchanges with the VIP from the client (a fresh socket each).
+    fn udp_names(&self, n: usize) -> Vec<io::Result<String>> {
+        self.topo
+            .client
+            .ns
+            .run(move || {
+                (0..n)
+                    .map(|_| udp_name(udp_vip(), CLIENT_TIMEOUT))
+                    .collect()
+            })
+            .expect("running in the client namespace")
+    }
+}
+
+/// Counts answers per backend, panicking with the first error if any request failed.
+fn tally(what: &str, answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
+    let total = answers.len();
+    let mut counts = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok(name) => *counts.entry(name).or_insert(0) += 1,
+            Err(e) => failures.push(format!("#{i}: {e}")),
+        }
+    }
+    println!("{what}: {total} requests, distribution {counts:?}");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {total} requests failed, first ones: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    counts
+}
+
+fn assert_every_backend(what: &str, counts: &BTreeMap<String, usize>, backends: &[usize]) {
+    let expected: Vec<String> = backends.iter().map(|&i| backend_name(i)).collect();
+    for name in &expected {
+        assert!(
+            counts.contains_key(name),
+            "{what}: {name} never answered ({counts:?})"
+        );
+    }
+    for name in counts.keys() {
+        assert!(
+            expected.contains(name),
+            "{what}: {name} answered but is not a backend of the service ({counts:?})"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn tcp_and_udp_reach_every_backend() {
+    let bed = Bed::start(3, &manifest(&[1, 2, 3]));
+    let tcp = tally("TCP", bed.tcp_names(300));
+    assert_every_backend("TCP", &tcp, &[1, 2, 3]);
+    let udp = tally("UDP", bed.udp_names(300));
+    assert_every_backend("UDP", &udp, &[1, 2, 3]);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn removing_a_backend_keeps_open_connections_and_new_ones_avoid_it() {
+    let mut bed = Bed::start(3, &manifest(&[1, 2, 3]));
+    let mut session = bed
+        .topo
+        .client
+        .ns
+        .run(|| TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT))
+        .expect("running in the client namespace")
+        .expect("a long-lived connection to the VIP");
+    let pinned = session.name().to_owned();
+    println!("long-lived connection reached {pinned}");
+    let pinned_index: usize = pinned
+        .strip_prefix("backend-")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected greeting {pinned:?}"));
+    assert_eq!(
+        session.echo("before").expect("echo before the change"),
+        format!("{pinned}: before")
+    );
+
+    let remaining: Vec<usize> = (1..=3).filter(|&i| i != pinned_index).collect();
+    bed.rewrite(manifest(&remaining));
+
+    assert_eq!(
+        session
+            .echo("ping")
+            .expect("the open connection must survive the backend's removal"),
+        format!("{pinned}: ping"),
+        "the open connection must stay on its backend"
+    );
+    let after = tally("TCP after removal", bed.tcp_names(100));
+    assert!(
+        !after.contains_key(&pinned),
+        "new connections reached the removed {pinned}: {after:?}"
+    );
+    assert_every_backend("TCP after removal", &after, &remaining);
+    assert_eq!(
+        session.echo("still there").expect("echo at the end"),
+        format!("{pinned}: still there")
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn manifest_edit_takes_effect_live() {
+    let mut bed = Bed::start(3, &manifest(&[1]));
+    let one = tally("TCP, backend 1 only", bed.tcp_names(30));
+    assert_every_backend("TCP, backend 1 only", &one, &[1]);
+
+    bed.rewrite(manifest(&[1, 2, 3]));
+    let all = tally("TCP, backends 1-3", bed.tcp_names(150));
+    assert_every_backend("TCP, backends 1-3", &all, &[1, 2, 3]);
+
+    // Without the service the VIP is just an address nobody routes: the connection fails
+    // (the node answers ICMP unreachable, or nothing does) instead of reaching a backend.
+    bed.resync(|dir| std::fs::remove_file(dir.join(MANIFEST)).expect("deleting the manifest"));
+    let started = Instant::now();
+    let gone = bed
+        .topo
+        .client
+        .ns
+        .run(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+        .expect("running in the client namespace");
+    let took = started.elapsed();
+    assert!(
+        gone.is_err(),
+        "the deleted service still answered: {gone:?}"
+    );
+    assert!(
+        took <= CLIENT_TIMEOUT + Duration::from_millis(500),
+        "failing took {took:?}"
+    );
+    println!("after deletion: {:?} in {took:?}", gone.unwrap_err());
+
+    // A service without endpoints is rejected by the datapath: RST for TCP, ICMP port
+    // unreachable for UDP, both quickly.
+    bed.rewrite(manifest(&[]));
+    let started = Instant::now();
+    let tcp = bed
+        .topo
+        .client
+        .ns
+        .run(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+        .expect("running in the client namespace");
+    let took = started.elapsed();
+    match tcp {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        other => panic!("TCP to a service without endpoints: want connection refused, got {other:?} after {took:?}"),
+    }
+    assert!(took < Duration::from_secs(1), "the RST took {took:?}");
+    let udp = bed
+        .topo
+        .client
+        .ns
+        .run(|| udp_exchange(udp_vip(), b"anyone?", CLIENT_TIMEOUT))
+        .expect("running in the client namespace");
+    match udp {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "UDP to a service without endpoints: want ICMP port unreachable (ConnectionRefused), got {other:?}"
+        ),
+    }
+}
+
+/// The test bed alone, without the agent: namespaces, addressing, forwarding on the node,
+/// servers and clients, and teardown.
+#[test]
+#[ignore = "needs root: run through `cargo xtask test`"]
+fn testbed_backends_reachable_directly() {
+    require_root_or_panic();
+    let topo = Topology::build(1).expect("building the topology");
+    let servers = BackendServers::start(&topo, TCP_TARGET, UDP_TARGET).expect("servers");
+    let names: Vec<String> = [&topo.node, &topo.client.ns, &topo.backend(1).ns]
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+    println!(
+        "namespaces: {names:?}, node interfaces: {:?}",
+        topo.node_ifaces()
+    );
+
+    // Nothing routes anywhere but inside the topology.
+    for ns in [&topo.node, &topo.client.ns, &topo.backend(1).ns] {
+        let routes = ns.ip(&["route", "show"]).expect("ip route");
+        assert!(
+            !routes.contains("default"),
+            "{} has a default route:\n{routes}",
+            ns.name()
+        );
+    }
+    // The sysctl helper writes the namespace's own value.
+    assert_eq!(topo.node.read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
+    assert_eq!(
+        topo.client.ns.read_sysctl("net.ipv4.ip_forward").unwrap(),
+        "0"
+    );
+    assert_eq!(
+        topo.node
+            .read_sysctl("net.ipv4.conf.to-backend1.rp_filter")
+            .unwrap(),
+        "0"
+    );
+
+    // The client routes only the service CIDR; reach the backend itself through the node.
+    topo.client
+        .ns
+        .ip(&["route", "add", "10.0.11.0/24", "via", "10.0.1.1"])
+        .expect("temporary route to backend 1");
+    let backend: SocketAddr = "10.0.11.2:8080".parse().unwrap();
+    let (greeting, echo, udp) = topo
+        .client
+        .ns
+        .run(move || {
+            let mut session = TcpSession::connect(backend, CLIENT_TIMEOUT)?;
+            let echo = session.echo("ping")?;
+            let udp = udp_exchange(
+                SocketAddr::from(([10, 0, 11, 2], UDP_TARGET)),
+                b"hi",
+                CLIENT_TIMEOUT,
+            )?;
+            io::Result::Ok((session.name().to_owned(), echo, udp))
+        })
+        .expect("running in the client namespace")
+        .expect("reaching backend 1 directly");
+    println!("TCP greeting {greeting:?}, echo {echo:?}, UDP {udp:?}");
+    assert_eq!(greeting, "backend-1");
+    assert_eq!(echo, "backend-1: ping");
+    assert_eq!(udp, "backend-1: hi");
+    assert_eq!(servers.tcp[0].accepted(), 1);
+    assert_eq!(servers.udp[0].answered(), 1);
+
+    // A closed port answers quickly: RST for TCP, ICMP port unreachable for UDP.
+    let (tcp_closed, udp_closed) = topo
+        .client
+        .ns
+        .run(|| {
+            (
+                tcp_name("10.0.11.2:9".parse().unwrap(), CLIENT_TIMEOUT),
+                udp_name("10.0.11.2:9".parse().unwrap(), CLIENT_TIMEOUT),
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        tcp_closed.unwrap_err().kind(),
+        io::ErrorKind::ConnectionRefused
+    );
+    assert_eq!(
+        udp_closed.unwrap_err().kind(),
+        io::ErrorKind::ConnectionRefused
+    );
+
+    drop(servers);
+    drop(topo);
+    let listed = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for name in &names {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name)),
+            "{name} survived the topology's drop"
+        );
+    }
+}
+
+/// How many `lb_ingress` programs are attached (tcx) at ingress of `iface` in `ns`.
+fn lb_programs_attached(ns: &lb_userspace::testbed::netns::NetNs, iface: &str) -> usize {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let iface = iface.to_owned();
+    let programs = ns
+        .run(move || SchedClassifier::query_tcx(&iface, TcAttachType::Ingress))
+        .expect("running in the node namespace")
+        .unwrap_or_else(|e| {
+            panic!(
+                "querying tcx attachments failed ({e}); this check needs a kernel with tcx (6.6+)"
+            )
+        })
+        .1;
+    programs
+        .iter()
+        .filter(|p| p.name_as_str() == Some("lb_ingress"))
+        .count()
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn sigterm_detaches_and_pins_stay_unless_cleanup_is_given() {
+    let mut bed = Bed::start(2, &manifest(&[1, 2]));
+    let node = &bed.topo.node;
+    assert_eq!(
+        lb_programs_attached(node, "to-client"),
+        1,
+        "attached while running"
+    );
+    let pins = bed.agent.bpffs_dir().to_owned();
+    let status = bed.agent.stop().expect("stopping the agent");
+    assert!(
+        status.success(),
+        "agent exit status {status:?}\n{}",
+        bed.agent.log()
+    );
+    assert_eq!(
+        lb_programs_attached(node, "to-client"),
+        0,
+        "detached after SIGTERM"
+    );
+    assert!(!pins.exists(), "--cleanup removes {}", pins.display());
+
+    // Without --cleanup the maps stay pinned, and the next run adopts them.
+    let keep = unique_bpffs_dir().expect("bpffs");
+    let ifaces = bed.topo.node_ifaces();
+    let binary = Path::new(env!("CARGO_BIN_EXE_lb-agent"));
+    let start = || {
+        let mut a = Agent::start_keeping_pins(node, &bed.manifests, &ifaces, &keep, binary)
+            .expect("starting lb-agent");
+        a.wait_synced(1, FIRST_SYNC)
+            .unwrap_or_else(|e| panic!("{e}"));
+        a
+    };
+    let mut first = start();
+    assert!(first.stop().expect("stop").success());
+    assert_eq!(
+        lb_programs_attached(node, "to-client"),
+        0,
+        "detached after SIGTERM"
+    );
+    for map in [
+        "SERVICES",
+        "BACKEND_SLOTS",
+        "BACKENDS",
+        "VIPS",
+        "CONNTRACK",
+        "STATS",
+    ] {
+        assert!(
+            keep.join(map).exists(),
+            "{map} stays pinned without --cleanup"
+        );
+    }
+    // `first` still owns `keep`: forget its guard's directory removal until the end.
+    let second = start();
+    assert!(
+        second.log().contains("adopting pinned maps"),
+        "the restarted agent adopts the pinned maps:\n{}",
+        second.log()
+    );
+    bed.agent = second;
+    let answers = tally("TCP after a restart", bed.tcp_names(40));
+    assert_every_backend("TCP after a restart", &answers, &[1, 2]);
+    drop(first);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_bad_manifest_is_named_and_everything_else_keeps_working() {
+    let mut bed = Bed::start(3, &manifest(&[1, 2, 3]));
+    let wait_for_log = |agent: &Agent, needle: &str| {
+        let deadline = Instant::now() + RESYNC;
+        while !agent.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never logged {needle:?}:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // A second file with an object that does not convert: named by file and object.
+    let broken = "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: default\nspec:\n  ports:\n  - port: not-a-number\n";
+    TempDir::write_atomic(&bed.manifests, "broken.yaml", broken).expect("writing");
+    wait_for_log(&bed.agent, "broken.yaml");
+    let log = bed.agent.log();
+    let line = log.lines().find(|l| l.contains("broken.yaml")).unwrap();
+    assert!(
+        line.contains("default/broken"),
+        "the error names the object: {line}"
+    );
+    println!("agent reported: {line}");
+    let counts = tally("TCP beside a broken manifest", bed.tcp_names(60));
+    assert_every_backend("TCP beside a broken manifest", &counts, &[1, 2, 3]);
+
+    // The good file still takes edits while the broken one is there.
+    bed.rewrite(manifest(&[2]));
+    let counts = tally("TCP after an edit", bed.tcp_names(20));
+    assert_every_backend("TCP after an edit", &counts, &[2]);
+
+    // Half-written YAML in the service's own file: the last good objects keep serving.
+    TempDir::write_atomic(
+        &bed.manifests,
+        MANIFEST,
+        "apiVersion: v1\nkind: [unclosed\n",
+    )
+    .expect("writing");
+    wait_for_log(&bed.agent, "keeping");
+    let counts = tally("TCP while its manifest is broken", bed.tcp_names(20));
+    assert_every_backend("TCP while its manifest is broken", &counts, &[2]);
+}
