@@ -164,30 +164,31 @@ impl Bed {
         self.resync(|dir| TempDir::write_atomic(dir, MANIFEST, &contents).expect("rewriting"))
     }
 
-    /// `n` TCP connections to the VIP from the client, each returning who answered.
-    fn tcp_names(&self, n: usize) -> Vec<io::Result<String>> {
+    /// Runs `f` in the client namespace (its sockets are the client's).
+    fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         self.topo
             .client
             .ns
-            .run(move || {
-                (0..n)
-                    .map(|_| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
-                    .collect()
-            })
+            .run(f)
             .expect("running in the client namespace")
+    }
+
+    /// `n` TCP connections to the VIP from the client, each returning who answered.
+    fn tcp_names(&self, n: usize) -> Vec<io::Result<String>> {
+        self.in_client(move || {
+            (0..n)
+                .map(|_| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+                .collect()
+        })
     }
 
     /// `n` UDP exchanges with the VIP from the client (a fresh socket each).
     fn udp_names(&self, n: usize) -> Vec<io::Result<String>> {
-        self.topo
-            .client
-            .ns
-            .run(move || {
-                (0..n)
-                    .map(|_| udp_name(udp_vip(), CLIENT_TIMEOUT))
-                    .collect()
-            })
-            .expect("running in the client namespace")
+        self.in_client(move || {
+            (0..n)
+                .map(|_| udp_name(udp_vip(), CLIENT_TIMEOUT))
+                .collect()
+        })
     }
 }
 
@@ -243,11 +244,7 @@ fn tcp_and_udp_reach_every_backend() {
 fn removing_a_backend_keeps_open_connections_and_new_ones_avoid_it() {
     let mut bed = Bed::start(3, &manifest(&[1, 2, 3]));
     let mut session = bed
-        .topo
-        .client
-        .ns
-        .run(|| TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT))
-        .expect("running in the client namespace")
+        .in_client(|| TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT))
         .expect("a long-lived connection to the VIP");
     let pinned = session.name().to_owned();
     println!("long-lived connection reached {pinned}");
@@ -297,12 +294,7 @@ fn manifest_edit_takes_effect_live() {
     // (the node answers ICMP unreachable, or nothing does) instead of reaching a backend.
     bed.resync(|dir| std::fs::remove_file(dir.join(MANIFEST)).expect("deleting the manifest"));
     let started = Instant::now();
-    let gone = bed
-        .topo
-        .client
-        .ns
-        .run(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
-        .expect("running in the client namespace");
+    let gone = bed.in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT));
     let took = started.elapsed();
     assert!(
         gone.is_err(),
@@ -318,24 +310,14 @@ fn manifest_edit_takes_effect_live() {
     // unreachable for UDP, both quickly.
     bed.rewrite(manifest(&[]));
     let started = Instant::now();
-    let tcp = bed
-        .topo
-        .client
-        .ns
-        .run(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
-        .expect("running in the client namespace");
+    let tcp = bed.in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT));
     let took = started.elapsed();
     match tcp {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
         other => panic!("TCP to a service without endpoints: want connection refused, got {other:?} after {took:?}"),
     }
     assert!(took < Duration::from_secs(1), "the RST took {took:?}");
-    let udp = bed
-        .topo
-        .client
-        .ns
-        .run(|| udp_exchange(udp_vip(), b"anyone?", CLIENT_TIMEOUT))
-        .expect("running in the client namespace");
+    let udp = bed.in_client(|| udp_exchange(udp_vip(), b"anyone?", CLIENT_TIMEOUT));
     match udp {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
         other => panic!(

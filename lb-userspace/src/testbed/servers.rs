@@ -29,15 +29,59 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often server threads look at their stop flag.
 const POLL: Duration = Duration::from_millis(50);
 
-/// A TCP name-and-echo server; stops on drop.
+/// A server thread: what both servers share. Counts what it served, stops and joins on drop.
 #[derive(Debug)]
-pub struct TcpServer {
+struct ServerThread {
     addr: SocketAddr,
     name: String,
-    accepted: Arc<AtomicU64>,
+    served: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
+
+impl ServerThread {
+    /// Runs `serve(name, stop flag, served counter)` on a thread named `<kind>-<name>`.
+    fn spawn(
+        kind: &str,
+        addr: SocketAddr,
+        name: &str,
+        serve: impl FnOnce(String, Arc<AtomicBool>, Arc<AtomicU64>) + Send + 'static,
+    ) -> Result<ServerThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, served, name) = (stop.clone(), served.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name(format!("{kind}-{name}"))
+                .spawn(move || serve(name, stop, served))
+                .map_err(io_err("spawning a server thread"))?
+        };
+        Ok(ServerThread {
+            addr,
+            name: name.to_owned(),
+            served,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A TCP name-and-echo server; stops on drop.
+#[derive(Debug)]
+pub struct TcpServer(ServerThread);
 
 impl TcpServer {
     /// Listens on `addr` inside `ns` and answers as `name`.
@@ -45,44 +89,23 @@ impl TcpServer {
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .map_err(io_err(format!("binding TCP {addr} in {}", ns.name())))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name(format!("tcp-{name}"))
-                .spawn(move || accept_loop(listener, &name, stop, &accepted))
-                .map_err(io_err("spawning a server thread"))?
-        };
-        Ok(TcpServer {
-            addr,
-            name: name.to_owned(),
-            accepted,
-            stop,
-            thread: Some(thread),
+        ServerThread::spawn("tcp", addr, name, move |name, stop, accepted| {
+            accept_loop(listener, &name, stop, &accepted)
         })
+        .map(TcpServer)
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.served()
     }
 }
 
@@ -159,13 +182,7 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// A UDP name server; stops on drop.
 #[derive(Debug)]
-pub struct UdpServer {
-    addr: SocketAddr,
-    name: String,
-    answered: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct UdpServer(ServerThread);
 
 impl UdpServer {
     /// Binds `addr` inside `ns` and answers as `name`.
@@ -176,59 +193,36 @@ impl UdpServer {
         socket
             .set_read_timeout(Some(POLL))
             .map_err(io_err("setting a socket timeout"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name(format!("udp-{name}"))
-                .spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while !stop.load(Ordering::Relaxed) {
-                        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
-                            continue;
-                        };
-                        let mut answer = name.clone().into_bytes();
-                        if n > 0 {
-                            answer.extend_from_slice(b": ");
-                            answer.extend_from_slice(&buf[..n]);
-                        }
-                        if socket.send_to(&answer, peer).is_ok() {
-                            answered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-                .map_err(io_err("spawning a server thread"))?
-        };
-        Ok(UdpServer {
-            addr,
-            name: name.to_owned(),
-            answered,
-            stop,
-            thread: Some(thread),
+        ServerThread::spawn("udp", addr, name, move |name, stop, answered| {
+            let mut buf = [0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let mut answer = name.clone().into_bytes();
+                if n > 0 {
+                    answer.extend_from_slice(b": ");
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                if socket.send_to(&answer, peer).is_ok() {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         })
+        .map(UdpServer)
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     /// Datagrams answered so far.
     pub fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.served()
     }
 }
 
