@@ -9,11 +9,22 @@ pub mod names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const BACKENDS: &str = "BACKENDS";
+    pub const MEMBERS: &str = "MEMBERS";
     pub const VIPS: &str = "VIPS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const AFFINITY: &str = "AFFINITY";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 6] = [SERVICES, BACKEND_SLOTS, BACKENDS, VIPS, CONNTRACK, STATS];
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        MEMBERS,
+        VIPS,
+        CONNTRACK,
+        AFFINITY,
+        STATS,
+    ];
 }
 
 /// Default capacities. The agent may override them at load time (`EbpfLoader::set_max_entries`).
@@ -24,10 +35,14 @@ pub mod capacity {
     pub const BACKEND_SLOTS: u32 = 524_288;
     /// Distinct backends (address, port, protocol).
     pub const BACKENDS: u32 = 131_072;
+    /// (service, backend) memberships; one per backend slot.
+    pub const MEMBERS: u32 = BACKEND_SLOTS;
     /// Distinct frontend addresses.
     pub const VIPS: u32 = 65_536;
     /// Tracked connections; two entries (forward and reverse) per connection.
     pub const CONNTRACK: u32 = 262_144;
+    /// Remembered (client, service) -> backend choices for ClientIP session affinity.
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -101,6 +116,50 @@ pub struct Backend {
 
 /// `Backend::state`: ready, eligible for new flows.
 pub const BACKEND_ACTIVE: u8 = 0;
+
+/// Key of `MEMBERS`: a backend of a service. The datapath checks it before reusing a backend
+/// remembered for session affinity, because slot positions move when the set changes while
+/// membership does not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    /// `Service::svc_id`.
+    pub svc_id: u32,
+    /// `BACKENDS` key.
+    pub backend_id: u32,
+}
+
+/// Value of `MEMBERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    /// `BACKEND_*` state of the backend within this service.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of `AFFINITY`: a client of a service with ClientIP session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub client: [u8; 4],
+    /// `Service::svc_id`.
+    pub svc_id: u32,
+}
+
+/// Value of `AFFINITY`: the backend the client's connections go to, as kube-proxy's `recent`
+/// rules remember it: refreshed by every new connection, forgotten after the service's
+/// `affinity_timeout_s` without one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// `BACKENDS` key.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the client's last new connection.
+    pub last_used_ns: u64,
+}
 
 /// Key of `VIPS`: an address that is the frontend of at least one service. The datapath uses
 /// it for packets it cannot key by port (non-first fragments, truncated L4 headers) so that it
@@ -195,6 +254,10 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Slot>() == 4);
     assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<MemberKey>() == 8);
+    assert!(core::mem::size_of::<Member>() == 4);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<Affinity>() == 16);
     assert!(core::mem::size_of::<VipKey>() == 4);
     assert!(core::mem::size_of::<Vip>() == 4);
     assert!(core::mem::size_of::<CtKey>() == 16);
@@ -224,6 +287,10 @@ mod user {
         SlotKey,
         Slot,
         Backend,
+        MemberKey,
+        Member,
+        AffinityKey,
+        Affinity,
         VipKey,
         Vip,
         CtKey,

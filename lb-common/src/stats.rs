@@ -37,8 +37,12 @@ pub const DROP_REWRITE_FAILED: u32 = 13;
 /// itself, or another protocol): dropped instead of answered.
 pub const DROP_NO_BACKEND: u32 = 14;
 
+/// First packet of a flow to a frontend with ClientIP affinity, sent to the backend the client
+/// used before (its affinity had not expired and the backend still serves the service).
+pub const XLATE_NEW_FLOW_AFFINITY: u32 = 15;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 15;
+pub const REASONS: u32 = 16;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -57,6 +61,7 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_ct_full",
     "drop_rewrite_failed",
     "drop_no_backend",
+    "xlate_new_flow_affinity",
 ];
 
 #[cfg(test)]

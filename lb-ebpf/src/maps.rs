@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    capacity, stats::REASONS, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot,
-    SlotKey, Vip, VipKey,
+    capacity, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey,
+    Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
 };
 
 /// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
@@ -23,6 +23,10 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, Slot, { capacity::BACKEND_SLOTS as us
 #[btf_map]
 pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
 
+/// (service id, backend id) pairs: which backends currently serve which service.
+#[btf_map]
+pub static MEMBERS: HashMap<MemberKey, Member, { capacity::MEMBERS as usize }> = HashMap::new();
+
 /// Addresses that are frontends, to recognise packets for a service that carry no ports.
 #[btf_map]
 pub static VIPS: HashMap<VipKey, Vip, { capacity::VIPS as usize }> = HashMap::new();
@@ -31,6 +35,11 @@ pub static VIPS: HashMap<VipKey, Vip, { capacity::VIPS as usize }> = HashMap::ne
 /// evicts the coldest flows instead of refusing new ones.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// ClientIP session affinity: (client, service) -> the backend its connections go to.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
 /// Per-CPU packet and byte counters by `lb_common::stats` reason.

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use lb_common::{stats::*, Backend, FrontendKey, Service, SlotKey, VipKey, CT_FORWARD, SCOPE_ALL};
 
 use crate::{
-    action, conntrack,
+    action, affinity, conntrack,
     maps::{BACKENDS, BACKEND_SLOTS, SERVICES, VIPS},
     nat::{self, End},
     parse::{self, Parsed},
@@ -67,7 +67,15 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
     if svc.backend_count == 0 {
         return reject::no_backend(ctx, &pkt);
     }
-    let (backend_id, backend) = select_backend(&svc)?;
+    let (backend_id, backend, reason) = if svc.affinity_timeout_s == 0 {
+        let (id, backend) = select_backend(&svc)?;
+        (id, backend, XLATE_NEW_FLOW)
+    } else {
+        match affinity::select(pkt.tuple.saddr, &svc)? {
+            (id, backend, true) => (id, backend, XLATE_NEW_FLOW_AFFINITY),
+            (id, backend, false) => (id, backend, XLATE_NEW_FLOW),
+        }
+    };
     let entry = conntrack::create(&pkt, svc.svc_id, backend_id, &backend, replace)?;
     nat::rewrite(
         ctx,
@@ -78,13 +86,13 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
     )?;
     Ok(Verdict {
         action: action::OK,
-        reason: XLATE_NEW_FLOW,
+        reason,
     })
 }
 
 /// Picks a backend for a new flow of `svc` (random for now).
 #[inline(always)]
-fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
+pub fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
     // `backend_count` is non-zero here; slots are 1-based.
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1;
     let slot_key = SlotKey {

@@ -32,6 +32,9 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 0, 99, 9);
 const DNS_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 11, 2);
+/// Frontends of services with ClientIP affinity: for 3 hours, and for 1 second.
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const BRIEF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 
 fn backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
@@ -70,13 +73,23 @@ fn service_port(
     )
 }
 
-/// web (TCP 80 over `web_backends`, UDP 53 to one backend) and empty (TCP 80, UDP 53, no
-/// endpoints).
-fn desired(web_backends: BTreeSet<Endpoint>) -> DesiredState {
+/// web (TCP 80 over `web_backends`, UDP 53 to one backend), empty (TCP 80, UDP 53, no
+/// endpoints), sticky (ClientIP affinity for 3 hours, over `sticky_backends`) and brief (ClientIP
+/// affinity for 1 second).
+fn desired_with(
+    web_backends: BTreeSet<Endpoint>,
+    sticky_backends: BTreeSet<Endpoint>,
+) -> DesiredState {
     let dns = [Endpoint {
         addr: DNS_BACKEND,
         port: 5353,
     }];
+    let with_affinity = |(name, mut port): (ServicePortName, ServicePort), secs| {
+        port.affinity_timeout_s = Some(secs);
+        (name, port)
+    };
+    let sticky = service_port("sticky", "", Protocol::Tcp, STICKY_VIP, 80, sticky_backends);
+    let brief = service_port("brief", "", Protocol::Tcp, BRIEF_VIP, 80, backends(3));
     DesiredState {
         services: [
             service_port("web", "http", Protocol::Tcp, VIP, 80, web_backends),
@@ -90,9 +103,15 @@ fn desired(web_backends: BTreeSet<Endpoint>) -> DesiredState {
                 53,
                 BTreeSet::new(),
             ),
+            with_affinity(sticky, 10_800),
+            with_affinity(brief, 1),
         ]
         .into(),
     }
+}
+
+fn desired(web_backends: BTreeSet<Endpoint>) -> DesiredState {
+    desired_with(web_backends, backends(3))
 }
 
 /// The loaded datapath, shared by the cases in this file (one load).
@@ -694,6 +713,93 @@ fn udp_to_a_service_without_backends_gets_port_unreachable() {
     run.counted_as(stats::DROP_NO_BACKEND);
 }
 
+/// The backend a new TCP flow from `client`:`sport` to `vip`:80 is sent to, and how it was
+/// counted.
+fn new_flow(f: &mut Fixture, client: Ipv4Addr, sport: u16, vip: Ipv4Addr) -> (Ipv4Addr, u32) {
+    let run = f.run(&Frame::tcp(client, sport, vip, 80, tcp::SYN).build());
+    let reason = run
+        .counted
+        .iter()
+        .position(|n| *n == 1)
+        .expect("one counter") as u32;
+    (verified(&run.out).daddr, reason)
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    let mut f = fixture();
+    let client = Ipv4Addr::new(10, 0, 1, 50);
+    let (first, reason) = new_flow(&mut f, client, 51000, STICKY_VIP);
+    assert_eq!(reason, stats::XLATE_NEW_FLOW, "the first flow chooses");
+    for sport in 51001..51030 {
+        let (b, reason) = new_flow(&mut f, client, sport, STICKY_VIP);
+        assert_eq!(
+            b, first,
+            "new connection {sport} left the remembered backend"
+        );
+        assert_eq!(reason, stats::XLATE_NEW_FLOW_AFFINITY);
+    }
+    // Other clients are not bound by it: over 30 clients more than one backend is used.
+    let others: BTreeSet<Ipv4Addr> = (60..90)
+        .map(|i| new_flow(&mut f, Ipv4Addr::new(10, 0, 1, i), 51000, STICKY_VIP).0)
+        .collect();
+    assert!(others.len() > 1, "30 clients all went to {others:?}");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn affinity_to_a_removed_backend_is_forgotten() {
+    let mut f = fixture();
+    let client = Ipv4Addr::new(10, 0, 1, 51);
+    let (first, _) = new_flow(&mut f, client, 52000, STICKY_VIP);
+    let remaining: BTreeSet<Endpoint> = backends(3)
+        .into_iter()
+        .filter(|e| e.addr != first)
+        .collect();
+    f.dp.apply(&desired_with(backends(3), remaining.clone()))
+        .expect("apply");
+    let (second, reason) = new_flow(&mut f, client, 52001, STICKY_VIP);
+    assert_ne!(second, first, "affinity must not outlive membership");
+    assert_eq!(reason, stats::XLATE_NEW_FLOW);
+    for sport in 52002..52012 {
+        assert_eq!(
+            new_flow(&mut f, client, sport, STICKY_VIP).0,
+            second,
+            "sticks to the new one"
+        );
+    }
+    // The backend coming back does not reclaim the client: its affinity is to `second` now.
+    f.dp.apply(&desired(backends(3))).expect("restore");
+    assert_eq!(new_flow(&mut f, client, 52012, STICKY_VIP).0, second);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn affinity_expires_after_its_timeout() {
+    let mut f = fixture();
+    let clients: Vec<Ipv4Addr> = (100..130).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+    let first: Vec<Ipv4Addr> = clients
+        .iter()
+        .map(|c| new_flow(&mut f, *c, 53000, BRIEF_VIP).0)
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    // After the 1 s timeout every client chooses afresh: a third of them keep their backend
+    // by chance, so over 30 clients some must move (all staying: p = 3^-30).
+    let mut moved = 0;
+    for (c, before) in clients.iter().zip(&first) {
+        let (now, reason) = new_flow(&mut f, *c, 53001, BRIEF_VIP);
+        assert_eq!(
+            reason,
+            stats::XLATE_NEW_FLOW,
+            "expired affinity is not used"
+        );
+        moved += usize::from(now != *before);
+    }
+    println!("after expiry {moved} of 30 clients moved to another backend");
+    assert!(moved > 0);
+}
+
 fn truncate_l4(mut frame: Vec<u8>, keep: usize) -> Vec<u8> {
     let ihl = (frame[14] & 0x0f) as usize * 4;
     frame.truncate(14 + ihl + keep);
@@ -721,4 +827,91 @@ fn ipv6_frame() -> Vec<u8> {
     f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, 59, 64]); // no next header
     f.extend_from_slice(&[0xfd; 32]);
     f
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn pinned_maps_of_another_layout_are_replaced_and_the_rest_adopted() {
+    use aya::maps::{HashMap, Map, MapData, MapInfo};
+    use lb_common::{CtEntry, CtKey};
+
+    let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-layout", std::process::id()));
+    let _ = EbpfDataplane::remove_pins(&dir);
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool (installed by `cargo xtask setup`)");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // An older agent's STATS (one reason fewer) and a CONNTRACK of today's layout with a flow.
+    let stats = dir.join("STATS");
+    let conntrack = dir.join("CONNTRACK");
+    bpftool(&[
+        "map",
+        "create",
+        stats.to_str().unwrap(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "16",
+        "entries",
+        "15",
+        "name",
+        "STATS",
+    ]);
+    bpftool(&[
+        "map",
+        "create",
+        conntrack.to_str().unwrap(),
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "24",
+        "entries",
+        "4096",
+        "name",
+        "CONNTRACK",
+    ]);
+    let flow = CtKey {
+        saddr: [10, 0, 1, 9],
+        daddr: [10, 96, 0, 10],
+        sport_be: 1u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: proto::TCP,
+        _pad: [0; 3],
+    };
+    let entry = CtEntry {
+        backend_id: 7,
+        nat_addr: [10, 0, 11, 2],
+        nat_port_be: 8080u16.to_be(),
+        ..Default::default()
+    };
+    {
+        let map = Map::from_map_data(MapData::from_pin(&conntrack).unwrap()).unwrap();
+        let mut ct: HashMap<_, CtKey, CtEntry> = map.try_into().unwrap();
+        ct.insert(flow, entry, 0).unwrap();
+    }
+
+    let dp = EbpfDataplane::load_with(&dir, &[("CONNTRACK", 4096)]).expect("load");
+    let stats_now = MapInfo::from_pin(&stats).expect("STATS pinned again");
+    assert_eq!(
+        stats_now.max_entries(),
+        stats::REASONS,
+        "STATS recreated with today's layout"
+    );
+    let map = Map::from_map_data(MapData::from_pin(&conntrack).unwrap()).unwrap();
+    let ct: HashMap<_, CtKey, CtEntry> = map.try_into().unwrap();
+    assert_eq!(ct.get(&flow, 0).expect("the tracked flow survived"), entry);
+    drop(dp);
+    EbpfDataplane::remove_pins(&dir).expect("cleanup");
 }

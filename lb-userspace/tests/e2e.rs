@@ -563,3 +563,40 @@ fn a_bad_manifest_is_named_and_everything_else_keeps_working() {
     let counts = tally("TCP while its manifest is broken", bed.tcp_names(20));
     assert_every_backend("TCP while its manifest is broken", &counts, &[2]);
 }
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn client_ip_affinity_holds_and_expires() {
+    const TIMEOUT_S: u64 = 2;
+    let sticky = manifest(&[1, 2, 3]).replacen(
+        "  type: ClusterIP\n",
+        &format!(
+            "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {TIMEOUT_S}\n"
+        ),
+        1,
+    );
+    let bed = Bed::start(3, &sticky);
+    let answers = tally("TCP with ClientIP affinity", bed.tcp_names(15));
+    assert_eq!(
+        answers.len(),
+        1,
+        "15 connections in a row, one backend: {answers:?}"
+    );
+    let held = answers.keys().next().unwrap().clone();
+
+    // Each wait outlasts the timeout, so the next connection chooses afresh; it stays on the
+    // same backend by chance a third of the time, so a handful of rounds must see a change.
+    let mut history = vec![held.clone()];
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(TIMEOUT_S * 1000 + 300));
+        let now = bed
+            .in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+            .expect("a connection after the timeout");
+        history.push(now.clone());
+        if now != held {
+            println!("after the {TIMEOUT_S}s timeout: {history:?}");
+            return;
+        }
+    }
+    panic!("affinity never expired: {history:?}");
+}

@@ -5,7 +5,8 @@ use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, net::Ipv4Addr,
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    names, stats, Backend, Counter, CtEntry, CtKey, FrontendKey, Service, Slot, SlotKey,
+    names, stats, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey, Service,
+    Slot, SlotKey,
 };
 
 /// A snapshot of the pinned maps.
@@ -15,6 +16,8 @@ pub struct Snapshot {
     pub frontends: BTreeMap<FrontendKey, (Service, Vec<Option<Backend>>)>,
     /// Connection-tracking entries.
     pub conntrack: Vec<(CtKey, CtEntry)>,
+    /// Session-affinity entries (client, service) -> backend.
+    pub affinity: Vec<(AffinityKey, Affinity)>,
     /// Counters summed over CPUs, indexed by `lb_common::stats` reason.
     pub counters: Vec<Counter>,
 }
@@ -74,6 +77,7 @@ impl Snapshot {
             }
         }
         let _ = writeln!(out, "conntrack entries: {}", self.conntrack.len());
+        let _ = writeln!(out, "affinity entries: {}", self.affinity.len());
         let _ = writeln!(out, "counters (packets / bytes, all CPUs):");
         for (i, c) in self.counters.iter().enumerate() {
             if c.packets > 0 {
@@ -117,6 +121,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     let slots: HashMap<_, SlotKey, Slot> = open(dir, names::BACKEND_SLOTS)?.try_into()?;
     let backends: HashMap<_, u32, Backend> = open(dir, names::BACKENDS)?.try_into()?;
     let conntrack: HashMap<_, CtKey, CtEntry> = open(dir, names::CONNTRACK)?.try_into()?;
+    let affinity: HashMap<_, AffinityKey, Affinity> = open(dir, names::AFFINITY)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = open(dir, names::STATS)?.try_into()?;
 
     let mut snap = Snapshot::default();
@@ -140,6 +145,9 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     }
     for item in conntrack.iter() {
         snap.conntrack.push(item?);
+    }
+    for item in affinity.iter() {
+        snap.affinity.push(item?);
     }
     snap.counters = sum_counters(&counters)?;
     Ok(snap)

@@ -14,8 +14,10 @@ use aya::{
     programs::{tc, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
-use lb_common::{names, Backend, FrontendKey, Service, Slot, SlotKey, Vip, VipKey};
-use log::info;
+use lb_common::{
+    names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+};
+use log::{info, warn};
 
 use super::{ApplyReport, Dataplane};
 use crate::model::DesiredState;
@@ -44,6 +46,8 @@ pub enum LoadError {
     Load { source: aya::EbpfError },
     #[error("the kernel rejected the datapath program: {source}")]
     Program { source: aya::programs::ProgramError },
+    #[error("the embedded datapath object does not parse: {reason}")]
+    Object { reason: String },
     #[error("map {name} is missing from the datapath object")]
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
@@ -62,6 +66,7 @@ pub enum LoadError {
 struct Maps {
     services: HashMap<MapData, FrontendKey, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
+    members: HashMap<MapData, MemberKey, Member>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, VipKey, Vip>,
 }
@@ -91,6 +96,7 @@ impl EbpfDataplane {
         prepare_pin_dir(pin_dir)?;
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        retire_incompatible_pins(&pins, capacities)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -113,6 +119,7 @@ impl EbpfDataplane {
         let maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
+            members: take_map(&mut ebpf, names::MEMBERS)?,
             backends: take_map(&mut ebpf, names::BACKENDS)?,
             vips: take_map(&mut ebpf, names::VIPS)?,
         };
@@ -192,6 +199,10 @@ impl EbpfDataplane {
             left.slots.insert(k);
             max_svc = max_svc.max(k.svc_id);
         }
+        for k in self.maps.members.keys() {
+            left.members
+                .insert(k.map_err(|source| map_err(names::MEMBERS, source))?);
+        }
         for k in self.maps.backends.keys() {
             let k = k.map_err(|source| map_err(names::BACKENDS, source))?;
             left.backends.insert(k);
@@ -216,12 +227,14 @@ impl EbpfDataplane {
         let m = &mut self.maps;
         let result = match *op {
             Op::PutBackend(id, b) => m.backends.insert(id, b, 0),
+            Op::PutMember(k, v) => m.members.insert(k, v, 0),
             Op::PutSlot(k, v) => m.slots.insert(k, v, 0),
             Op::PutService(k, v) => m.services.insert(k, v, 0),
             Op::PutVip(k, v) => m.vips.insert(k, v, 0),
             Op::DeleteVip(k) => m.vips.remove(&k),
             Op::DeleteService(k) => m.services.remove(&k),
             Op::DeleteSlot(k) => m.slots.remove(&k),
+            Op::DeleteMember(k) => m.members.remove(&k),
             Op::DeleteBackend(id) => m.backends.remove(&id),
         };
         match result {
@@ -256,6 +269,46 @@ impl Dataplane for EbpfDataplane {
         report.backends = self.programmed.backend_count();
         Ok(report)
     }
+}
+
+/// Removes pinned maps whose layout (key size, value size, capacity) differs from what this
+/// datapath declares, so the loader creates them afresh: aya would otherwise reuse a pinned
+/// map of an older layout as it is, and the program would misread it. Only that map's entries
+/// are lost; every other map is still adopted.
+fn retire_incompatible_pins(
+    pins: &[(&'static str, PathBuf)],
+    capacities: &[(&'static str, u32)],
+) -> Result<(), LoadError> {
+    let object = aya_obj::Object::parse(DATAPATH).map_err(|e| LoadError::Object {
+        reason: e.to_string(),
+    })?;
+    for (name, path) in pins {
+        if !path.exists() {
+            continue;
+        }
+        let want = object
+            .maps
+            .get(*name)
+            .ok_or(LoadError::MissingMap { name })?;
+        let entries = capacities
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(want.max_entries(), |(_, e)| *e);
+        let want = (want.key_size(), want.value_size(), entries);
+        let info = aya::maps::MapInfo::from_pin(path).map_err(|source| map_err(name, source))?;
+        let have = (info.key_size(), info.value_size(), info.max_entries());
+        if have != want {
+            warn!(
+                "pinned map {} has key/value/capacity {have:?}, this datapath needs {want:?}: replacing it, its entries are lost",
+                path.display()
+            );
+            std::fs::remove_file(path).map_err(|source| LoadError::PinDir {
+                dir: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {

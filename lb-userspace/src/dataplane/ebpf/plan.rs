@@ -2,13 +2,16 @@
 //! map operations that get from one to the other.
 //!
 //! The order is what keeps a live service answering throughout an update (cilium's slot
-//! model): backends are written before the slots that name them, slots before the count that
-//! exposes them, frontends last; deletions run the other way round. A lookup racing an update
-//! therefore sees either the old or the new backend set, never a hole.
+//! model): backends are written before the memberships and slots that name them, slots before
+//! the count that exposes them, frontends last; deletions run the other way round. A lookup
+//! racing an update therefore sees either the old or the new backend set, never a hole.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, FrontendKey, Service, Slot, SlotKey, Vip, VipKey, ALG_RANDOM, SCOPE_ALL};
+use lb_common::{
+    Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey, ALG_RANDOM,
+    BACKEND_ACTIVE, SCOPE_ALL,
+};
 use log::warn;
 
 use crate::model::{DesiredState, Protocol, ServicePortName};
@@ -17,12 +20,14 @@ use crate::model::{DesiredState, Protocol, ServicePortName};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
+    PutMember(MemberKey, Member),
     PutSlot(SlotKey, Slot),
     PutService(FrontendKey, Service),
     PutVip(VipKey, Vip),
     DeleteVip(VipKey),
     DeleteService(FrontendKey),
     DeleteSlot(SlotKey),
+    DeleteMember(MemberKey),
     DeleteBackend(u32),
 }
 
@@ -30,7 +35,11 @@ impl Op {
     pub fn is_delete(&self) -> bool {
         matches!(
             self,
-            Op::DeleteVip(_) | Op::DeleteService(_) | Op::DeleteSlot(_) | Op::DeleteBackend(_)
+            Op::DeleteVip(_)
+                | Op::DeleteService(_)
+                | Op::DeleteSlot(_)
+                | Op::DeleteMember(_)
+                | Op::DeleteBackend(_)
         )
     }
 }
@@ -51,6 +60,7 @@ struct ProgrammedPort {
 pub struct Leftovers {
     pub services: BTreeSet<FrontendKey>,
     pub slots: BTreeSet<SlotKey>,
+    pub members: BTreeSet<MemberKey>,
     pub backends: BTreeSet<u32>,
     pub vips: BTreeSet<VipKey>,
 }
@@ -102,9 +112,11 @@ impl Programmed {
             ..Default::default()
         };
         let mut puts_backend = Vec::new();
+        let mut puts_member = Vec::new();
         let mut puts_slot = Vec::new();
         let mut puts_service = Vec::new();
         let mut deletes_slot = Vec::new();
+        let mut deletes_member = Vec::new();
         let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
 
         for (name, port) in &desired.services {
@@ -130,7 +142,7 @@ impl Programmed {
                     addr: ep.addr.octets(),
                     port_be: ep.port.to_be(),
                     proto: name.protocol.number(),
-                    state: lb_common::BACKEND_ACTIVE,
+                    state: BACKEND_ACTIVE,
                 };
                 let id = match next.backends.get_mut(&backend) {
                     Some((id, refs)) => {
@@ -169,6 +181,16 @@ impl Programmed {
             }
             for i in slots.len()..old_slots.len() {
                 deletes_slot.push(Op::DeleteSlot(slot_key(svc_id, i)));
+            }
+            let (new_ids, old_ids): (BTreeSet<u32>, BTreeSet<u32>) = (
+                slots.iter().copied().collect(),
+                old_slots.iter().copied().collect(),
+            );
+            for id in new_ids.difference(&old_ids) {
+                puts_member.push(Op::PutMember(member_key(svc_id, *id), active_member()));
+            }
+            for id in old_ids.difference(&new_ids) {
+                deletes_member.push(Op::DeleteMember(member_key(svc_id, *id)));
             }
 
             let affinity_timeout_s = port.affinity_timeout_s.unwrap_or(0);
@@ -217,6 +239,7 @@ impl Programmed {
         }
 
         let mut ops = puts_backend;
+        ops.extend(puts_member);
         ops.extend(puts_slot);
         ops.extend(puts_service);
         for (vip, &frontends) in &next.vips {
@@ -251,6 +274,16 @@ impl Programmed {
             }
         }
         ops.extend(self.leftovers.slots.iter().map(|k| Op::DeleteSlot(*k)));
+        ops.extend(deletes_member);
+        for (name, old) in &self.ports {
+            if !next.ports.contains_key(name) {
+                let ids: BTreeSet<u32> = old.slots.iter().copied().collect();
+                for id in ids {
+                    ops.push(Op::DeleteMember(member_key(old.svc_id, id)));
+                }
+            }
+        }
+        ops.extend(self.leftovers.members.iter().map(|k| Op::DeleteMember(*k)));
         for (backend, (id, _)) in &self.backends {
             if !next.backends.contains_key(backend) {
                 ops.push(Op::DeleteBackend(*id));
@@ -263,6 +296,17 @@ impl Programmed {
                 .map(|id| Op::DeleteBackend(*id)),
         );
         Plan { ops, next }
+    }
+}
+
+fn member_key(svc_id: u32, backend_id: u32) -> MemberKey {
+    MemberKey { svc_id, backend_id }
+}
+
+fn active_member() -> Member {
+    Member {
+        state: BACKEND_ACTIVE,
+        _pad: [0; 3],
     }
 }
 
@@ -285,6 +329,7 @@ mod tests {
     struct Maps {
         services: BTreeMap<FrontendKey, Service>,
         slots: BTreeMap<SlotKey, Slot>,
+        members: BTreeMap<MemberKey, Member>,
         backends: BTreeMap<u32, Backend>,
         vips: BTreeMap<VipKey, Vip>,
     }
@@ -293,12 +338,14 @@ mod tests {
         fn apply(&mut self, op: &Op) {
             match *op {
                 Op::PutBackend(id, b) => drop(self.backends.insert(id, b)),
+                Op::PutMember(k, v) => drop(self.members.insert(k, v)),
                 Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
                 Op::PutService(k, v) => drop(self.services.insert(k, v)),
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
                 Op::DeleteVip(k) => drop(self.vips.remove(&k)),
                 Op::DeleteService(k) => drop(self.services.remove(&k)),
                 Op::DeleteSlot(k) => drop(self.slots.remove(&k)),
+                Op::DeleteMember(k) => drop(self.members.remove(&k)),
                 Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
             }
         }
@@ -313,6 +360,14 @@ mod tests {
                     });
                     let s =
                         s.unwrap_or_else(|| panic!("after {after:?}: {fe:?} slot {slot} missing"));
+                    assert!(
+                        self.members.contains_key(&MemberKey {
+                            svc_id: svc.svc_id,
+                            backend_id: s.backend_id
+                        }),
+                        "after {after:?}: {fe:?} slot {slot} names non-member {}",
+                        s.backend_id
+                    );
                     assert!(
                         self.backends.contains_key(&s.backend_id),
                         "after {after:?}: {fe:?} slot {slot} names missing backend {}",
@@ -361,6 +416,19 @@ mod tests {
                 .map(|s| s.backend_count as usize)
                 .sum();
             assert_eq!(self.slots.len(), used_slots, "stale slots left");
+            let members: BTreeSet<MemberKey> = self
+                .slots
+                .iter()
+                .map(|(k, s)| MemberKey {
+                    svc_id: k.svc_id,
+                    backend_id: s.backend_id,
+                })
+                .collect();
+            assert_eq!(
+                self.members.keys().copied().collect::<BTreeSet<_>>(),
+                members,
+                "memberships match the slots"
+            );
             let used: BTreeSet<u32> = self.slots.values().map(|s| s.backend_id).collect();
             assert_eq!(
                 self.backends.keys().copied().collect::<BTreeSet<_>>(),
@@ -427,12 +495,14 @@ mod tests {
         ops.iter()
             .map(|op| match op {
                 Op::PutBackend(..) => "put-backend",
+                Op::PutMember(..) => "put-member",
                 Op::PutSlot(..) => "put-slot",
                 Op::PutService(..) => "put-service",
                 Op::PutVip(..) => "put-vip",
                 Op::DeleteVip(..) => "del-vip",
                 Op::DeleteService(..) => "del-service",
                 Op::DeleteSlot(..) => "del-slot",
+                Op::DeleteMember(..) => "del-member",
                 Op::DeleteBackend(..) => "del-backend",
             })
             .collect()
@@ -451,6 +521,8 @@ mod tests {
             [
                 "put-backend",
                 "put-backend",
+                "put-member",
+                "put-member",
                 "put-slot",
                 "put-slot",
                 "put-service",
@@ -481,10 +553,16 @@ mod tests {
             &mut maps,
             &state(&[("a", port([10, 96, 0, 1], 80, &[1, 3]))]),
         );
-        // Slot 2 now names backend 3; the count drops; slot 3 and backend 2 go.
+        // Slot 2 now names backend 3; the count drops; slot 3, backend 2 and its membership go.
         assert_eq!(
             kinds(&ops),
-            ["put-slot", "put-service", "del-slot", "del-backend"]
+            [
+                "put-slot",
+                "put-service",
+                "del-slot",
+                "del-member",
+                "del-backend"
+            ]
         );
     }
 
@@ -505,7 +583,10 @@ mod tests {
             &mut maps,
             &state(&[("b", port([10, 96, 0, 2], 80, &[1]))]),
         );
-        assert_eq!(kinds(&ops), ["del-vip", "del-service", "del-slot"]);
+        assert_eq!(
+            kinds(&ops),
+            ["del-vip", "del-service", "del-slot", "del-member"]
+        );
     }
 
     #[test]
@@ -557,6 +638,13 @@ mod tests {
         };
         for op in [
             Op::PutBackend(9, old_backend),
+            Op::PutMember(
+                MemberKey {
+                    svc_id: 7,
+                    backend_id: 9,
+                },
+                active_member(),
+            ),
             Op::PutSlot(SlotKey { svc_id: 7, slot: 1 }, Slot { backend_id: 9 }),
             Op::PutService(
                 kept,
@@ -582,6 +670,7 @@ mod tests {
         let leftovers = Leftovers {
             services: maps.services.keys().copied().collect(),
             slots: maps.slots.keys().copied().collect(),
+            members: maps.members.keys().copied().collect(),
             backends: maps.backends.keys().copied().collect(),
             vips: maps.vips.keys().copied().collect(),
         };
