@@ -13,6 +13,7 @@
 
 pub mod checksum;
 pub mod conntrack;
+pub mod maglev;
 pub mod maps;
 pub mod stats;
 

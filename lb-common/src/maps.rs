@@ -13,13 +13,15 @@ pub mod names {
     pub const VIPS: &str = "VIPS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const MAGLEV: &str = "MAGLEV";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
         MEMBERS,
+        MAGLEV,
         VIPS,
         CONNTRACK,
         AFFINITY,
@@ -43,6 +45,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// Remembered (client, service) -> backend choices for ClientIP session affinity.
     pub const AFFINITY: u32 = 65_536;
+    /// Services using Maglev (each has a `maglev::TABLE_SIZE` table of its own).
+    pub const MAGLEV: u32 = 16_384;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -80,6 +84,8 @@ pub struct Service {
 
 /// `Service::algorithm`: uniform random slot per new flow.
 pub const ALG_RANDOM: u8 = 0;
+/// `Service::algorithm`: the service's `MAGLEV` table, indexed by a hash of the 5-tuple.
+pub const ALG_MAGLEV: u8 = 1;
 
 /// Key of `BACKEND_SLOTS`: one slot of a service's backend set.
 #[repr(C)]

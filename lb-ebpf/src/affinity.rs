@@ -3,7 +3,7 @@
 //! was less than the service's timeout ago and that backend still serves the service.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use lb_common::{Affinity, AffinityKey, Backend, MemberKey, Service};
+use lb_common::{Affinity, AffinityKey, Backend, CtKey, MemberKey, Service};
 
 use crate::{
     maps::{AFFINITY, BACKENDS, MEMBERS},
@@ -12,12 +12,12 @@ use crate::{
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// The backend for a new flow from `client` to `svc` (which has affinity on), and whether it
-/// is the remembered one. Either way the choice is remembered from now on.
+/// The backend for a new flow `tuple` to `svc` (which has affinity on), and whether it is the
+/// one remembered for the client. Either way the choice is remembered from now on.
 #[inline(always)]
-pub fn select(client: [u8; 4], svc: &Service) -> Result<(u32, Backend, bool), u32> {
+pub fn select(tuple: &CtKey, svc: &Service) -> Result<(u32, Backend, bool), u32> {
     let key = AffinityKey {
-        client,
+        client: tuple.saddr,
         svc_id: svc.svc_id,
     };
     // SAFETY: plain helper call.
@@ -26,7 +26,7 @@ pub fn select(client: [u8; 4], svc: &Service) -> Result<(u32, Backend, bool), u3
         remember(&key, id, now);
         return Ok((id, backend, true));
     }
-    let (id, backend) = select_backend(svc)?;
+    let (id, backend) = select_backend(svc, tuple)?;
     remember(&key, id, now);
     Ok((id, backend, false))
 }

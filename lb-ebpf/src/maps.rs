@@ -1,12 +1,12 @@
 //! The pinned maps. Types and capacities come from `lb_common`, the contract with the agent.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    capacity, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey,
-    Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+    capacity, maglev, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey,
+    FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
 };
 
 /// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
@@ -22,6 +22,14 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, Slot, { capacity::BACKEND_SLOTS as us
 /// Backend id -> endpoint address and port.
 #[btf_map]
 pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+
+/// Service id -> its Maglev lookup table (backend ids), for services using Maglev.
+#[btf_map]
+pub static MAGLEV: HashOfMaps<
+    u32,
+    Array<u32, { maglev::TABLE_SIZE as usize }>,
+    { capacity::MAGLEV as usize },
+> = HashOfMaps::new();
 
 /// (service id, backend id) pairs: which backends currently serve which service.
 #[btf_map]

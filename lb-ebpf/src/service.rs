@@ -1,11 +1,14 @@
 //! The ingress decision: tracked flow, new flow to a frontend, or not ours.
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
-use lb_common::{stats::*, Backend, FrontendKey, Service, SlotKey, VipKey, CT_FORWARD, SCOPE_ALL};
+use lb_common::{
+    maglev, stats::*, Backend, CtKey, FrontendKey, Service, SlotKey, VipKey, ALG_MAGLEV,
+    CT_FORWARD, SCOPE_ALL,
+};
 
 use crate::{
     action, affinity, conntrack,
-    maps::{BACKENDS, BACKEND_SLOTS, SERVICES, VIPS},
+    maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, VIPS},
     nat::{self, End},
     parse::{self, Parsed},
     reject, Verdict,
@@ -68,10 +71,10 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         return reject::no_backend(ctx, &pkt);
     }
     let (backend_id, backend, reason) = if svc.affinity_timeout_s == 0 {
-        let (id, backend) = select_backend(&svc)?;
+        let (id, backend) = select_backend(&svc, &pkt.tuple)?;
         (id, backend, XLATE_NEW_FLOW)
     } else {
-        match affinity::select(pkt.tuple.saddr, &svc)? {
+        match affinity::select(&pkt.tuple, &svc)? {
             (id, backend, true) => (id, backend, XLATE_NEW_FLOW_AFFINITY),
             (id, backend, false) => (id, backend, XLATE_NEW_FLOW),
         }
@@ -90,11 +93,36 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
     })
 }
 
-/// Picks a backend for a new flow of `svc` (random for now).
+/// Picks a backend for a new flow `tuple` of `svc`, by the service's algorithm.
 #[inline(always)]
-pub fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
-    // `backend_count` is non-zero here; slots are 1-based.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1;
+pub fn select_backend(svc: &Service, tuple: &CtKey) -> Result<(u32, Backend), u32> {
+    let backend_id = match svc.algorithm {
+        // The agent writes the table before it switches a service to Maglev; should it be
+        // missing anyway, a random backend is still a backend of the service.
+        ALG_MAGLEV => match maglev_backend(svc, tuple) {
+            Some(id) => id,
+            None => random_backend(svc)?,
+        },
+        _ => random_backend(svc)?,
+    };
+    let Some(b) = BACKENDS.get_ptr(backend_id) else {
+        return Err(DROP_NO_BACKEND_ENTRY);
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    Ok((backend_id, unsafe { *b }))
+}
+
+/// A uniformly random slot's backend id.
+#[inline(always)]
+fn random_backend(svc: &Service) -> Result<u32, u32> {
+    // Callers only get here with backends; checking again keeps a division by zero (and the
+    // panic path the verifier would reject) out of the program.
+    let count = svc.backend_count as u32;
+    if count == 0 {
+        return Err(DROP_NO_BACKEND_ENTRY);
+    }
+    // SAFETY: plain helper call. Slots are 1-based.
+    let slot = unsafe { bpf_get_prandom_u32() } % count + 1;
     let slot_key = SlotKey {
         svc_id: svc.svc_id,
         slot,
@@ -103,10 +131,14 @@ pub fn select_backend(svc: &Service) -> Result<(u32, Backend), u32> {
         return Err(DROP_NO_BACKEND_ENTRY);
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
-    let backend_id = unsafe { (*s).backend_id };
-    let Some(b) = BACKENDS.get_ptr(backend_id) else {
-        return Err(DROP_NO_BACKEND_ENTRY);
-    };
-    // SAFETY: as above.
-    Ok((backend_id, unsafe { *b }))
+    Ok(unsafe { (*s).backend_id })
+}
+
+/// The backend id the service's Maglev table gives the flow.
+#[inline(always)]
+fn maglev_backend(svc: &Service, tuple: &CtKey) -> Option<u32> {
+    let index = maglev::flow_index(tuple);
+    // SAFETY: the value is copied out at once; the agent replaces a table's entries one by
+    // one, each write leaving a valid backend id.
+    unsafe { MAGLEV.get_value(&svc.svc_id, &index).copied() }
 }

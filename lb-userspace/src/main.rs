@@ -63,6 +63,10 @@ struct RunArgs {
     /// (services without the label are always programmed).
     #[arg(long)]
     service_proxy_name: Option<String>,
+    /// How new flows choose a backend when the Service does not say (annotation
+    /// `lb-agent.io/lb-algorithm`): `random`, or `maglev` consistent hashing.
+    #[arg(long, default_value = "random")]
+    lb_algorithm: model::Algorithm,
     /// Full rescan period in seconds, as a safety net behind file notifications.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
@@ -135,6 +139,7 @@ impl Syncer {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Source::Dir(path) = args.source.parse::<Source>()?;
     let mut dataplane = EbpfDataplane::load(&args.bpffs)?;
+    dataplane.set_default_algorithm(args.lb_algorithm);
     for iface in &args.ifaces {
         dataplane.attach(iface)?;
     }

@@ -72,6 +72,34 @@ pub struct ServicePort {
     pub endpoints: BTreeSet<Endpoint>,
     /// ClientIP session-affinity timeout in seconds; `None` when affinity is off.
     pub affinity_timeout_s: Option<u32>,
+    /// How new flows choose a backend, when the service asks for one (`ANNOTATION_ALGORITHM`);
+    /// `None` leaves it to the agent's `--lb-algorithm`.
+    pub algorithm: Option<Algorithm>,
+}
+
+/// How a new flow chooses its backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the 5-tuple: the same flow maps to the same backend on
+    /// every node, and a backend set change moves few flows.
+    Maglev,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Algorithm, String> {
+        match s {
+            "random" => Ok(Algorithm::Random),
+            "maglev" => Ok(Algorithm::Maglev),
+            _ => Err(format!(
+                "{s:?} is not a load-balancing algorithm: random or maglev"
+            )),
+        }
+    }
 }
 
 /// The whole desired state: what every dataplane mode programs.
@@ -92,6 +120,8 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// The namespace of an object whose metadata names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Annotation choosing a Service's load-balancing algorithm: `random` or `maglev`.
+pub const ANNOTATION_ALGORITHM: &str = "lb-agent.io/lb-algorithm";
 /// ClientIP affinity timeout when the Service gives none (the API server's default).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The largest ClientIP affinity timeout the API accepts.
@@ -220,6 +250,8 @@ pub enum Problem {
         "the slice has no {LABEL_SERVICE_NAME} label, so it belongs to no service; ignoring it"
     )]
     NoServiceName,
+    #[error("annotation {ANNOTATION_ALGORITHM} is {given:?}, not random or maglev; using the agent's default")]
+    UnknownAlgorithm { given: String },
     #[error("endpoint address {addr:?} is not an IPv4 address; skipping that endpoint")]
     InvalidEndpointAddress { addr: String },
     #[error("an endpoint has no addresses; skipping it")]
@@ -343,6 +375,7 @@ fn add_service(
         return;
     }
     let affinity_timeout_s = affinity_timeout(spec, &mut warn);
+    let algorithm = algorithm(meta, &mut warn);
 
     for port in ports {
         let port_name = port.name.clone().unwrap_or_default();
@@ -395,6 +428,7 @@ fn add_service(
         entry.frontends.extend(frontends);
         entry.endpoints.extend(ready);
         entry.affinity_timeout_s = affinity_timeout_s;
+        entry.algorithm = algorithm;
     }
 }
 
@@ -463,6 +497,20 @@ fn affinity_timeout(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Optio
         Some(other) => {
             warn(Problem::UnknownSessionAffinity {
                 given: other.to_owned(),
+            });
+            None
+        }
+    }
+}
+
+/// The algorithm the service's annotation asks for, if any.
+fn algorithm(meta: &ObjectMeta, warn: &mut impl FnMut(Problem)) -> Option<Algorithm> {
+    let given = meta.annotations.as_ref()?.get(ANNOTATION_ALGORITHM)?;
+    match given.trim().parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            warn(Problem::UnknownAlgorithm {
+                given: given.clone(),
             });
             None
         }
@@ -638,6 +686,7 @@ mod tests {
             frontends: frontends.iter().map(frontend).collect(),
             endpoints: endpoints.iter().map(endpoint).collect(),
             affinity_timeout_s,
+            algorithm: None,
         }
     }
 
@@ -1053,6 +1102,46 @@ mod tests {
                 ..Case::default()
             },
         ]);
+    }
+
+    #[test]
+    fn load_balancing_algorithm_annotation() {
+        let cases = [
+            ("", None, None),
+            (
+                "annotations: {lb-agent.io/lb-algorithm: maglev},",
+                Some(Algorithm::Maglev),
+                None,
+            ),
+            (
+                "annotations: {lb-agent.io/lb-algorithm: ' random '},",
+                Some(Algorithm::Random),
+                None,
+            ),
+            (
+                "annotations: {lb-agent.io/lb-algorithm: round-robin},",
+                None,
+                Some(Problem::UnknownAlgorithm {
+                    given: "round-robin".into(),
+                }),
+            ),
+        ];
+        for (annotations, want, problem) in cases {
+            let service = format!(
+                "{{metadata: {{name: web, {annotations}}}, spec: {{clusterIP: 10.96.0.10, \
+                 ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}}}"
+            );
+            let (state, warnings) = build(&[parse(&service)], &[], None);
+            for port in ["a", "b"] {
+                let got = state.services[&spn("web", port, Tcp)].algorithm;
+                assert_eq!(got, want, "{annotations:?}, port {port}");
+            }
+            let want_warnings: Vec<_> = problem
+                .into_iter()
+                .map(|p| warning("Service default/web", p))
+                .collect();
+            assert_eq!(warnings, want_warnings, "{annotations:?}: warned once");
+        }
     }
 
     #[test]

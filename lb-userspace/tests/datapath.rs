@@ -18,7 +18,7 @@ use etherparse::{Icmpv4Header, Icmpv4Type, NetSlice, SlicedPacket, TransportSlic
 use lb_common::{proto, stats};
 use lb_userspace::{
     dataplane::{ebpf::EbpfDataplane, Dataplane},
-    model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
+    model::{Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
     testbed::packet::{patch_ipv4, tcp, Frame, CLIENT_MAC, L4, NODE_MAC},
 };
 
@@ -35,6 +35,8 @@ const DNS_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 11, 2);
 /// Frontends of services with ClientIP affinity: for 3 hours, and for 1 second.
 const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const BRIEF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+/// Frontend of a service using Maglev.
+const MAGLEV_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 
 fn backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
@@ -69,6 +71,7 @@ fn service_port(
             .into(),
             endpoints,
             affinity_timeout_s: None,
+            algorithm: None,
         },
     )
 }
@@ -80,6 +83,27 @@ fn desired_with(
     web_backends: BTreeSet<Endpoint>,
     sticky_backends: BTreeSet<Endpoint>,
 ) -> DesiredState {
+    desired_full(web_backends, sticky_backends, maglev_backends(10))
+}
+
+/// Backends 10.0.20.1.. 10.0.20.n, port 8080, for the Maglev service.
+fn maglev_backends(n: u8) -> BTreeSet<Endpoint> {
+    (1..=n)
+        .map(|i| Endpoint {
+            addr: Ipv4Addr::new(10, 0, 20, i),
+            port: 8080,
+        })
+        .collect()
+}
+
+/// As `desired_with`, plus maglev (TCP 80 over `maglev`, by Maglev).
+fn desired_full(
+    web_backends: BTreeSet<Endpoint>,
+    sticky_backends: BTreeSet<Endpoint>,
+    maglev: BTreeSet<Endpoint>,
+) -> DesiredState {
+    let mut maglev = service_port("maglev", "", Protocol::Tcp, MAGLEV_VIP, 80, maglev);
+    maglev.1.algorithm = Some(Algorithm::Maglev);
     let dns = [Endpoint {
         addr: DNS_BACKEND,
         port: 5353,
@@ -105,6 +129,7 @@ fn desired_with(
             ),
             with_affinity(sticky, 10_800),
             with_affinity(brief, 1),
+            maglev,
         ]
         .into(),
     }
@@ -798,6 +823,63 @@ fn affinity_expires_after_its_timeout() {
     }
     println!("after expiry {moved} of 30 clients moved to another backend");
     assert!(moved > 0);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() {
+    let mut f = fixture();
+    // 2000 flows: SYN (choose), FIN (close), so that a later SYN on the same tuple chooses
+    // again, by the table, without the old connection's state.
+    let tuples: Vec<(Ipv4Addr, u16)> = (0..2000u16)
+        .map(|i| {
+            (
+                Ipv4Addr::new(10, 0, 2 + (i / 250) as u8, (i % 250) as u8 + 1),
+                54000 + i,
+            )
+        })
+        .collect();
+    let choose = |f: &mut Fixture, (client, sport): (Ipv4Addr, u16)| {
+        let (b, reason) = new_flow(f, client, sport, MAGLEV_VIP);
+        assert_eq!(reason, stats::XLATE_NEW_FLOW);
+        f.run(&Frame::tcp(client, sport, MAGLEV_VIP, 80, tcp::FIN | tcp::ACK).build())
+            .counted_as(stats::XLATE_FORWARD);
+        b
+    };
+    let before: Vec<Ipv4Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
+    // Stateless: choosing again gives the same backend for every flow.
+    let again: Vec<Ipv4Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
+    assert_eq!(before, again, "a tuple maps to the same backend every time");
+    let used: BTreeSet<Ipv4Addr> = before.iter().copied().collect();
+    assert_eq!(used.len(), 10, "all ten backends used");
+
+    // Remove one of the ten.
+    let removed = Ipv4Addr::new(10, 0, 20, 1);
+    let nine = maglev_backends(10)
+        .into_iter()
+        .filter(|e| e.addr != removed)
+        .collect();
+    f.dp.apply(&desired_full(backends(3), backends(3), nine))
+        .expect("apply");
+    let after: Vec<Ipv4Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
+    f.dp.apply(&desired(backends(3))).expect("restore");
+
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(*a, removed, "a flow went to the removed backend");
+        moved += usize::from(b != a);
+    }
+    let on_removed = before.iter().filter(|b| **b == removed).count();
+    let moved_needlessly = moved - on_removed;
+    println!(
+        "maglev, 1 of 10 backends removed: {moved} of 2000 flows moved ({:.1}%), {on_removed} had to, {moved_needlessly} others did",
+        moved as f64 / 20.0
+    );
+    // Random selection would move ~90% of them; Maglev about 10% plus a little.
+    assert!(
+        moved_needlessly * 100 < 2000 * 3,
+        "{moved_needlessly} flows moved needlessly"
+    );
 }
 
 fn truncate_l4(mut frame: Vec<u8>, keep: usize) -> Vec<u8> {

@@ -10,17 +10,17 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError},
+    maps::{Array, HashMap, HashOfMaps, MapData, MapError},
     programs::{tc, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+    maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
 };
 use log::{info, warn};
 
 use super::{ApplyReport, Dataplane};
-use crate::model::DesiredState;
+use crate::model::{Algorithm, DesiredState};
 use plan::{Leftovers, Op, Programmed};
 
 /// The datapath object, built by build.rs from `lb-ebpf`.
@@ -67,6 +67,7 @@ struct Maps {
     services: HashMap<MapData, FrontendKey, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
     members: HashMap<MapData, MemberKey, Member>,
+    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, VipKey, Vip>,
 }
@@ -78,6 +79,8 @@ pub struct EbpfDataplane {
     programmed: Programmed,
     /// Set when an apply failed half way: the next apply re-reads the maps first.
     resync: bool,
+    /// For service ports that do not choose their algorithm (`--lb-algorithm`).
+    default_algorithm: Algorithm,
 }
 
 impl EbpfDataplane {
@@ -120,6 +123,12 @@ impl EbpfDataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
             members: take_map(&mut ebpf, names::MEMBERS)?,
+            maglev: {
+                let map = ebpf.take_map(names::MAGLEV).ok_or(LoadError::MissingMap {
+                    name: names::MAGLEV,
+                })?;
+                HashOfMaps::try_from(map).map_err(|source| map_err(names::MAGLEV, source))?
+            },
             backends: take_map(&mut ebpf, names::BACKENDS)?,
             vips: take_map(&mut ebpf, names::VIPS)?,
         };
@@ -129,9 +138,15 @@ impl EbpfDataplane {
             pin_dir: pin_dir.to_owned(),
             programmed: Programmed::default(),
             resync: false,
+            default_algorithm: Algorithm::default(),
         };
         dp.programmed = dp.adopt()?;
         Ok(dp)
+    }
+
+    /// Sets the algorithm of service ports that do not choose one, from the next apply on.
+    pub fn set_default_algorithm(&mut self, algorithm: Algorithm) {
+        self.default_algorithm = algorithm;
     }
 
     /// Attaches the classifier at tc ingress of `iface`.
@@ -203,6 +218,10 @@ impl EbpfDataplane {
             left.members
                 .insert(k.map_err(|source| map_err(names::MEMBERS, source))?);
         }
+        for k in self.maps.maglev.keys() {
+            left.maglev
+                .insert(k.map_err(|source| map_err(names::MAGLEV, source))?);
+        }
         for k in self.maps.backends.keys() {
             let k = k.map_err(|source| map_err(names::BACKENDS, source))?;
             left.backends.insert(k);
@@ -225,9 +244,23 @@ impl EbpfDataplane {
 
     fn execute(&mut self, op: &Op) -> Result<(), MapError> {
         let m = &mut self.maps;
-        let result = match *op {
+        let result = match op.clone() {
             Op::PutBackend(id, b) => m.backends.insert(id, b, 0),
             Op::PutMember(k, v) => m.members.insert(k, v, 0),
+            Op::PutMaglev(svc_id, table) => {
+                // A fresh table, filled before the service can see it.
+                let mut inner = Array::<MapData, u32>::create(maglev::TABLE_SIZE, 0)?;
+                for (i, id) in (0u32..).zip(&table) {
+                    inner.set(i, id, 0)?;
+                }
+                m.maglev.insert(svc_id, &inner, 0)
+            }
+            Op::PatchMaglev(svc_id, entries) => {
+                // In place: each write swaps one valid backend id for another.
+                let mut inner = m.maglev.get(&svc_id, 0)?;
+                entries.iter().try_for_each(|(i, id)| inner.set(*i, id, 0))
+            }
+            Op::DeleteMaglev(svc_id) => m.maglev.remove(&svc_id),
             Op::PutSlot(k, v) => m.slots.insert(k, v, 0),
             Op::PutService(k, v) => m.services.insert(k, v, 0),
             Op::PutVip(k, v) => m.vips.insert(k, v, 0),
@@ -251,7 +284,7 @@ impl Dataplane for EbpfDataplane {
             self.programmed = self.adopt()?;
             self.resync = false;
         }
-        let plan = self.programmed.plan(desired);
+        let plan = self.programmed.plan(desired, self.default_algorithm);
         let mut report = ApplyReport::default();
         for op in &plan.ops {
             if let Err(e) = self.execute(op) {

@@ -9,24 +9,29 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey, ALG_RANDOM,
-    BACKEND_ACTIVE, SCOPE_ALL,
+    maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, SCOPE_ALL,
 };
 use log::warn;
 
-use crate::model::{DesiredState, Protocol, ServicePortName};
+use crate::model::{Algorithm, DesiredState, Protocol, ServicePortName};
 
 /// One map operation, in the order they must be executed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
     PutMember(MemberKey, Member),
+    /// A new Maglev table for the service: every entry, in index order.
+    PutMaglev(u32, Vec<u32>),
+    /// Changed entries (index, backend id) of the service's existing Maglev table.
+    PatchMaglev(u32, Vec<(u32, u32)>),
     PutSlot(SlotKey, Slot),
     PutService(FrontendKey, Service),
     PutVip(VipKey, Vip),
     DeleteVip(VipKey),
     DeleteService(FrontendKey),
     DeleteSlot(SlotKey),
+    DeleteMaglev(u32),
     DeleteMember(MemberKey),
     DeleteBackend(u32),
 }
@@ -38,6 +43,7 @@ impl Op {
             Op::DeleteVip(_)
                 | Op::DeleteService(_)
                 | Op::DeleteSlot(_)
+                | Op::DeleteMaglev(_)
                 | Op::DeleteMember(_)
                 | Op::DeleteBackend(_)
         )
@@ -52,6 +58,10 @@ struct ProgrammedPort {
     /// Backend ids in slot order: `slots[i]` is slot `i + 1`.
     slots: Vec<u32>,
     affinity_timeout_s: u32,
+    /// `ALG_*` as written to the service entry.
+    algorithm: u8,
+    /// The Maglev table written for it, if it uses Maglev.
+    maglev: Option<Vec<u32>>,
 }
 
 /// Map keys found pinned from an earlier run and not yet accounted for. They are deleted
@@ -61,6 +71,7 @@ pub struct Leftovers {
     pub services: BTreeSet<FrontendKey>,
     pub slots: BTreeSet<SlotKey>,
     pub members: BTreeSet<MemberKey>,
+    pub maglev: BTreeSet<u32>,
     pub backends: BTreeSet<u32>,
     pub vips: BTreeSet<VipKey>,
 }
@@ -104,8 +115,9 @@ impl Programmed {
         self.backends.len()
     }
 
-    /// The operations that turn `self` into `desired`.
-    pub fn plan(&self, desired: &DesiredState) -> Plan {
+    /// The operations that turn `self` into `desired`; service ports that name no algorithm
+    /// get `default_algorithm`.
+    pub fn plan(&self, desired: &DesiredState, default_algorithm: Algorithm) -> Plan {
         let mut next = Programmed {
             next_svc_id: self.next_svc_id,
             next_backend_id: self.next_backend_id,
@@ -113,10 +125,12 @@ impl Programmed {
         };
         let mut puts_backend = Vec::new();
         let mut puts_member = Vec::new();
+        let mut puts_maglev = Vec::new();
         let mut puts_slot = Vec::new();
         let mut puts_service = Vec::new();
         let mut deletes_slot = Vec::new();
         let mut deletes_member = Vec::new();
+        let mut deletes_maglev = Vec::new();
         let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
 
         for (name, port) in &desired.services {
@@ -137,6 +151,7 @@ impl Programmed {
             };
 
             let mut slots = Vec::with_capacity(port.endpoints.len());
+            let mut slot_backends = Vec::with_capacity(port.endpoints.len());
             for ep in &port.endpoints {
                 let backend = Backend {
                     addr: ep.addr.octets(),
@@ -163,6 +178,7 @@ impl Programmed {
                     }
                 };
                 slots.push(id);
+                slot_backends.push(backend);
             }
             if slots.len() > u16::MAX as usize {
                 warn!(
@@ -170,7 +186,33 @@ impl Programmed {
                     slots.len()
                 );
                 slots.truncate(u16::MAX as usize);
+                slot_backends.truncate(u16::MAX as usize);
             }
+
+            // A Maglev table is written (or patched) before the service entry that uses it,
+            // and deleted after the entry stopped using it.
+            let old_table = old.and_then(|o| o.maglev.as_ref());
+            let table = match port.algorithm.unwrap_or(default_algorithm) {
+                Algorithm::Maglev if !slots.is_empty() => {
+                    Some(maglev_table(&slot_backends, &slots))
+                }
+                _ => None,
+            };
+            match (old_table, &table) {
+                (None, Some(t)) => puts_maglev.push(Op::PutMaglev(svc_id, t.clone())),
+                (Some(o), Some(t)) if o != t => {
+                    let changed = (0u32..).zip(t).zip(o).filter(|((_, n), o)| n != o);
+                    let entries = changed.map(|((i, n), _)| (i, *n)).collect();
+                    puts_maglev.push(Op::PatchMaglev(svc_id, entries));
+                }
+                (Some(_), None) => deletes_maglev.push(Op::DeleteMaglev(svc_id)),
+                _ => {}
+            }
+            let algorithm = if table.is_some() {
+                ALG_MAGLEV
+            } else {
+                ALG_RANDOM
+            };
 
             // Only slots whose backend changed are written; slots past the new count go.
             let old_slots = old.map(|o| o.slots.as_slice()).unwrap_or(&[]);
@@ -198,11 +240,13 @@ impl Programmed {
                 svc_id,
                 backend_count: slots.len() as u16,
                 flags: 0,
-                algorithm: ALG_RANDOM,
+                algorithm,
                 affinity_timeout_s,
             };
             let unchanged_value = old.is_some_and(|o| {
-                o.slots.len() == slots.len() && o.affinity_timeout_s == affinity_timeout_s
+                o.slots.len() == slots.len()
+                    && o.affinity_timeout_s == affinity_timeout_s
+                    && o.algorithm == algorithm
             });
             let mut frontends = BTreeSet::new();
             for fe in &port.frontends {
@@ -234,12 +278,15 @@ impl Programmed {
                     frontends,
                     slots,
                     affinity_timeout_s,
+                    algorithm,
+                    maglev: table,
                 },
             );
         }
 
         let mut ops = puts_backend;
         ops.extend(puts_member);
+        ops.extend(puts_maglev);
         ops.extend(puts_slot);
         ops.extend(puts_service);
         for (vip, &frontends) in &next.vips {
@@ -274,6 +321,13 @@ impl Programmed {
             }
         }
         ops.extend(self.leftovers.slots.iter().map(|k| Op::DeleteSlot(*k)));
+        ops.extend(deletes_maglev);
+        for (name, old) in &self.ports {
+            if old.maglev.is_some() && !next.ports.contains_key(name) {
+                ops.push(Op::DeleteMaglev(old.svc_id));
+            }
+        }
+        ops.extend(self.leftovers.maglev.iter().map(|id| Op::DeleteMaglev(*id)));
         ops.extend(deletes_member);
         for (name, old) in &self.ports {
             if !next.ports.contains_key(name) {
@@ -297,6 +351,33 @@ impl Programmed {
         );
         Plan { ops, next }
     }
+}
+
+/// The Maglev table over `backends` (whose ids are `ids`), as every node computes it: the
+/// permutations come from what identifies a backend cluster-wide (address, port, protocol),
+/// taken in address order.
+fn maglev_table(backends: &[Backend], ids: &[u32]) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..backends.len()).collect();
+    order.sort_by_key(|&i| {
+        let b = &backends[i];
+        (b.addr, u16::from_be(b.port_be), b.proto)
+    });
+    let perms: Vec<maglev::Permutation> = order
+        .iter()
+        .map(|&i| {
+            let b = &backends[i];
+            let mut name = [0u8; 7];
+            name[..4].copy_from_slice(&b.addr);
+            name[4..6].copy_from_slice(&u16::from_be(b.port_be).to_be_bytes());
+            name[6] = b.proto;
+            maglev::Permutation::of(&name)
+        })
+        .collect();
+    let ordered_ids: Vec<u32> = order.iter().map(|&i| ids[i]).collect();
+    let mut table = vec![0; maglev::TABLE_SIZE as usize];
+    let mut next = vec![0; perms.len()];
+    maglev::populate(&perms, &ordered_ids, &mut table, &mut next);
+    table
 }
 
 fn member_key(svc_id: u32, backend_id: u32) -> MemberKey {
@@ -330,15 +411,24 @@ mod tests {
         services: BTreeMap<FrontendKey, Service>,
         slots: BTreeMap<SlotKey, Slot>,
         members: BTreeMap<MemberKey, Member>,
+        maglev: BTreeMap<u32, Vec<u32>>,
         backends: BTreeMap<u32, Backend>,
         vips: BTreeMap<VipKey, Vip>,
     }
 
     impl Maps {
         fn apply(&mut self, op: &Op) {
-            match *op {
+            match op.clone() {
                 Op::PutBackend(id, b) => drop(self.backends.insert(id, b)),
                 Op::PutMember(k, v) => drop(self.members.insert(k, v)),
+                Op::PutMaglev(id, table) => drop(self.maglev.insert(id, table)),
+                Op::PatchMaglev(id, entries) => {
+                    let table = self.maglev.get_mut(&id).expect("patching a missing table");
+                    for (i, backend) in entries {
+                        table[i as usize] = backend;
+                    }
+                }
+                Op::DeleteMaglev(id) => drop(self.maglev.remove(&id)),
                 Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
                 Op::PutService(k, v) => drop(self.services.insert(k, v)),
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
@@ -350,9 +440,29 @@ mod tests {
             }
         }
 
-        /// What the datapath would see: every frontend resolves every slot to a backend.
+        /// What the datapath would see: every frontend resolves every slot, and every entry of
+        /// its Maglev table if it uses one, to a backend of the service.
         fn assert_no_holes(&self, after: &Op) {
             for (fe, svc) in &self.services {
+                if svc.algorithm == ALG_MAGLEV {
+                    let table = self.maglev.get(&svc.svc_id);
+                    let table =
+                        table.unwrap_or_else(|| panic!("after {after:?}: {fe:?} has no table"));
+                    for id in table {
+                        let member = MemberKey {
+                            svc_id: svc.svc_id,
+                            backend_id: *id,
+                        };
+                        assert!(
+                            self.members.contains_key(&member),
+                            "after {after:?}: table names non-member {id}"
+                        );
+                        assert!(
+                            self.backends.contains_key(id),
+                            "after {after:?}: table names missing backend {id}"
+                        );
+                    }
+                }
                 for slot in 1..=svc.backend_count as u32 {
                     let s = self.slots.get(&SlotKey {
                         svc_id: svc.svc_id,
@@ -435,6 +545,17 @@ mod tests {
                 used,
                 "stale backends left"
             );
+            let maglev_users: BTreeSet<u32> = self
+                .services
+                .values()
+                .filter(|s| s.algorithm == ALG_MAGLEV)
+                .map(|s| s.svc_id)
+                .collect();
+            assert_eq!(
+                self.maglev.keys().copied().collect::<BTreeSet<_>>(),
+                maglev_users,
+                "a table exactly for each service using Maglev"
+            );
             let vips: BTreeSet<[u8; 4]> = self.services.keys().map(|k| k.addr).collect();
             assert_eq!(
                 self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(),
@@ -468,6 +589,7 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout_s: None,
+            algorithm: None,
         }
     }
 
@@ -482,7 +604,7 @@ mod tests {
 
     /// Applies `desired` to `maps` op by op, checking for holes after each.
     fn step(p: Programmed, maps: &mut Maps, desired: &DesiredState) -> (Programmed, Vec<Op>) {
-        let plan = p.plan(desired);
+        let plan = p.plan(desired, Algorithm::Random);
         for op in &plan.ops {
             maps.apply(op);
             maps.assert_no_holes(op);
@@ -496,6 +618,9 @@ mod tests {
             .map(|op| match op {
                 Op::PutBackend(..) => "put-backend",
                 Op::PutMember(..) => "put-member",
+                Op::PutMaglev(..) => "put-maglev",
+                Op::PatchMaglev(..) => "patch-maglev",
+                Op::DeleteMaglev(..) => "del-maglev",
                 Op::PutSlot(..) => "put-slot",
                 Op::PutService(..) => "put-service",
                 Op::PutVip(..) => "put-vip",
@@ -596,7 +721,7 @@ mod tests {
             ("a", port([10, 96, 0, 1], 80, &[1])),
             ("b", port([10, 96, 0, 1], 80, &[2])),
         ]);
-        let plan = Programmed::default().plan(&clash);
+        let plan = Programmed::default().plan(&clash, Algorithm::Random);
         for op in &plan.ops {
             maps.apply(op);
         }
@@ -671,6 +796,7 @@ mod tests {
             services: maps.services.keys().copied().collect(),
             slots: maps.slots.keys().copied().collect(),
             members: maps.members.keys().copied().collect(),
+            maglev: maps.maglev.keys().copied().collect(),
             backends: maps.backends.keys().copied().collect(),
             vips: maps.vips.keys().copied().collect(),
         };
@@ -697,6 +823,45 @@ mod tests {
     }
 
     #[test]
+    fn maglev_tables_come_before_their_service_and_are_patched_not_rebuilt() {
+        let mut maps = Maps::default();
+        let mut sp = port([10, 96, 0, 1], 80, &[1, 2, 3]);
+        sp.algorithm = Some(Algorithm::Maglev);
+        let (p, ops) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("a", sp.clone())]),
+        );
+        let order = kinds(&ops);
+        let pos = |k| order.iter().position(|x| *x == k).unwrap();
+        assert!(pos("put-maglev") < pos("put-service"), "{order:?}");
+        let table = maps.maglev.values().next().unwrap().clone();
+
+        // Removing one of three backends rewrites only the entries that named it, and a few.
+        sp.endpoints = port([10, 96, 0, 1], 80, &[1, 2]).endpoints;
+        let (p, ops) = step(p, &mut maps, &state(&[("a", sp.clone())]));
+        let patched = ops.iter().find_map(|op| match op {
+            Op::PatchMaglev(_, e) => Some(e.len()),
+            _ => None,
+        });
+        let gone = table
+            .iter()
+            .filter(|id| !maps.backends.contains_key(id))
+            .count();
+        let patched = patched.expect("a patch, not a new table");
+        println!("patched {patched} entries, {gone} of them named the removed backend");
+        assert!(
+            patched >= gone && patched < gone * 13 / 10,
+            "patched {patched}, needed {gone}"
+        );
+
+        // Back to random: the service stops using the table before it goes.
+        sp.algorithm = Some(Algorithm::Random);
+        let (_, ops) = step(p, &mut maps, &state(&[("a", sp)]));
+        assert_eq!(kinds(&ops), ["put-service", "del-maglev"]);
+    }
+
+    #[test]
     fn random_walk_of_states_never_exposes_a_hole() {
         // A deterministic walk over service sets, endpoint sets and VIP sharing.
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -713,7 +878,10 @@ mod tests {
             for s in 0..next(6) {
                 let eps: Vec<u8> = (0..next(6)).map(|_| 1 + next(8) as u8).collect();
                 let vip = [10, 96, 0, 1 + next(3) as u8];
-                services.push((format!("svc{s}"), port(vip, 80 + next(2) as u16, &eps)));
+                let mut sp = port(vip, 80 + next(2) as u16, &eps);
+                sp.algorithm =
+                    [None, Some(Algorithm::Random), Some(Algorithm::Maglev)][next(3) as usize];
+                services.push((format!("svc{s}"), sp));
             }
             // Frontend clashes are resolved (first wins); keep the walk to unambiguous states.
             let mut seen = BTreeSet::new();
