@@ -3,12 +3,42 @@
 //! Deliberately coarse (as cilium's): the datapath only needs to know whether a flow is being
 //! opened, is open, or is closing, to decide when a reused 5-tuple starts a new connection.
 
+// The states are ordered: a flow's state is the highest its two directions have reached.
+
 /// A SYN was seen, no further packet yet.
 pub const TCP_SYN_SENT: u8 = 1;
 /// Packets past the SYN have been seen.
 pub const TCP_ESTABLISHED: u8 = 2;
 /// A FIN or RST was seen: the 5-tuple may be reused by a new connection.
 pub const TCP_CLOSING: u8 = 3;
+
+const SEC: u64 = 1_000_000_000;
+/// How long an entry lives without traffic, by state (cilium's defaults): a connection being
+/// opened or closed goes quickly, an established one lasts, and UDP lasts a minute.
+pub const SYN_LIFETIME_NS: u64 = 60 * SEC;
+pub const ESTABLISHED_LIFETIME_NS: u64 = 6 * 3600 * SEC;
+pub const CLOSING_LIFETIME_NS: u64 = 10 * SEC;
+pub const NON_TCP_LIFETIME_NS: u64 = 60 * SEC;
+
+/// How long an entry of `proto` in `tcp_state` lives after its last packet.
+#[inline(always)]
+pub const fn lifetime_ns(proto: u8, tcp_state: u8) -> u64 {
+    if proto != crate::proto::TCP {
+        return NON_TCP_LIFETIME_NS;
+    }
+    match tcp_state {
+        TCP_ESTABLISHED => ESTABLISHED_LIFETIME_NS,
+        TCP_CLOSING => CLOSING_LIFETIME_NS,
+        _ => SYN_LIFETIME_NS,
+    }
+}
+
+/// True when an entry last used at `last_seen_ns` has outlived its lifetime at `now_ns`.
+/// Wrapping: a timestamp from ahead of `now` (another clock) reads as expired, not fresh.
+#[inline(always)]
+pub const fn expired(proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.wrapping_sub(last_seen_ns) > lifetime_ns(proto, tcp_state)
+}
 
 /// TCP header flag bits (byte 13 of the header).
 pub mod flags {
@@ -63,6 +93,34 @@ mod tests {
         for (state, f, want) in cases {
             assert_eq!(next_tcp_state(state, f), want, "state {state} flags {f:#x}");
         }
+    }
+
+    #[test]
+    fn lifetimes_by_state() {
+        use crate::proto::{TCP, UDP};
+        let cases = [
+            (TCP, TCP_SYN_SENT, 59, false),
+            (TCP, TCP_SYN_SENT, 61, true),
+            (TCP, TCP_ESTABLISHED, 3600, false),
+            (TCP, TCP_ESTABLISHED, 6 * 3600 + 1, true),
+            (TCP, TCP_CLOSING, 9, false),
+            (TCP, TCP_CLOSING, 11, true),
+            (UDP, 0, 59, false),
+            (UDP, 0, 61, true),
+        ];
+        let now = 1_000_000 * SEC;
+        for (proto, state, age_s, want) in cases {
+            let seen = now - age_s * SEC;
+            assert_eq!(
+                expired(proto, state, seen, now),
+                want,
+                "{proto}/{state} after {age_s}s"
+            );
+        }
+        assert!(
+            expired(UDP, 0, now + SEC, now),
+            "a timestamp from the future is expired"
+        );
     }
 
     #[test]

@@ -5,46 +5,113 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    conntrack::{next_tcp_state, starts_new_connection},
+    conntrack::{self, next_tcp_state, starts_new_connection},
     proto,
     stats::DROP_CT_FULL,
-    Backend, CtEntry, CtKey, CT_FORWARD, CT_REVERSE,
+    Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_REVERSE,
 };
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{
+    maps::{CONNTRACK, MEMBERS},
+    parse::Packet,
+};
 
-/// A copy of the entry that matched, taken after its state was updated.
-pub struct Hit {
-    pub entry: CtEntry,
-    /// The packet is a bare SYN on a tuple whose connection had closed: a new connection
-    /// that should choose its backend afresh.
-    pub reopens: bool,
+/// What connection tracking knows about a packet's tuple.
+pub enum Lookup {
+    /// Nothing.
+    Miss,
+    /// An entry that must not be used, and is to be replaced if the packet starts a new flow:
+    /// it outlived its lifetime (and so did its other direction), or it is a bare SYN on a
+    /// closed connection's tuple, or a UDP flow whose backend has left the service (the
+    /// classic kube-proxy bug: a client with a fixed source port stuck on a dead backend).
+    Stale,
+    /// A live entry, already updated with this packet (TCP state, last seen).
+    Hit(CtEntry),
 }
 
-/// Looks `pkt`'s own tuple up and, on a hit, records the packet (TCP state, last seen).
+/// Looks `pkt`'s own tuple up and, on a live hit, records the packet.
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Option<Hit> {
-    let e = CONNTRACK.get_ptr_mut(pkt.tuple)?;
-    // SAFETY: the pointer comes from a successful lookup and is used before any other map
-    // operation on CONNTRACK. Concurrent writers on other CPUs can only race on these
-    // informational fields, never on the NAT target.
-    unsafe {
-        let mut reopens = false;
-        if pkt.tuple.proto == proto::TCP {
-            let state = (*e).tcp_state;
-            reopens = starts_new_connection(state, pkt.tcp_flags);
-            (*e).tcp_state = next_tcp_state(state, pkt.tcp_flags);
-        }
-        (*e).last_seen_ns = bpf_ktime_get_ns();
-        Some(Hit { entry: *e, reopens })
+pub fn lookup(pkt: &Packet) -> Lookup {
+    let Some(e) = CONNTRACK.get_ptr_mut(pkt.tuple) else {
+        return Lookup::Miss;
+    };
+    // SAFETY: pointer from a successful lookup; copied before any other map operation.
+    let entry = unsafe { *e };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let proto = pkt.tuple.proto;
+    if proto == proto::TCP && starts_new_connection(entry.tcp_state, pkt.tcp_flags) {
+        return Lookup::Stale;
     }
+    if conntrack::expired(proto, entry.tcp_state, entry.last_seen_ns, now)
+        && !other_direction_live(&pkt.tuple, &entry, now)
+    {
+        return Lookup::Stale;
+    }
+    if proto != proto::TCP && entry.direction == CT_FORWARD && !is_member(&entry) {
+        return Lookup::Stale;
+    }
+    // SAFETY: the element stays allocated; concurrent writers on other CPUs can only race on
+    // these informational fields, never on the NAT target.
+    unsafe {
+        if proto == proto::TCP {
+            (*e).tcp_state = next_tcp_state(entry.tcp_state, pkt.tcp_flags);
+        }
+        (*e).last_seen_ns = now;
+        Lookup::Hit(*e)
+    }
+}
+
+/// True when the other direction's entry of the flow is still within its lifetime: a flow
+/// whose packets all go one way (a UDP stream from the backend, say) stays tracked. The
+/// lifetime is that of the flow's most advanced TCP state, because each entry only sees its
+/// own direction's flags: once either side sent FIN or RST the whole flow ages as closing.
+#[inline(always)]
+fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
+    let other = if entry.direction == CT_FORWARD {
+        CtKey {
+            saddr: entry.nat_addr,
+            daddr: key.saddr,
+            sport_be: entry.nat_port_be,
+            dport_be: key.sport_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    } else {
+        CtKey {
+            saddr: key.daddr,
+            daddr: entry.nat_addr,
+            sport_be: key.dport_be,
+            dport_be: entry.nat_port_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    };
+    match CONNTRACK.get_ptr(other) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        Some(o) => unsafe {
+            let state = entry.tcp_state.max((*o).tcp_state);
+            !conntrack::expired(key.proto, state, (*o).last_seen_ns, now)
+        },
+        None => false,
+    }
+}
+
+/// True while the entry's backend still serves the entry's service.
+#[inline(always)]
+fn is_member(entry: &CtEntry) -> bool {
+    let key = MemberKey {
+        svc_id: entry.svc_id,
+        backend_id: entry.backend_id,
+    };
+    MEMBERS.get_ptr(key).is_some()
 }
 
 /// Records a new flow of `pkt` (client -> VIP) to `backend`, both directions.
 ///
 /// Returns the entry actually in force: when another CPU created the same flow a moment
 /// earlier, its choice wins so every packet of the flow goes to one backend. With `replace`
-/// (a new connection reusing a closed one's tuple) the old entry is overwritten.
+/// (the tuple's entry is stale) the old entry is overwritten.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,

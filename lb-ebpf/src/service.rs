@@ -7,7 +7,8 @@ use lb_common::{
 };
 
 use crate::{
-    action, affinity, conntrack,
+    action, affinity,
+    conntrack::{self, Lookup},
     maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, VIPS},
     nat::{self, End},
     parse::{self, Parsed},
@@ -41,20 +42,19 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         Parsed::L4(pkt) => pkt,
     };
 
-    let mut replace = false;
-    if let Some(hit) = conntrack::lookup(&pkt) {
-        let e = hit.entry;
-        if e.direction != CT_FORWARD {
-            nat::rewrite(ctx, &pkt, End::Source, e.nat_addr, e.nat_port_be)?;
-            return pass(XLATE_REPLY);
-        }
-        if !hit.reopens {
+    let replace = match conntrack::lookup(&pkt) {
+        Lookup::Hit(e) if e.direction == CT_FORWARD => {
             nat::rewrite(ctx, &pkt, End::Destination, e.nat_addr, e.nat_port_be)?;
             return pass(XLATE_FORWARD);
         }
-        // A new connection on a closed connection's tuple chooses its backend afresh.
-        replace = true;
-    }
+        Lookup::Hit(e) => {
+            nat::rewrite(ctx, &pkt, End::Source, e.nat_addr, e.nat_port_be)?;
+            return pass(XLATE_REPLY);
+        }
+        // A stale entry is overwritten if this packet starts a new flow to a frontend.
+        Lookup::Stale => true,
+        Lookup::Miss => false,
+    };
 
     let key = FrontendKey {
         addr: pkt.tuple.daddr,

@@ -15,7 +15,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
-use lb_common::{proto, stats};
+use lb_common::{proto, stats, CtKey};
 use lb_userspace::{
     dataplane::{ebpf::EbpfDataplane, Dataplane},
     model::{Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
@@ -37,6 +37,8 @@ const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const BRIEF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 /// Frontend of a service using Maglev.
 const MAGLEV_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+/// Frontend of a UDP service with several backends.
+const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 
 fn backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
@@ -76,14 +78,28 @@ fn service_port(
     )
 }
 
-/// web (TCP 80 over `web_backends`, UDP 53 to one backend), empty (TCP 80, UDP 53, no
-/// endpoints), sticky (ClientIP affinity for 3 hours, over `sticky_backends`) and brief (ClientIP
-/// affinity for 1 second).
-fn desired_with(
-    web_backends: BTreeSet<Endpoint>,
-    sticky_backends: BTreeSet<Endpoint>,
-) -> DesiredState {
-    desired_full(web_backends, sticky_backends, maglev_backends(10))
+/// The backend sets of the fixture's services; `desired` turns them into the maps' state.
+#[derive(Clone)]
+struct Backends {
+    /// web: TCP 80 -> 8080 (and UDP 53 -> one backend, 5353).
+    web: BTreeSet<Endpoint>,
+    /// sticky: TCP 80, ClientIP affinity for 3 hours.
+    sticky: BTreeSet<Endpoint>,
+    /// maglev: TCP 80 by Maglev.
+    maglev: BTreeSet<Endpoint>,
+    /// spread: UDP 53 over several backends.
+    spread: BTreeSet<Endpoint>,
+}
+
+impl Default for Backends {
+    fn default() -> Backends {
+        Backends {
+            web: backends(3),
+            sticky: backends(3),
+            maglev: maglev_backends(10),
+            spread: backends(3),
+        }
+    }
 }
 
 /// Backends 10.0.20.1.. 10.0.20.n, port 8080, for the Maglev service.
@@ -96,27 +112,38 @@ fn maglev_backends(n: u8) -> BTreeSet<Endpoint> {
         .collect()
 }
 
-/// As `desired_with`, plus maglev (TCP 80 over `maglev`, by Maglev).
-fn desired_full(
-    web_backends: BTreeSet<Endpoint>,
-    sticky_backends: BTreeSet<Endpoint>,
-    maglev: BTreeSet<Endpoint>,
-) -> DesiredState {
-    let mut maglev = service_port("maglev", "", Protocol::Tcp, MAGLEV_VIP, 80, maglev);
-    maglev.1.algorithm = Some(Algorithm::Maglev);
+/// The fixture's services: web, sticky and maglev as in `Backends`, empty (TCP 80 and UDP 53
+/// without endpoints), brief (ClientIP affinity for 1 second) and spread.
+fn desired(b: &Backends) -> DesiredState {
     let dns = [Endpoint {
         addr: DNS_BACKEND,
         port: 5353,
     }];
-    let with_affinity = |(name, mut port): (ServicePortName, ServicePort), secs| {
-        port.affinity_timeout_s = Some(secs);
+    let with = |(name, mut port): (ServicePortName, ServicePort), affinity, algorithm| {
+        port.affinity_timeout_s = affinity;
+        port.algorithm = algorithm;
         (name, port)
     };
-    let sticky = service_port("sticky", "", Protocol::Tcp, STICKY_VIP, 80, sticky_backends);
+    let sticky = service_port(
+        "sticky",
+        "",
+        Protocol::Tcp,
+        STICKY_VIP,
+        80,
+        b.sticky.clone(),
+    );
     let brief = service_port("brief", "", Protocol::Tcp, BRIEF_VIP, 80, backends(3));
+    let maglev = service_port(
+        "maglev",
+        "",
+        Protocol::Tcp,
+        MAGLEV_VIP,
+        80,
+        b.maglev.clone(),
+    );
     DesiredState {
         services: [
-            service_port("web", "http", Protocol::Tcp, VIP, 80, web_backends),
+            service_port("web", "http", Protocol::Tcp, VIP, 80, b.web.clone()),
             service_port("web", "dns", Protocol::Udp, VIP, 53, dns.into()),
             service_port("empty", "", Protocol::Tcp, EMPTY_VIP, 80, BTreeSet::new()),
             service_port(
@@ -127,16 +154,20 @@ fn desired_full(
                 53,
                 BTreeSet::new(),
             ),
-            with_affinity(sticky, 10_800),
-            with_affinity(brief, 1),
-            maglev,
+            with(sticky, Some(10_800), None),
+            with(brief, Some(1), None),
+            with(maglev, None, Some(Algorithm::Maglev)),
+            service_port(
+                "spread",
+                "",
+                Protocol::Udp,
+                SPREAD_VIP,
+                53,
+                b.spread.clone(),
+            ),
         ]
         .into(),
     }
-}
-
-fn desired(web_backends: BTreeSet<Endpoint>) -> DesiredState {
-    desired_with(web_backends, backends(3))
 }
 
 /// The loaded datapath, shared by the cases in this file (one load).
@@ -159,7 +190,7 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         // The maps live as long as the loaded program holds them; the pins are not needed
         // (statics are never dropped, so nothing else would remove them).
         EbpfDataplane::remove_pins(&pin_dir).expect("removing the fixture's pins");
-        dp.apply(&desired(backends(3)))
+        dp.apply(&desired(&Backends::default()))
             .expect("programming the maps");
         report_verified_instructions(&mut dp);
         Mutex::new(Fixture { dp })
@@ -395,7 +426,11 @@ fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
         .into_iter()
         .filter(|e| e.addr != backend)
         .collect();
-    f.dp.apply(&desired(remaining.clone())).expect("apply");
+    f.dp.apply(&desired(&Backends {
+        web: remaining.clone(),
+        ..Default::default()
+    }))
+    .expect("apply");
     let run = f.run(
         &Frame::tcp(CLIENT, 42000, VIP, 80, tcp::ACK)
             .payload(b"more")
@@ -417,7 +452,7 @@ fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
             "new flow went to removed backend {d}"
         );
     }
-    f.dp.apply(&desired(backends(3))).expect("restore");
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
 }
 
 #[test]
@@ -430,11 +465,15 @@ fn closed_tuple_reused_by_a_new_syn_chooses_afresh() {
     // Only backend 1 remains: a new SYN on the closed tuple must go there, whichever backend
     // the closed connection used.
     let only = backends(1);
-    f.dp.apply(&desired(only.clone())).expect("apply");
+    f.dp.apply(&desired(&Backends {
+        web: only.clone(),
+        ..Default::default()
+    }))
+    .expect("apply");
     let run = f.run(&Frame::tcp(CLIENT, 43000, VIP, 80, tcp::SYN).build());
     run.counted_as(stats::XLATE_NEW_FLOW);
     assert_eq!(verified(&run.out).daddr, only.first().unwrap().addr);
-    f.dp.apply(&desired(backends(3))).expect("restore");
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
 }
 
 #[test]
@@ -782,8 +821,11 @@ fn affinity_to_a_removed_backend_is_forgotten() {
         .into_iter()
         .filter(|e| e.addr != first)
         .collect();
-    f.dp.apply(&desired_with(backends(3), remaining.clone()))
-        .expect("apply");
+    f.dp.apply(&desired(&Backends {
+        sticky: remaining.clone(),
+        ..Default::default()
+    }))
+    .expect("apply");
     let (second, reason) = new_flow(&mut f, client, 52001, STICKY_VIP);
     assert_ne!(second, first, "affinity must not outlive membership");
     assert_eq!(reason, stats::XLATE_NEW_FLOW);
@@ -795,7 +837,7 @@ fn affinity_to_a_removed_backend_is_forgotten() {
         );
     }
     // The backend coming back does not reclaim the client: its affinity is to `second` now.
-    f.dp.apply(&desired(backends(3))).expect("restore");
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
     assert_eq!(new_flow(&mut f, client, 52012, STICKY_VIP).0, second);
 }
 
@@ -859,10 +901,13 @@ fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() 
         .into_iter()
         .filter(|e| e.addr != removed)
         .collect();
-    f.dp.apply(&desired_full(backends(3), backends(3), nine))
-        .expect("apply");
+    f.dp.apply(&desired(&Backends {
+        maglev: nine,
+        ..Default::default()
+    }))
+    .expect("apply");
     let after: Vec<Ipv4Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
-    f.dp.apply(&desired(backends(3))).expect("restore");
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
 
     let mut moved = 0;
     for (b, a) in before.iter().zip(&after) {
@@ -880,6 +925,142 @@ fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() 
         moved_needlessly * 100 < 2000 * 3,
         "{moved_needlessly} flows moved needlessly"
     );
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Fixture {
+    /// Makes the conntrack entry of `key` look last used `age_ns` ago.
+    fn age(&mut self, key: &CtKey, age_ns: u64) {
+        let mut ct = self.dp.conntrack().expect("conntrack map");
+        let mut e = ct.get(key, 0).expect("entry to age");
+        e.last_seen_ns = monotonic_ns().wrapping_sub(age_ns);
+        ct.insert(key, e, 0).expect("aging the entry");
+    }
+}
+
+fn tuple(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) -> CtKey {
+    CtKey {
+        saddr: saddr.octets(),
+        daddr: daddr.octets(),
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn expired_entries_are_replaced_unless_the_other_direction_is_live() {
+    use lb_common::conntrack::{CLOSING_LIFETIME_NS, ESTABLISHED_LIFETIME_NS, NON_TCP_LIFETIME_NS};
+    const SEC: u64 = 1_000_000_000;
+    let mut f = fixture();
+    let (backend, _) = new_flow(&mut f, CLIENT, 55000, VIP);
+    f.run(&Frame::tcp(CLIENT, 55000, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    let forward = tuple(CLIENT, 55000, VIP, 80, proto::TCP);
+    let reverse = tuple(backend, 8080, CLIENT, 55000, proto::TCP);
+
+    // Only the client side idle past its lifetime: the backend side is live, the flow stays.
+    f.age(&forward, ESTABLISHED_LIFETIME_NS + SEC);
+    f.run(&Frame::tcp(CLIENT, 55000, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+
+    // Both sides idle past it: the entry is stale; a reply is no longer translated and the
+    // client's next packet starts a new flow.
+    f.age(&forward, ESTABLISHED_LIFETIME_NS + SEC);
+    f.age(&reverse, ESTABLISHED_LIFETIME_NS + SEC);
+    let reply = Frame::tcp(backend, 8080, CLIENT, 55000, tcp::ACK).build();
+    f.run(&reply)
+        .untouched(&reply)
+        .counted_as(stats::PASS_NOT_SERVICE);
+    f.run(&Frame::tcp(CLIENT, 55000, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_NEW_FLOW);
+
+    // A closed connection goes after 10 seconds, not 6 hours.
+    let (backend, _) = new_flow(&mut f, CLIENT, 55001, VIP);
+    f.run(&Frame::tcp(CLIENT, 55001, VIP, 80, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    let forward = tuple(CLIENT, 55001, VIP, 80, proto::TCP);
+    let reverse = tuple(backend, 8080, CLIENT, 55001, proto::TCP);
+    f.age(&forward, CLOSING_LIFETIME_NS - SEC);
+    f.age(&reverse, CLOSING_LIFETIME_NS - SEC);
+    f.run(&Frame::tcp(CLIENT, 55001, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    f.age(&forward, CLOSING_LIFETIME_NS + SEC);
+    f.age(&reverse, CLOSING_LIFETIME_NS + SEC);
+    f.run(&Frame::tcp(CLIENT, 55001, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_NEW_FLOW);
+
+    // UDP lives a minute.
+    f.run(&Frame::udp(CLIENT, 55002, VIP, 53).build())
+        .counted_as(stats::XLATE_NEW_FLOW);
+    let forward = tuple(CLIENT, 55002, VIP, 53, proto::UDP);
+    let reverse = tuple(DNS_BACKEND, 5353, CLIENT, 55002, proto::UDP);
+    f.age(&forward, NON_TCP_LIFETIME_NS + SEC);
+    f.age(&reverse, NON_TCP_LIFETIME_NS + SEC);
+    f.run(&Frame::udp(CLIENT, 55002, VIP, 53).build())
+        .counted_as(stats::XLATE_NEW_FLOW);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_udp_flow_leaves_a_removed_backend_at_once_while_tcp_stays() {
+    let mut f = fixture();
+    // A client with a fixed source port (DNS resolvers do this), and a TCP connection.
+    let dgram = Frame::udp(CLIENT, 56000, SPREAD_VIP, 53)
+        .payload(b"q")
+        .build();
+    let run = f.run(&dgram);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let udp_backend = verified(&run.out).daddr;
+    let (tcp_backend, _) = new_flow(&mut f, CLIENT, 56000, VIP);
+
+    let without = |b: Ipv4Addr| -> BTreeSet<Endpoint> {
+        backends(3).into_iter().filter(|e| e.addr != b).collect()
+    };
+    f.dp.apply(&desired(&Backends {
+        spread: without(udp_backend),
+        web: without(tcp_backend),
+        ..Default::default()
+    }))
+    .expect("apply");
+
+    let run = f.run(&dgram);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let moved_to = verified(&run.out).daddr;
+    assert_ne!(
+        moved_to, udp_backend,
+        "the UDP flow must leave the removed backend"
+    );
+    f.run(&dgram).counted_as(stats::XLATE_FORWARD);
+    assert_eq!(
+        verified(&f.run(&dgram).out).daddr,
+        moved_to,
+        "and stay on the new one"
+    );
+
+    let run = f.run(&Frame::tcp(CLIENT, 56000, VIP, 80, tcp::ACK).build());
+    run.counted_as(stats::XLATE_FORWARD);
+    assert_eq!(
+        verified(&run.out).daddr,
+        tcp_backend,
+        "an open TCP connection keeps its backend"
+    );
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
 }
 
 fn truncate_l4(mut frame: Vec<u8>, keep: usize) -> Vec<u8> {

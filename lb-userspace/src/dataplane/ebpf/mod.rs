@@ -180,6 +180,19 @@ impl EbpfDataplane {
         inspect::sum_counters(&counters).map_err(|source| map_err(names::STATS, source))
     }
 
+    /// The connection-tracking map, for inspection and for tests that age entries.
+    pub fn conntrack(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, lb_common::CtKey, lb_common::CtEntry>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(names::CONNTRACK)
+            .ok_or(LoadError::MissingMap {
+                name: names::CONNTRACK,
+            })?;
+        HashMap::try_from(map).map_err(|source| map_err(names::CONNTRACK, source))
+    }
+
     /// Where the maps are pinned.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
