@@ -41,8 +41,13 @@ pub const DROP_NO_BACKEND: u32 = 14;
 /// used before (its affinity had not expired and the backend still serves the service).
 pub const XLATE_NEW_FLOW_AFFINITY: u32 = 15;
 
+/// A new flow whose translated 5-tuple (backend side) is already a live flow's, as when one
+/// client port reaches two frontends of one backend port: dropped so the live flow's replies
+/// keep their translation. The client's retry chooses again.
+pub const DROP_CT_CLASH: u32 = 16;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 16;
+pub const REASONS: u32 = 17;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -62,6 +67,7 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_rewrite_failed",
     "drop_no_backend",
     "xlate_new_flow_affinity",
+    "drop_ct_clash",
 ];
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    conntrack::{self, next_tcp_state, starts_new_connection},
+    conntrack::{self, next_tcp_state, starts_new_connection, TCP_CLOSING},
     proto,
-    stats::DROP_CT_FULL,
+    stats::{DROP_CT_CLASH, DROP_CT_FULL},
     Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_REVERSE,
 };
 
@@ -40,7 +40,7 @@ pub fn lookup(pkt: &Packet) -> Lookup {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let proto = pkt.tuple.proto;
-    if proto == proto::TCP && starts_new_connection(entry.tcp_state, pkt.tcp_flags) {
+    if proto == proto::TCP && opens_on_closed_flow(&pkt.tuple, &entry, pkt.tcp_flags) {
         return Lookup::Stale;
     }
     if conntrack::expired(proto, entry.tcp_state, entry.last_seen_ns, now)
@@ -68,7 +68,38 @@ pub fn lookup(pkt: &Packet) -> Lookup {
 /// own direction's flags: once either side sent FIN or RST the whole flow ages as closing.
 #[inline(always)]
 fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
-    let other = if entry.direction == CT_FORWARD {
+    match CONNTRACK.get_ptr(other_key(key, entry)) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        Some(o) => unsafe {
+            let state = entry.tcp_state.max((*o).tcp_state);
+            !conntrack::expired(key.proto, state, (*o).last_seen_ns, now)
+        },
+        None => false,
+    }
+}
+
+/// True for a bare SYN on a flow that either side has closed (each entry only sees its own
+/// direction's FIN or RST): a new connection reusing the tuple, to be balanced afresh.
+#[inline(always)]
+fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
+    if starts_new_connection(entry.tcp_state, tcp_flags) {
+        return true;
+    }
+    // Only a bare SYN pays for the second lookup.
+    if !starts_new_connection(TCP_CLOSING, tcp_flags) {
+        return false;
+    }
+    match CONNTRACK.get_ptr(other_key(key, entry)) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        Some(o) => unsafe { (*o).tcp_state == TCP_CLOSING },
+        None => false,
+    }
+}
+
+/// The key of the other direction's entry of the flow `entry` (found at `key`) belongs to.
+#[inline(always)]
+fn other_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    if entry.direction == CT_FORWARD {
         CtKey {
             saddr: entry.nat_addr,
             daddr: key.saddr,
@@ -86,14 +117,6 @@ fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
             proto: key.proto,
             _pad: [0; 3],
         }
-    };
-    match CONNTRACK.get_ptr(other) {
-        // SAFETY: pointer from a successful lookup, read at once.
-        Some(o) => unsafe {
-            let state = entry.tcp_state.max((*o).tcp_state);
-            !conntrack::expired(key.proto, state, (*o).last_seen_ns, now)
-        },
-        None => false,
     }
 }
 
@@ -158,6 +181,27 @@ pub fn create(
         direction: CT_REVERSE,
         ..forward
     };
+    // One client port reaching two frontends that lead to the same backend port gives two
+    // flows the same backend-side tuple. Overwriting the live one's reverse entry would send
+    // its replies back from the wrong frontend; refuse the new flow instead (counted), and
+    // forget it so the client's retry chooses again.
+    if let Some(existing) = CONNTRACK.get_ptr(reply_key) {
+        // SAFETY: pointer from a successful lookup, copied out at once.
+        let existing = unsafe { *existing };
+        let other_flow =
+            existing.nat_addr != reverse.nat_addr || existing.nat_port_be != reverse.nat_port_be;
+        if other_flow
+            && !conntrack::expired(
+                pkt.tuple.proto,
+                existing.tcp_state,
+                existing.last_seen_ns,
+                now,
+            )
+        {
+            let _ = CONNTRACK.remove(pkt.tuple);
+            return Err(DROP_CT_CLASH);
+        }
+    }
     CONNTRACK
         .insert(reply_key, reverse, BPF_ANY as u64)
         .map_err(|_| DROP_CT_FULL)?;

@@ -86,6 +86,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How soon a failed apply is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// Owns the dataplane and applies every change to it, one at a time.
 struct Syncer {
     dir: ManifestDir,
@@ -107,7 +110,7 @@ impl Syncer {
             }
             self.reported_errors = scan.errors.clone();
         }
-        if !scan.changed && self.generation > 0 {
+        if !scan.changed && self.generation > 0 && !self.dataplane.needs_retry() {
             return;
         }
         let (desired, warnings) = model::build(
@@ -168,6 +171,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 syncer.sync();
             }
             _ = resync.tick() => syncer.sync(),
+            // A failed apply (a full map, say) is retried soon, not only at the next resync.
+            _ = tokio::time::sleep(RETRY_AFTER), if syncer.dataplane.needs_retry() => syncer.sync(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

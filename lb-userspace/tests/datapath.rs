@@ -1063,6 +1063,58 @@ fn a_udp_flow_leaves_a_removed_backend_at_once_while_tcp_stays() {
     f.dp.apply(&desired(&Backends::default())).expect("restore");
 }
 
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_new_flow_clashing_with_a_live_one_on_the_backend_side_is_refused() {
+    let mut f = fixture();
+    // web and sticky both lead to backend 1 port 8080 only.
+    f.dp.apply(&desired(&Backends {
+        web: backends(1),
+        sticky: backends(1),
+        ..Default::default()
+    }))
+    .expect("apply");
+    let (b, _) = new_flow(&mut f, CLIENT, 57000, VIP);
+    // The same client port to the other frontend would share the backend-side tuple.
+    let run = f.run(&Frame::tcp(CLIENT, 57000, STICKY_VIP, 80, tcp::SYN).build());
+    assert_eq!(run.action, TC_ACT_SHOT);
+    run.counted_as(stats::DROP_CT_CLASH);
+    // The live flow's replies still come from its own frontend.
+    let run = f.run(&Frame::tcp(b, 8080, CLIENT, 57000, tcp::SYN | tcp::ACK).build());
+    run.counted_as(stats::XLATE_REPLY);
+    assert_eq!(verified(&run.out).saddr, VIP);
+    // Once the live flow is gone, the retry goes through.
+    let gone = lb_common::conntrack::ESTABLISHED_LIFETIME_NS + 1_000_000_000;
+    f.age(&tuple(CLIENT, 57000, VIP, 80, proto::TCP), gone);
+    f.age(&tuple(b, 8080, CLIENT, 57000, proto::TCP), gone);
+    let (_, reason) = new_flow(&mut f, CLIENT, 57000, STICKY_VIP);
+    // (sticky has ClientIP affinity: the refused attempt's choice may be reused.)
+    assert!(
+        [stats::XLATE_NEW_FLOW, stats::XLATE_NEW_FLOW_AFFINITY].contains(&reason),
+        "counted as {}",
+        stats::NAMES[reason as usize]
+    );
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_syn_after_the_backend_reset_the_connection_chooses_afresh() {
+    let mut f = fixture();
+    let (b, _) = new_flow(&mut f, CLIENT, 58000, VIP);
+    f.run(&Frame::tcp(CLIENT, 58000, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    // The backend resets; only the reverse entry sees it.
+    f.run(&Frame::tcp(b, 8080, CLIENT, 58000, tcp::RST).build())
+        .counted_as(stats::XLATE_REPLY);
+    let (_, reason) = new_flow(&mut f, CLIENT, 58000, VIP);
+    assert_eq!(
+        reason,
+        stats::XLATE_NEW_FLOW,
+        "the SYN starts a new connection"
+    );
+}
+
 fn truncate_l4(mut frame: Vec<u8>, keep: usize) -> Vec<u8> {
     let ihl = (frame[14] & 0x0f) as usize * 4;
     frame.truncate(14 + ihl + keep);

@@ -21,4 +21,8 @@ pub struct ApplyReport {
 pub trait Dataplane {
     /// Programs `desired`, changing only what differs from the last apply.
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport>;
+
+    /// True after an apply failed part way: the kernel may not hold the desired state, so the
+    /// next sync must apply again even if the sources did not change.
+    fn needs_retry(&self) -> bool;
 }

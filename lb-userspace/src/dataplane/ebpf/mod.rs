@@ -21,7 +21,7 @@ use log::{info, warn};
 
 use super::{ApplyReport, Dataplane};
 use crate::model::{Algorithm, DesiredState};
-use plan::{Leftovers, Op, Programmed};
+use plan::{Op, Pinned, Programmed};
 
 /// The datapath object, built by build.rs from `lb-ebpf`.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -212,47 +212,42 @@ impl EbpfDataplane {
         }
     }
 
-    /// Reads what the pinned maps hold into leftovers for the first plan to replace.
+    /// Reads what the pinned maps hold, for the first plan to start from.
     fn adopt(&self) -> Result<Programmed, LoadError> {
-        let mut left = Leftovers::default();
-        let mut max_svc = 0;
-        let mut max_backend = 0;
-        for item in self.maps.services.iter() {
-            let (k, v) = item.map_err(|source| map_err(names::SERVICES, source))?;
-            left.services.insert(k);
-            max_svc = max_svc.max(v.svc_id);
+        fn all<K, V>(
+            name: &'static str,
+            items: impl Iterator<Item = Result<(K, V), MapError>>,
+        ) -> Result<Vec<(K, V)>, LoadError> {
+            items
+                .collect::<Result<_, _>>()
+                .map_err(|source| map_err(name, source))
         }
-        for k in self.maps.slots.keys() {
-            let k = k.map_err(|source| map_err(names::BACKEND_SLOTS, source))?;
-            left.slots.insert(k);
-            max_svc = max_svc.max(k.svc_id);
-        }
-        for k in self.maps.members.keys() {
-            left.members
-                .insert(k.map_err(|source| map_err(names::MEMBERS, source))?);
-        }
-        for k in self.maps.maglev.keys() {
-            left.maglev
-                .insert(k.map_err(|source| map_err(names::MAGLEV, source))?);
-        }
-        for k in self.maps.backends.keys() {
-            let k = k.map_err(|source| map_err(names::BACKENDS, source))?;
-            left.backends.insert(k);
-            max_backend = max_backend.max(k);
-        }
-        for k in self.maps.vips.keys() {
-            left.vips
-                .insert(k.map_err(|source| map_err(names::VIPS, source))?);
-        }
-        if !left.services.is_empty() {
+        let m = &self.maps;
+        let keys = |name, keys: aya::maps::MapKeys<'_, _>| {
+            keys.collect::<Result<Vec<_>, _>>()
+                .map_err(|source| map_err(name, source))
+        };
+        let pinned = Pinned {
+            services: all(names::SERVICES, m.services.iter())?,
+            slots: all(names::BACKEND_SLOTS, m.slots.iter())?,
+            members: keys(names::MEMBERS, m.members.keys())?,
+            maglev: m
+                .maglev
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|source| map_err(names::MAGLEV, source))?,
+            backends: all(names::BACKENDS, m.backends.iter())?,
+            vips: all(names::VIPS, m.vips.iter())?,
+        };
+        if !pinned.services.is_empty() {
             info!(
                 "adopting pinned maps in {}: {} frontends, {} backends from an earlier run",
                 self.pin_dir.display(),
-                left.services.len(),
-                left.backends.len()
+                pinned.services.len(),
+                pinned.backends.len()
             );
         }
-        Ok(Programmed::adopt(left, max_svc, max_backend))
+        Ok(Programmed::adopt(pinned))
     }
 
     fn execute(&mut self, op: &Op) -> Result<(), MapError> {
@@ -292,6 +287,10 @@ impl EbpfDataplane {
 }
 
 impl Dataplane for EbpfDataplane {
+    fn needs_retry(&self) -> bool {
+        self.resync
+    }
+
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
         if self.resync {
             self.programmed = self.adopt()?;

@@ -14,7 +14,7 @@ use lb_common::{
 };
 use log::warn;
 
-use crate::model::{Algorithm, DesiredState, Protocol, ServicePortName};
+use crate::model::{Algorithm, DesiredState, Frontend, Protocol, ServicePortName};
 
 /// One map operation, in the order they must be executed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Op {
 
 /// A service port as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct ProgrammedPort {
+pub struct ProgrammedPort {
     svc_id: u32,
     frontends: BTreeSet<FrontendKey>,
     /// Backend ids in slot order: `slots[i]` is slot `i + 1`.
@@ -60,20 +60,30 @@ struct ProgrammedPort {
     affinity_timeout_s: u32,
     /// `ALG_*` as written to the service entry.
     algorithm: u8,
-    /// The Maglev table written for it, if it uses Maglev.
+    /// The Maglev table written for it, if it uses Maglev (empty when adopted: the contents
+    /// are not read back, so the first plan replaces the table whole).
     maglev: Option<Vec<u32>>,
 }
 
-/// Map keys found pinned from an earlier run and not yet accounted for. They are deleted
-/// once the new state is written, unless the new state overwrote them.
+/// What the pinned maps hold, read back when the agent starts or resyncs.
+#[derive(Clone, Debug, Default)]
+pub struct Pinned {
+    pub services: Vec<(FrontendKey, Service)>,
+    pub slots: Vec<(SlotKey, Slot)>,
+    pub members: Vec<MemberKey>,
+    pub maglev: Vec<u32>,
+    pub backends: Vec<(u32, Backend)>,
+    pub vips: Vec<(VipKey, Vip)>,
+}
+
+/// Pinned keys no adopted service port accounts for (what an apply that failed half way
+/// leaves behind). The first plan deletes them after writing the new state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Leftovers {
-    pub services: BTreeSet<FrontendKey>,
-    pub slots: BTreeSet<SlotKey>,
-    pub members: BTreeSet<MemberKey>,
-    pub maglev: BTreeSet<u32>,
-    pub backends: BTreeSet<u32>,
-    pub vips: BTreeSet<VipKey>,
+struct Leftovers {
+    slots: BTreeSet<SlotKey>,
+    members: BTreeSet<MemberKey>,
+    maglev: BTreeSet<u32>,
+    backends: BTreeSet<u32>,
 }
 
 /// What the maps hold, as far as the agent knows.
@@ -85,6 +95,11 @@ pub struct Programmed {
     vips: BTreeMap<VipKey, u32>,
     next_svc_id: u32,
     next_backend_id: u32,
+    /// Service ports found pinned, by service id. A desired port that one of them serves a
+    /// frontend of takes it over (its id, slots and memberships, and so the clients' affinity
+    /// entries), so a restart writes only what changed.
+    adopted: BTreeMap<u32, ProgrammedPort>,
+    adopted_frontends: BTreeMap<FrontendKey, u32>,
     leftovers: Leftovers,
 }
 
@@ -95,16 +110,95 @@ pub struct Plan {
 }
 
 impl Programmed {
-    /// Starts from maps that already hold entries (a restart, or a resync after a failed
-    /// apply): new ids are allocated above every id found, so nothing the new state writes can
-    /// collide with an entry still serving traffic, and the old keys become leftovers.
-    pub fn adopt(leftovers: Leftovers, max_svc_id: u32, max_backend_id: u32) -> Self {
-        Programmed {
-            next_svc_id: max_svc_id,
-            next_backend_id: max_backend_id,
-            leftovers,
-            ..Default::default()
+    /// Starts from what the maps already hold (a restart, or a resync after a failed apply).
+    /// New ids are allocated above every id found, so nothing new collides with an entry that
+    /// is still serving traffic.
+    pub fn adopt(pinned: Pinned) -> Self {
+        let mut p = Programmed::default();
+        let mut counts: BTreeMap<u32, u16> = BTreeMap::new();
+        for (key, svc) in &pinned.services {
+            let port = p
+                .adopted
+                .entry(svc.svc_id)
+                .or_insert_with(|| ProgrammedPort {
+                    svc_id: svc.svc_id,
+                    frontends: BTreeSet::new(),
+                    slots: Vec::new(),
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    algorithm: svc.algorithm,
+                    maglev: None,
+                });
+            port.frontends.insert(*key);
+            p.adopted_frontends.insert(*key, svc.svc_id);
+            let count = counts.entry(svc.svc_id).or_default();
+            *count = (*count).max(svc.backend_count);
         }
+        let slots: BTreeMap<SlotKey, u32> = pinned
+            .slots
+            .iter()
+            .map(|(k, s)| (*k, s.backend_id))
+            .collect();
+        let tables: BTreeSet<u32> = pinned.maglev.iter().copied().collect();
+        for (id, port) in &mut p.adopted {
+            // A missing slot reads as backend 0, which no backend has: the plan rewrites it.
+            port.slots = (1..=counts[id] as u32)
+                .map(|slot| {
+                    slots
+                        .get(&SlotKey { svc_id: *id, slot })
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect();
+            if port.algorithm == ALG_MAGLEV && tables.contains(id) {
+                port.maglev = Some(Vec::new());
+            }
+        }
+        let accounted = |k: &SlotKey| {
+            p.adopted
+                .get(&k.svc_id)
+                .is_some_and(|a| k.slot as usize <= a.slots.len())
+        };
+        p.leftovers.slots = slots.keys().filter(|k| !accounted(k)).copied().collect();
+        p.leftovers.members = pinned
+            .members
+            .iter()
+            .filter(|m| {
+                !p.adopted
+                    .get(&m.svc_id)
+                    .is_some_and(|a| a.slots.contains(&m.backend_id))
+            })
+            .copied()
+            .collect();
+        p.leftovers.maglev = tables
+            .iter()
+            .filter(|id| p.adopted.get(id).is_none_or(|a| a.maglev.is_none()))
+            .copied()
+            .collect();
+        for (id, backend) in &pinned.backends {
+            // The same endpoint twice (a failed apply can leave that): keep one id.
+            if p.backends.contains_key(backend) {
+                p.leftovers.backends.insert(*id);
+            } else {
+                p.backends.insert(*backend, (*id, 0));
+            }
+        }
+        p.vips = pinned.vips.iter().map(|(k, v)| (*k, v.frontends)).collect();
+        let svc_ids = pinned
+            .services
+            .iter()
+            .map(|(_, s)| s.svc_id)
+            .chain(slots.keys().map(|k| k.svc_id))
+            .chain(pinned.members.iter().map(|m| m.svc_id))
+            .chain(tables.iter().copied());
+        p.next_svc_id = svc_ids.max().unwrap_or(0);
+        let backend_ids = pinned
+            .backends
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(slots.values().copied())
+            .chain(pinned.members.iter().map(|m| m.backend_id));
+        p.next_backend_id = backend_ids.max().unwrap_or(0);
+        p
     }
 
     pub fn service_ports(&self) -> usize {
@@ -132,6 +226,7 @@ impl Programmed {
         let mut deletes_member = Vec::new();
         let mut deletes_maglev = Vec::new();
         let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
+        let mut taken_over: BTreeSet<u32> = BTreeSet::new();
 
         for (name, port) in &desired.services {
             if port.frontends.is_empty() {
@@ -141,7 +236,19 @@ impl Programmed {
                 warn!("{name}: SCTP services are not handled by the eBPF datapath yet; skipped");
                 continue;
             }
-            let old = self.ports.get(name);
+            // The port as programmed: by name, or else the pinned port serving its frontend.
+            let old = match self.ports.get(name) {
+                Some(o) => Some(o),
+                None => port
+                    .frontends
+                    .iter()
+                    .find_map(|fe| self.adopted_frontends.get(&frontend_key(fe)))
+                    .filter(|id| !taken_over.contains(*id))
+                    .map(|id| {
+                        taken_over.insert(*id);
+                        &self.adopted[id]
+                    }),
+            };
             let svc_id = match old {
                 Some(o) => o.svc_id,
                 None => {
@@ -199,7 +306,11 @@ impl Programmed {
                 _ => None,
             };
             match (old_table, &table) {
+                // New, or adopted with contents unknown: a whole table, swapped in atomically.
                 (None, Some(t)) => puts_maglev.push(Op::PutMaglev(svc_id, t.clone())),
+                (Some(o), Some(t)) if o.len() != t.len() => {
+                    puts_maglev.push(Op::PutMaglev(svc_id, t.clone()))
+                }
                 (Some(o), Some(t)) if o != t => {
                     let changed = (0u32..).zip(t).zip(o).filter(|((_, n), o)| n != o);
                     let entries = changed.map(|((i, n), _)| (i, *n)).collect();
@@ -250,12 +361,7 @@ impl Programmed {
             });
             let mut frontends = BTreeSet::new();
             for fe in &port.frontends {
-                let key = FrontendKey {
-                    addr: fe.addr.octets(),
-                    port_be: fe.port.to_be(),
-                    proto: fe.protocol.number(),
-                    scope: SCOPE_ALL,
-                };
+                let key = frontend_key(fe);
                 if let Some(owner) = claimed.get(&key) {
                     warn!(
                         "{name}: frontend {}:{} is already served by {owner}; ignored here",
@@ -265,7 +371,7 @@ impl Programmed {
                 }
                 claimed.insert(key, name);
                 let existed = old.is_some_and(|o| o.frontends.contains(&key));
-                if !(existed && unchanged_value) || self.leftovers.services.contains(&key) {
+                if !(existed && unchanged_value) {
                     puts_service.push(Op::PutService(key, value));
                 }
                 *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
@@ -290,51 +396,54 @@ impl Programmed {
         ops.extend(puts_slot);
         ops.extend(puts_service);
         for (vip, &frontends) in &next.vips {
-            if self.vips.get(vip) != Some(&frontends) || self.leftovers.vips.contains(vip) {
+            if self.vips.get(vip) != Some(&frontends) {
                 ops.push(Op::PutVip(*vip, Vip { frontends }));
             }
         }
 
         // Deletions, the reverse way round.
-        for vip in self.vips.keys().chain(&self.leftovers.vips) {
+        for vip in self.vips.keys() {
             if !next.vips.contains_key(vip) {
                 ops.push(Op::DeleteVip(*vip));
             }
         }
         let live_frontends: BTreeSet<&FrontendKey> = claimed.keys().collect();
-        for key in self
-            .ports
-            .values()
-            .flat_map(|p| &p.frontends)
-            .chain(&self.leftovers.services)
-        {
+        let programmed = self.ports.values().chain(self.adopted.values());
+        for key in programmed.flat_map(|p| &p.frontends) {
             if !live_frontends.contains(key) {
                 ops.push(Op::DeleteService(*key));
             }
         }
+        // Ports no desired port kept: removed by name, or adopted and not taken over.
+        let removed: Vec<&ProgrammedPort> = self
+            .ports
+            .iter()
+            .filter(|(name, _)| !next.ports.contains_key(*name))
+            .map(|(_, p)| p)
+            .chain(
+                self.adopted
+                    .iter()
+                    .filter(|(id, _)| !taken_over.contains(*id))
+                    .map(|(_, p)| p),
+            )
+            .collect();
         ops.extend(deletes_slot);
-        for (name, old) in &self.ports {
-            if !next.ports.contains_key(name) {
-                for i in 0..old.slots.len() {
-                    ops.push(Op::DeleteSlot(slot_key(old.svc_id, i)));
-                }
+        for old in &removed {
+            for i in 0..old.slots.len() {
+                ops.push(Op::DeleteSlot(slot_key(old.svc_id, i)));
             }
         }
         ops.extend(self.leftovers.slots.iter().map(|k| Op::DeleteSlot(*k)));
         ops.extend(deletes_maglev);
-        for (name, old) in &self.ports {
-            if old.maglev.is_some() && !next.ports.contains_key(name) {
-                ops.push(Op::DeleteMaglev(old.svc_id));
-            }
+        for old in removed.iter().filter(|p| p.maglev.is_some()) {
+            ops.push(Op::DeleteMaglev(old.svc_id));
         }
         ops.extend(self.leftovers.maglev.iter().map(|id| Op::DeleteMaglev(*id)));
         ops.extend(deletes_member);
-        for (name, old) in &self.ports {
-            if !next.ports.contains_key(name) {
-                let ids: BTreeSet<u32> = old.slots.iter().copied().collect();
-                for id in ids {
-                    ops.push(Op::DeleteMember(member_key(old.svc_id, id)));
-                }
+        for old in &removed {
+            let ids: BTreeSet<u32> = old.slots.iter().copied().collect();
+            for id in ids {
+                ops.push(Op::DeleteMember(member_key(old.svc_id, id)));
             }
         }
         ops.extend(self.leftovers.members.iter().map(|k| Op::DeleteMember(*k)));
@@ -378,6 +487,15 @@ fn maglev_table(backends: &[Backend], ids: &[u32]) -> Vec<u32> {
     let mut next = vec![0; perms.len()];
     maglev::populate(&perms, &ordered_ids, &mut table, &mut next);
     table
+}
+
+fn frontend_key(fe: &Frontend) -> FrontendKey {
+    FrontendKey {
+        addr: fe.addr.octets(),
+        port_be: fe.port.to_be(),
+        proto: fe.protocol.number(),
+        scope: SCOPE_ALL,
+    }
 }
 
 fn member_key(svc_id: u32, backend_id: u32) -> MemberKey {
@@ -738,87 +856,104 @@ mod tests {
         assert_eq!(maps.services.len(), 1);
     }
 
-    #[test]
-    fn adopting_leftovers_replaces_them_without_a_gap() {
-        // An earlier run left a frontend (svc 7, backend 9) that the new state also wants,
-        // and one it does not.
-        let mut maps = Maps::default();
-        let kept = FrontendKey {
-            addr: [10, 96, 0, 1],
-            port_be: 80u16.to_be(),
-            proto: 6,
-            scope: 0,
-        };
-        let gone = FrontendKey {
-            addr: [10, 96, 0, 9],
-            port_be: 80u16.to_be(),
-            proto: 6,
-            scope: 0,
-        };
-        let old_backend = Backend {
-            addr: [10, 1, 0, 1],
-            port_be: 8080u16.to_be(),
-            proto: 6,
-            state: 0,
-        };
-        for op in [
-            Op::PutBackend(9, old_backend),
-            Op::PutMember(
-                MemberKey {
-                    svc_id: 7,
-                    backend_id: 9,
-                },
-                active_member(),
-            ),
-            Op::PutSlot(SlotKey { svc_id: 7, slot: 1 }, Slot { backend_id: 9 }),
-            Op::PutService(
-                kept,
-                Service {
-                    svc_id: 7,
-                    backend_count: 1,
-                    ..Default::default()
-                },
-            ),
-            Op::PutService(
-                gone,
-                Service {
-                    svc_id: 7,
-                    backend_count: 1,
-                    ..Default::default()
-                },
-            ),
-            Op::PutVip(VipKey { addr: kept.addr }, Vip { frontends: 1 }),
-            Op::PutVip(VipKey { addr: gone.addr }, Vip { frontends: 1 }),
-        ] {
-            maps.apply(&op);
+    impl Maps {
+        /// What `EbpfDataplane::adopt` would read back.
+        fn pinned(&self) -> Pinned {
+            Pinned {
+                services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
+                members: self.members.keys().copied().collect(),
+                maglev: self.maglev.keys().copied().collect(),
+                backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            }
         }
-        let leftovers = Leftovers {
-            services: maps.services.keys().copied().collect(),
-            slots: maps.slots.keys().copied().collect(),
-            members: maps.members.keys().copied().collect(),
-            maglev: maps.maglev.keys().copied().collect(),
-            backends: maps.backends.keys().copied().collect(),
-            vips: maps.vips.keys().copied().collect(),
-        };
-        let p = Programmed::adopt(leftovers, 7, 9);
-        let (p, _) = step(
-            p,
-            &mut maps,
-            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]),
+    }
+
+    #[test]
+    fn a_restart_adopts_everything_and_writes_nothing() {
+        let mut maps = Maps::default();
+        let mut sticky = port([10, 96, 0, 2], 80, &[2, 3]);
+        sticky.affinity_timeout_s = Some(60);
+        let desired = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2])), ("b", sticky)]);
+        step(Programmed::default(), &mut maps, &desired);
+        let ids_before: Vec<u32> = maps.services.values().map(|s| s.svc_id).collect();
+
+        let (p, ops) = step(Programmed::adopt(maps.pinned()), &mut maps, &desired);
+        assert!(ops.is_empty(), "a restart rewrote {ops:?}");
+        let ids_after: Vec<u32> = maps.services.values().map(|s| s.svc_id).collect();
+        assert_eq!(
+            ids_before, ids_after,
+            "service ids (and so affinity entries) are kept"
         );
-        assert!(
-            maps.services[&kept].svc_id > 7,
-            "fresh ids above adopted ones"
-        );
-        assert!(maps.backends.keys().all(|id| *id > 9));
+
+        // And the adopted state diffs like any other.
         let (_, ops) = step(
             p,
             &mut maps,
-            &state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]),
+            &state(&[("a", port([10, 96, 0, 1], 80, &[1]))]),
         );
         assert!(
-            ops.is_empty(),
-            "leftovers are gone after the first apply: {ops:?}"
+            !ops.iter().any(|op| matches!(op, Op::PutBackend(..))),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn an_adopted_maglev_table_is_replaced_whole_once() {
+        let mut maps = Maps::default();
+        let mut sp = port([10, 96, 0, 1], 80, &[1, 2, 3]);
+        sp.algorithm = Some(Algorithm::Maglev);
+        let desired = state(&[("a", sp)]);
+        step(Programmed::default(), &mut maps, &desired);
+        let (p, ops) = step(Programmed::adopt(maps.pinned()), &mut maps, &desired);
+        assert_eq!(
+            kinds(&ops),
+            ["put-maglev"],
+            "its contents are not read back"
+        );
+        let (_, ops) = step(p, &mut maps, &desired);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn adoption_removes_what_a_failed_apply_left_behind() {
+        let mut maps = Maps::default();
+        let desired = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]);
+        step(Programmed::default(), &mut maps, &desired);
+        // Half of an apply: a backend (a duplicate of one in use, under a new id), and the
+        // slot, membership and table of a service whose frontend was never written.
+        let dup = *maps.backends.values().next().unwrap();
+        for op in [
+            Op::PutBackend(40, dup),
+            Op::PutBackend(
+                41,
+                Backend {
+                    addr: [10, 1, 0, 9],
+                    ..dup
+                },
+            ),
+            Op::PutMember(member_key(30, 41), active_member()),
+            Op::PutMaglev(30, vec![41; maglev::TABLE_SIZE as usize]),
+            Op::PutSlot(slot_key(30, 0), Slot { backend_id: 41 }),
+        ] {
+            maps.apply(&op);
+        }
+        let p = Programmed::adopt(maps.pinned());
+        assert!(
+            p.next_svc_id >= 30 && p.next_backend_id >= 41,
+            "ids above everything found"
+        );
+        let (_, ops) = step(p, &mut maps, &desired);
+        assert_eq!(
+            kinds(&ops),
+            [
+                "del-slot",
+                "del-maglev",
+                "del-member",
+                "del-backend",
+                "del-backend"
+            ]
         );
     }
 
@@ -873,6 +1008,7 @@ mod tests {
         };
         let mut maps = Maps::default();
         let mut p = Programmed::default();
+        let mut walked = 0;
         for _ in 0..300 {
             let mut services = Vec::new();
             for s in 0..next(6) {
@@ -891,6 +1027,11 @@ mod tests {
                 .map(|(n, sp)| (n.as_str(), sp.clone()))
                 .collect();
             p = step(p, &mut maps, &state(&refs)).0;
+            walked += 1;
+            if walked % 25 == 0 {
+                // A restart: start again from what the maps hold.
+                p = Programmed::adopt(maps.pinned());
+            }
         }
     }
 }
