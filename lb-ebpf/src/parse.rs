@@ -69,6 +69,8 @@ pub struct Packet {
     pub tcp_ack: u32,
     /// L4 payload length from the IP total length (for the RST's acknowledgement number).
     pub l4_payload_len: u32,
+    /// L4 header and payload length from the IP total length (the pseudo-header's length).
+    pub l4_len: u16,
 }
 
 impl Packet {
@@ -184,6 +186,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         tcp_seq: 0,
         tcp_ack: 0,
         l4_payload_len: 0,
+        l4_len: l4_len as u16,
     };
     let malformed = Parsed::MalformedL4 { daddr: ip.daddr };
 

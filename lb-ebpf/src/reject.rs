@@ -124,9 +124,28 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     tcp[13] = flags;
     // window, checksum and urgent pointer stay zero until the checksum is known.
     let sum = pseudo_header_v4(t.daddr, t.saddr, proto::TCP, TCP_HLEN as u16);
-    let check = fold(sum_bytes(sum, &tcp[..TCP_HLEN]));
+    let check = if arrived_needing_checksum(ctx, pkt)? {
+        // The skb still says CHECKSUM_PARTIAL (its header offsets are unchanged), so whatever
+        // completes the checksum on the way out adds the segment's sum to this field: give it
+        // the pseudo-header seed, as the kernel's own TCP does, not a finished checksum.
+        !fold(sum)
+    } else {
+        fold(sum_bytes(sum, &tcp[..TCP_HLEN]))
+    };
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
     send_back(ctx, &frame, REJECT_TCP_RST)
+}
+
+/// True when `pkt` is a segment from a local socket whose checksum is still to be computed
+/// (CHECKSUM_PARTIAL: the field holds only the folded pseudo-header sum). BPF cannot read
+/// `ip_summed`; a finished checksum equals the seed by chance once in 65536 segments, and
+/// then only that RST is lost and the client's retry gets another.
+#[inline(always)]
+fn arrived_needing_checksum(ctx: &TcContext, pkt: &Packet) -> Result<bool, u32> {
+    let field: [u8; 2] = ctx.load(pkt.l4_off + 16).map_err(|_| DROP_REWRITE_FAILED)?;
+    let t = &pkt.tuple;
+    let seed = !fold(pseudo_header_v4(t.saddr, t.daddr, proto::TCP, pkt.l4_len));
+    Ok(u16::from_be_bytes(field) == seed)
 }
 
 /// ICMP destination unreachable (port unreachable) from the frontend to the client, quoting

@@ -1115,6 +1115,41 @@ fn a_syn_after_the_backend_reset_the_connection_chooses_afresh() {
     );
 }
 
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn the_rst_for_a_segment_awaiting_its_checksum_carries_the_seed() {
+    use lb_common::checksum::{fold, pseudo_header_v4, sum_bytes};
+    let mut f = fixture();
+    // What a local socket's SYN looks like before checksum offload: the field holds the
+    // folded pseudo-header sum.
+    let mut syn = Frame::tcp(CLIENT, 59000, EMPTY_VIP, 80, tcp::SYN).build();
+    let seed_in = !fold(pseudo_header_v4(
+        CLIENT.octets(),
+        EMPTY_VIP.octets(),
+        proto::TCP,
+        20,
+    ));
+    syn[34 + 16..34 + 18].copy_from_slice(&seed_in.to_be_bytes());
+    let run = f.run(&syn);
+    run.counted_as(stats::REJECT_TCP_RST);
+    let mut out = run.out.clone();
+    let seed_out = !fold(pseudo_header_v4(
+        EMPTY_VIP.octets(),
+        CLIENT.octets(),
+        proto::TCP,
+        20,
+    ));
+    assert_eq!(
+        u16::from_be_bytes([out[50], out[51]]),
+        seed_out,
+        "the RST carries the seed"
+    );
+    // Completing it as skb_checksum_help does gives a valid segment.
+    let done = fold(sum_bytes(0, &out[34..54]));
+    out[50..52].copy_from_slice(&done.to_be_bytes());
+    verified(&out);
+}
+
 fn truncate_l4(mut frame: Vec<u8>, keep: usize) -> Vec<u8> {
     let ihl = (frame[14] & 0x0f) as usize * 4;
     frame.truncate(14 + ihl + keep);

@@ -600,3 +600,24 @@ fn client_ip_affinity_holds_and_expires() {
     }
     panic!("affinity never expired: {history:?}");
 }
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn rst_is_valid_when_the_egress_completes_checksums() {
+    // With checksum offload off on the node's client-facing veth, the kernel completes the
+    // checksum of a CHECKSUM_PARTIAL skb (a local socket's segment) as it leaves. The RST the
+    // datapath builds from such a SYN must still be valid after that.
+    let bed = Bed::start(1, &manifest(&[]));
+    bed.topo
+        .node
+        .exec("ethtool", &["-K", "to-client", "tx", "off"])
+        .expect("ethtool (installed by `cargo xtask setup`)");
+    let started = Instant::now();
+    let tcp = bed.in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT));
+    let took = started.elapsed();
+    match tcp {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        other => panic!("want connection refused, got {other:?} after {took:?}"),
+    }
+    assert!(took < Duration::from_secs(1), "the RST took {took:?}");
+}

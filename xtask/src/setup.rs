@@ -9,8 +9,9 @@ use anyhow::{bail, Context};
 use crate::util::{self, is_bpffs, is_root, output, step};
 
 /// Debian packages the tests, the demo and operators use.
-const DEBIAN_PACKAGES: [&str; 6] = [
+const DEBIAN_PACKAGES: [&str; 7] = [
     "bpftool",
+    "ethtool",
     "iproute2",
     "iptables",
     "tcpdump",
