@@ -40,6 +40,31 @@ pub const fn expired(proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -
     now_ns.wrapping_sub(last_seen_ns) > lifetime_ns(proto, tcp_state)
 }
 
+/// True when a tracked flow is over and both its entries may be deleted (the agent's garbage
+/// collection): its entry last used at `last_seen_ns`, and its other direction's, if any,
+/// `(tcp_state, last_seen_ns)`, have both outlived the lifetime of the flow's most advanced
+/// state (each entry only sees its own direction's FIN or RST).
+pub fn flow_over(
+    proto: u8,
+    tcp_state: u8,
+    last_seen_ns: u64,
+    other: Option<(u8, u64)>,
+    now_ns: u64,
+) -> bool {
+    match other {
+        None => expired(proto, tcp_state, last_seen_ns, now_ns),
+        Some((other_state, other_seen_ns)) => {
+            let state = if other_state > tcp_state {
+                other_state
+            } else {
+                tcp_state
+            };
+            expired(proto, state, last_seen_ns, now_ns)
+                && expired(proto, state, other_seen_ns, now_ns)
+        }
+    }
+}
+
 /// TCP header flag bits (byte 13 of the header).
 pub mod flags {
     pub const FIN: u8 = 0x01;
@@ -121,6 +146,34 @@ mod tests {
             expired(UDP, 0, now + SEC, now),
             "a timestamp from the future is expired"
         );
+    }
+
+    #[test]
+    fn a_flow_is_over_when_both_directions_outlived_its_most_advanced_state() {
+        use crate::proto::{TCP, UDP};
+        let now = 1_000_000 * SEC;
+        let ago = |s: u64| now - s * SEC;
+        // Closed by the other side 11 s ago: over, although this side was established.
+        assert!(flow_over(
+            TCP,
+            TCP_ESTABLISHED,
+            ago(11),
+            Some((TCP_CLOSING, ago(11))),
+            now
+        ));
+        // One direction still recent: not over.
+        assert!(!flow_over(
+            TCP,
+            TCP_CLOSING,
+            ago(11),
+            Some((TCP_CLOSING, ago(5))),
+            now
+        ));
+        // A one-way UDP stream: the silent direction alone does not end it.
+        assert!(!flow_over(UDP, 0, ago(3600), Some((0, ago(1))), now));
+        // Orphaned entries go by their own lifetime.
+        assert!(flow_over(UDP, 0, ago(61), None, now));
+        assert!(!flow_over(TCP, TCP_ESTABLISHED, ago(61), None, now));
     }
 
     #[test]

@@ -80,7 +80,21 @@ pub struct Service {
     pub algorithm: u8,
     /// ClientIP session-affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+    /// With `SVC_F_SNAT`: the node address new flows' source is rewritten to.
+    pub snat_addr: [u8; 4],
 }
+
+/// `Service::flags`: the frontend is a node or external address (NodePort, externalIP,
+/// LoadBalancer ingress). Translated packets of its flows are routed by the datapath itself
+/// (FIB lookup and redirect), because after translation one end may be a local address, which
+/// the kernel's input path would drop as a martian.
+pub const SVC_F_EXTERNAL: u8 = 1;
+/// `Service::flags`: source-NAT new flows to `Service::snat_addr`, so replies return through
+/// this node (externalTrafficPolicy: Cluster).
+pub const SVC_F_SNAT: u8 = 2;
+/// `Service::flags`: with no backends, drop instead of reject: the service has endpoints, just
+/// none on this node (externalTrafficPolicy: Local), as kube-proxy does.
+pub const SVC_F_DROP_WHEN_EMPTY: u8 = 4;
 
 /// `Service::algorithm`: uniform random slot per new flow.
 pub const ALG_RANDOM: u8 = 0;
@@ -236,8 +250,64 @@ pub struct CtEntry {
     pub tcp_state: u8,
     /// `CT_FORWARD` or `CT_REVERSE`.
     pub direction: u8,
+    /// The other end after translation: the source for forward entries (the SNAT address, or
+    /// the client itself), the destination (the client) for reverse entries. Written into the
+    /// packet only with `CT_F_SNAT`; always filled, so either entry names its counterpart.
+    pub peer_addr: [u8; 4],
+    /// Port of `peer_addr`, network byte order.
+    pub peer_port_be: u16,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// `bpf_ktime_get_ns()` of the last packet that used this entry.
     pub last_seen_ns: u64,
+}
+
+impl CtEntry {
+    /// The key of the flow's other direction: what the translated packet looks like.
+    pub const fn other_key(&self, proto: u8) -> CtKey {
+        let (saddr, sport_be, daddr, dport_be) = if self.direction == CT_FORWARD {
+            (
+                self.nat_addr,
+                self.nat_port_be,
+                self.peer_addr,
+                self.peer_port_be,
+            )
+        } else {
+            (
+                self.peer_addr,
+                self.peer_port_be,
+                self.nat_addr,
+                self.nat_port_be,
+            )
+        };
+        CtKey {
+            saddr,
+            daddr,
+            sport_be,
+            dport_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `CtEntry::flags`: the flow is source-NATed (NodePort with externalTrafficPolicy Cluster,
+/// or hairpin): rewrite `peer_*` too.
+pub const CT_F_SNAT: u8 = 1;
+/// `CtEntry::flags`: route translated packets in the datapath (FIB lookup and redirect).
+pub const CT_F_ROUTE: u8 = 2;
+
+/// Source ports the datapath allocates for source-NATed flows: above Linux's default
+/// ephemeral range (32768-60999), so they do not collide with the node's own sockets.
+pub mod snat {
+    pub const PORT_MIN: u16 = 61_000;
+    pub const PORT_COUNT: u32 = 65_536 - PORT_MIN as u32;
+    /// Ports probed for a free one before a new flow is refused.
+    pub const TRIES: u32 = 8;
+    /// Default address hairpin flows (a backend reaching its own service) are source-NATed to:
+    /// link-local, never a real peer, as cilium's.
+    pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 }
 
 /// `CtEntry::direction`: client -> VIP, rewrite the destination.
@@ -256,7 +326,7 @@ pub struct Counter {
 // Sizes are part of the contract: a change here is a change to the pinned maps' layout.
 const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 8);
-    assert!(core::mem::size_of::<Service>() == 12);
+    assert!(core::mem::size_of::<Service>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Slot>() == 4);
     assert!(core::mem::size_of::<Backend>() == 8);
@@ -267,7 +337,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 4);
     assert!(core::mem::size_of::<Vip>() == 4);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
 };
 
@@ -325,6 +395,41 @@ mod tests {
         assert_eq!(u16::from_be(r.sport_be), 80);
         assert_eq!(u16::from_be(r.dport_be), 40000);
         assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn other_key_of_either_direction_is_the_other_entrys_key() {
+        // client 10.0.1.2:40000 -> node 10.0.1.1:30080, SNAT 10.0.1.1:61000, backend 10.0.11.2:8080
+        let forward_key = CtKey {
+            saddr: [10, 0, 1, 2],
+            daddr: [10, 0, 1, 1],
+            sport_be: 40000u16.to_be(),
+            dport_be: 30080u16.to_be(),
+            proto: crate::proto::TCP,
+            _pad: [0; 3],
+        };
+        let forward = CtEntry {
+            nat_addr: [10, 0, 11, 2],
+            nat_port_be: 8080u16.to_be(),
+            peer_addr: [10, 0, 1, 1],
+            peer_port_be: 61000u16.to_be(),
+            direction: CT_FORWARD,
+            flags: CT_F_SNAT,
+            ..Default::default()
+        };
+        let reverse_key = forward.other_key(crate::proto::TCP);
+        assert_eq!(reverse_key.saddr, [10, 0, 11, 2]);
+        assert_eq!(reverse_key.daddr, [10, 0, 1, 1]);
+        assert_eq!(u16::from_be(reverse_key.dport_be), 61000);
+        let reverse = CtEntry {
+            nat_addr: forward_key.daddr,
+            nat_port_be: forward_key.dport_be,
+            peer_addr: forward_key.saddr,
+            peer_port_be: forward_key.sport_be,
+            direction: CT_REVERSE,
+            ..forward
+        };
+        assert_eq!(reverse.other_key(crate::proto::TCP), forward_key);
     }
 
     #[test]

@@ -46,8 +46,21 @@ pub const XLATE_NEW_FLOW_AFFINITY: u32 = 15;
 /// keep their translation. The client's retry chooses again.
 pub const DROP_CT_CLASH: u32 = 16;
 
+/// A translated packet the datapath must route itself (`CT_F_ROUTE`) has no route, or its
+/// next hop is not usable (forwarding disabled, blackhole, unreachable): dropped.
+pub const DROP_NO_ROUTE: u32 = 17;
+/// A routed packet larger than the egress interface's MTU: dropped (the kernel would need the
+/// untranslated packet to answer "fragmentation needed").
+pub const DROP_FRAG_NEEDED: u32 = 18;
+/// A routed packet whose TTL ran out: dropped, as a router would.
+pub const DROP_TTL_EXCEEDED: u32 = 19;
+/// No free source port for a source-NATed flow after `snat::TRIES` probes.
+pub const DROP_SNAT_EXHAUSTED: u32 = 20;
+/// To an externalTrafficPolicy=Local frontend whose service has endpoints, none on this node.
+pub const DROP_NO_LOCAL_BACKEND: u32 = 21;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 17;
+pub const REASONS: u32 = 22;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -68,6 +81,11 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_no_backend",
     "xlate_new_flow_affinity",
     "drop_ct_clash",
+    "drop_no_route",
+    "drop_frag_needed",
+    "drop_ttl_exceeded",
+    "drop_snat_exhausted",
+    "drop_no_local_backend",
 ];
 
 #[cfg(test)]
@@ -79,6 +97,10 @@ mod tests {
         assert_eq!(NAMES[PASS_NOT_IPV4 as usize], "pass_not_ipv4");
         assert_eq!(NAMES[XLATE_REPLY as usize], "xlate_reply");
         assert_eq!(NAMES[DROP_NO_BACKEND as usize], "drop_no_backend");
+        assert_eq!(
+            NAMES[DROP_NO_LOCAL_BACKEND as usize],
+            "drop_no_local_backend"
+        );
         assert_eq!(NAMES.len(), REASONS as usize);
     }
 }

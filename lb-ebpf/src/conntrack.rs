@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
     conntrack::{self, next_tcp_state, starts_new_connection, TCP_CLOSING},
-    proto,
-    stats::{DROP_CT_CLASH, DROP_CT_FULL},
-    Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_REVERSE,
+    proto, snat,
+    stats::{DROP_CT_CLASH, DROP_CT_FULL, DROP_SNAT_EXHAUSTED},
+    Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, CT_REVERSE,
 };
 
 use crate::{
@@ -68,7 +68,7 @@ pub fn lookup(pkt: &Packet) -> Lookup {
 /// own direction's flags: once either side sent FIN or RST the whole flow ages as closing.
 #[inline(always)]
 fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
-    match CONNTRACK.get_ptr(other_key(key, entry)) {
+    match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(o) => unsafe {
             let state = entry.tcp_state.max((*o).tcp_state);
@@ -89,34 +89,10 @@ fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
     if !starts_new_connection(TCP_CLOSING, tcp_flags) {
         return false;
     }
-    match CONNTRACK.get_ptr(other_key(key, entry)) {
+    match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(o) => unsafe { (*o).tcp_state == TCP_CLOSING },
         None => false,
-    }
-}
-
-/// The key of the other direction's entry of the flow `entry` (found at `key`) belongs to.
-#[inline(always)]
-fn other_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    if entry.direction == CT_FORWARD {
-        CtKey {
-            saddr: entry.nat_addr,
-            daddr: key.saddr,
-            sport_be: entry.nat_port_be,
-            dport_be: key.sport_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        }
-    } else {
-        CtKey {
-            saddr: key.daddr,
-            daddr: entry.nat_addr,
-            sport_be: key.dport_be,
-            dport_be: entry.nat_port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        }
     }
 }
 
@@ -130,80 +106,145 @@ fn is_member(entry: &CtEntry) -> bool {
     MEMBERS.get_ptr(key).is_some()
 }
 
-/// Records a new flow of `pkt` (client -> VIP) to `backend`, both directions.
+/// How a new flow's source is written.
+#[derive(Clone, Copy)]
+pub enum Source {
+    /// Kept: the backend sees the client.
+    Client,
+    /// Rewritten to this node address and a port allocated for the flow.
+    Snat([u8; 4]),
+}
+
+/// Records a new flow of `pkt` (client -> frontend) to `backend`, both directions, and returns
+/// the entry actually in force: when another CPU created the same flow a moment earlier, its
+/// choice wins so every packet of the flow goes to one backend. With `replace` (the tuple's
+/// entry is stale) the old forward entry is overwritten.
 ///
-/// Returns the entry actually in force: when another CPU created the same flow a moment
-/// earlier, its choice wins so every packet of the flow goes to one backend. With `replace`
-/// (the tuple's entry is stale) the old entry is overwritten.
+/// The reverse entry is claimed first, because its key (backend -> the flow's source after
+/// translation) is what must be unique: with SNAT, claiming it is how a source port is
+/// allocated; without, a live flow already holding it (one client port reaching two frontends
+/// of one backend port) makes the new flow a clash, refused so the live flow's replies keep
+/// their translation. The client's retry chooses again.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
     svc_id: u32,
     backend_id: u32,
     backend: &Backend,
+    source: Source,
+    route: bool,
     replace: bool,
 ) -> Result<CtEntry, u32> {
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let tcp_state = if pkt.tuple.proto == proto::TCP {
+    let tuple = &pkt.tuple;
+    let tcp_state = if tuple.proto == proto::TCP {
         next_tcp_state(0, pkt.tcp_flags)
     } else {
         0
     };
-    let forward = CtEntry {
+    let mut flags = if route { CT_F_ROUTE } else { 0 };
+    if matches!(source, Source::Snat(_)) {
+        flags |= CT_F_SNAT;
+    }
+    let mut forward = CtEntry {
         backend_id,
         svc_id,
         nat_addr: backend.addr,
         nat_port_be: backend.port_be,
         tcp_state,
         direction: CT_FORWARD,
+        peer_addr: tuple.saddr,
+        peer_port_be: tuple.sport_be,
+        flags,
+        _pad: 0,
         last_seen_ns: now,
     };
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST } as u64;
-    if CONNTRACK.insert(pkt.tuple, forward, flags).is_err() {
-        // Lost a race with another CPU (EEXIST): use its entry. Anything else: the map failed.
-        return match CONNTRACK.get_ptr(pkt.tuple) {
-            // SAFETY: pointer from a successful lookup, copied out at once.
-            Some(e) => Ok(unsafe { *e }),
-            None => Err(DROP_CT_FULL),
-        };
-    }
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: pkt.tuple.saddr,
-        sport_be: backend.port_be,
-        dport_be: pkt.tuple.sport_be,
-        proto: pkt.tuple.proto,
-        _pad: [0; 3],
-    };
     let reverse = CtEntry {
-        nat_addr: pkt.tuple.daddr,
-        nat_port_be: pkt.tuple.dport_be,
+        nat_addr: tuple.daddr,
+        nat_port_be: tuple.dport_be,
         direction: CT_REVERSE,
         ..forward
     };
-    // One client port reaching two frontends that lead to the same backend port gives two
-    // flows the same backend-side tuple. Overwriting the live one's reverse entry would send
-    // its replies back from the wrong frontend; refuse the new flow instead (counted), and
-    // forget it so the client's retry chooses again.
-    if let Some(existing) = CONNTRACK.get_ptr(reply_key) {
-        // SAFETY: pointer from a successful lookup, copied out at once.
-        let existing = unsafe { *existing };
-        let other_flow =
-            existing.nat_addr != reverse.nat_addr || existing.nat_port_be != reverse.nat_port_be;
-        if other_flow
-            && !conntrack::expired(
-                pkt.tuple.proto,
-                existing.tcp_state,
-                existing.last_seen_ns,
-                now,
-            )
-        {
-            let _ = CONNTRACK.remove(pkt.tuple);
-            return Err(DROP_CT_CLASH);
+
+    match source {
+        Source::Client => {
+            if !claim(&forward.other_key(tuple.proto), &reverse, now) {
+                return Err(DROP_CT_CLASH);
+            }
+        }
+        Source::Snat(addr) => {
+            forward.peer_addr = addr;
+            // Linear probing from a random port: only a free port is taken (the agent's
+            // garbage collection frees the ports of expired flows), which keeps each probe to
+            // one map operation.
+            // SAFETY: plain helper call.
+            let start = unsafe { bpf_get_prandom_u32() } % snat::PORT_COUNT;
+            let mut claimed = false;
+            for i in 0..snat::TRIES {
+                let port = snat::PORT_MIN + ((start + i) % snat::PORT_COUNT) as u16;
+                forward.peer_port_be = port.to_be();
+                let key = forward.other_key(tuple.proto);
+                if CONNTRACK.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
+                    claimed = true;
+                    break;
+                }
+            }
+            if !claimed {
+                return Err(DROP_SNAT_EXHAUSTED);
+            }
         }
     }
-    CONNTRACK
-        .insert(reply_key, reverse, BPF_ANY as u64)
-        .map_err(|_| DROP_CT_FULL)?;
-    Ok(forward)
+
+    let insert = if replace { BPF_ANY } else { BPF_NOEXIST } as u64;
+    if CONNTRACK.insert(tuple, forward, insert).is_ok() {
+        return Ok(forward);
+    }
+    // Lost a race with another CPU (EEXIST): use its entry, and give back the reverse entry
+    // claimed above unless it is the winner's too.
+    let Some(winner) = CONNTRACK.get_ptr(tuple) else {
+        return Err(DROP_CT_FULL);
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let winner = unsafe { *winner };
+    let ours = forward.other_key(tuple.proto);
+    let theirs = winner.other_key(tuple.proto);
+    if ours != theirs {
+        let _ = CONNTRACK.remove(ours);
+    }
+    Ok(winner)
+}
+
+/// Writes `reverse` at `key` unless a live entry of another flow holds it. True when the key
+/// is now this flow's.
+#[inline(always)]
+fn claim(key: &CtKey, reverse: &CtEntry, now: u64) -> bool {
+    if let Some(existing) = CONNTRACK.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup, copied out at once.
+        let existing = unsafe { *existing };
+        let live = !conntrack::expired(key.proto, existing.tcp_state, existing.last_seen_ns, now)
+            || other_direction_live(key, &existing, now);
+        if live && !same_flow(&existing, reverse) {
+            return false;
+        }
+        return CONNTRACK.insert(key, reverse, BPF_ANY as u64).is_ok();
+    }
+    if CONNTRACK.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
+        return true;
+    }
+    // Another CPU wrote the key meanwhile: ours only if it is the same flow.
+    match CONNTRACK.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        Some(e) => same_flow(unsafe { &*e }, reverse),
+        None => false,
+    }
+}
+
+/// True when two reverse entries translate to the same frontend and client.
+#[inline(always)]
+fn same_flow(a: &CtEntry, b: &CtEntry) -> bool {
+    a.nat_addr == b.nat_addr
+        && a.nat_port_be == b.nat_port_be
+        && a.peer_addr == b.peer_addr
+        && a.peer_port_be == b.peer_port_be
 }

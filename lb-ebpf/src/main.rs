@@ -14,6 +14,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod route;
 mod service;
 mod stats;
 

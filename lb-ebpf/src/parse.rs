@@ -19,6 +19,7 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 /// Offsets of the IPv4 fields the datapath rewrites, from the start of the frame.
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
 pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
@@ -62,6 +63,8 @@ pub struct Packet {
     pub l4_off: usize,
     /// True when the IPv4 header carries options (IHL > 5).
     pub has_ip_options: bool,
+    /// IPv4 time to live.
+    pub ttl: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     /// TCP sequence and acknowledgement numbers, host order (0 for UDP).
@@ -182,6 +185,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         },
         l4_off,
         has_ip_options: ihl > IPV4_HLEN,
+        ttl: ip.ttl,
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_ack: 0,

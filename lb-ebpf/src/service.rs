@@ -2,17 +2,18 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use lb_common::{
-    maglev, stats::*, Backend, CtKey, FrontendKey, Service, SlotKey, VipKey, ALG_MAGLEV,
-    CT_FORWARD, SCOPE_ALL,
+    maglev, snat, stats::*, Backend, CtEntry, CtKey, FrontendKey, Service, SlotKey, VipKey,
+    ALG_MAGLEV, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
+    SVC_F_EXTERNAL, SVC_F_SNAT,
 };
 
 use crate::{
     action, affinity,
-    conntrack::{self, Lookup},
+    conntrack::{self, Lookup, Source},
     maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, VIPS},
     nat::{self, End},
-    parse::{self, Parsed},
-    reject, Verdict,
+    parse::{self, Packet, Parsed},
+    reject, route, Verdict,
 };
 
 #[inline(always)]
@@ -42,20 +43,37 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         Parsed::L4(pkt) => pkt,
     };
 
-    let replace = match conntrack::lookup(&pkt) {
-        Lookup::Hit(e) if e.direction == CT_FORWARD => {
-            nat::rewrite(ctx, &pkt, End::Destination, e.nat_addr, e.nat_port_be)?;
-            return pass(XLATE_FORWARD);
-        }
-        Lookup::Hit(e) => {
-            nat::rewrite(ctx, &pkt, End::Source, e.nat_addr, e.nat_port_be)?;
-            return pass(XLATE_REPLY);
-        }
+    // One call site for the translation, so the verifier walks it once.
+    let (entry, reason) = match conntrack::lookup(&pkt) {
+        Lookup::Hit(e) if e.direction == CT_FORWARD => (e, XLATE_FORWARD),
+        Lookup::Hit(e) => (e, XLATE_REPLY),
         // A stale entry is overwritten if this packet starts a new flow to a frontend.
-        Lookup::Stale => true,
-        Lookup::Miss => false,
+        other => match new_flow(ctx, &pkt, matches!(other, Lookup::Stale))? {
+            Flow::New(e, reason) => (e, reason),
+            Flow::Done(v) => return Ok(v),
+        },
     };
+    translate(ctx, &pkt, &entry, reason)
+}
 
+/// What a packet that is not part of a tracked flow turned out to be.
+enum Flow {
+    /// The first packet of a new flow to a frontend, now tracked.
+    New(CtEntry, u32),
+    /// Anything else, already decided.
+    Done(Verdict),
+}
+
+/// Starts tracking `pkt` if it is addressed to a frontend. With `replace`, its tuple's
+/// existing entry is stale and is overwritten.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
+    let done = |reason| {
+        Ok(Flow::Done(Verdict {
+            action: action::OK,
+            reason,
+        }))
+    };
     let key = FrontendKey {
         addr: pkt.tuple.daddr,
         port_be: pkt.tuple.dport_be,
@@ -63,12 +81,15 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         scope: SCOPE_ALL,
     };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return pass(PASS_NOT_SERVICE);
+        return done(PASS_NOT_SERVICE);
     };
     // SAFETY: pointer from a successful lookup, copied out before any other map operation.
     let svc = unsafe { *svc };
     if svc.backend_count == 0 {
-        return reject::no_backend(ctx, &pkt);
+        if svc.flags & SVC_F_DROP_WHEN_EMPTY != 0 {
+            return Err(DROP_NO_LOCAL_BACKEND);
+        }
+        return reject::no_backend(ctx, pkt).map(Flow::Done);
     }
     let (backend_id, backend, reason) = if svc.affinity_timeout_s == 0 {
         let (id, backend) = select_backend(&svc, &pkt.tuple)?;
@@ -79,18 +100,61 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
             (id, backend, false) => (id, backend, XLATE_NEW_FLOW),
         }
     };
-    let entry = conntrack::create(&pkt, svc.svc_id, backend_id, &backend, replace)?;
-    nat::rewrite(
-        ctx,
-        &pkt,
-        End::Destination,
-        entry.nat_addr,
-        entry.nat_port_be,
+    // A backend reaching its own service through the frontend (hairpin) would receive a
+    // packet from itself; source-NAT it so the answer comes back here to be reverse-translated.
+    let source = if backend.addr == pkt.tuple.saddr {
+        Source::Snat(hairpin_addr())
+    } else if svc.flags & SVC_F_SNAT != 0 {
+        Source::Snat(svc.snat_addr)
+    } else {
+        Source::Client
+    };
+    let route = svc.flags & SVC_F_EXTERNAL != 0 || matches!(source, Source::Snat(_));
+    let entry = conntrack::create(
+        pkt, svc.svc_id, backend_id, &backend, source, route, replace,
     )?;
-    Ok(Verdict {
-        action: action::OK,
-        reason,
-    })
+    Ok(Flow::New(entry, reason))
+}
+
+/// The address hairpin flows are source-NATed to (`lb-agent --hairpin-ip`), network order.
+/// Set by the agent at load time; read volatile so the compiler does not fold the default.
+#[unsafe(no_mangle)]
+static HAIRPIN_ADDR_BE: u32 = u32::from_ne_bytes(snat::HAIRPIN_ADDR);
+
+#[inline(always)]
+fn hairpin_addr() -> [u8; 4] {
+    // SAFETY: a plain read of a global the program never writes.
+    unsafe { core::ptr::read_volatile(&HAIRPIN_ADDR_BE) }.to_ne_bytes()
+}
+
+/// Rewrites `pkt` as its tracking entry `e` says and sends it on: into the stack, or, for
+/// flows the datapath routes itself, straight out of the egress interface.
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, e: &CtEntry, reason: u32) -> Result<Verdict, u32> {
+    let snat = e.flags & CT_F_SNAT != 0;
+    let (saddr, daddr) = if e.direction == CT_FORWARD {
+        nat::rewrite(ctx, pkt, End::Destination, e.nat_addr, e.nat_port_be)?;
+        if snat {
+            nat::rewrite(ctx, pkt, End::Source, e.peer_addr, e.peer_port_be)?;
+            (e.peer_addr, e.nat_addr)
+        } else {
+            (pkt.tuple.saddr, e.nat_addr)
+        }
+    } else {
+        nat::rewrite(ctx, pkt, End::Source, e.nat_addr, e.nat_port_be)?;
+        if snat {
+            nat::rewrite(ctx, pkt, End::Destination, e.peer_addr, e.peer_port_be)?;
+            (e.nat_addr, e.peer_addr)
+        } else {
+            (e.nat_addr, pkt.tuple.daddr)
+        }
+    };
+    let action = if e.flags & CT_F_ROUTE != 0 {
+        route::forward(ctx, pkt, saddr, daddr)?
+    } else {
+        action::OK
+    };
+    Ok(Verdict { action, reason })
 }
 
 /// Picks a backend for a new flow `tuple` of `svc`, by the service's algorithm.

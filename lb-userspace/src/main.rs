@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
@@ -86,6 +86,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How often finished flows' connection-tracking entries are deleted. Shorter than the
+/// shortest lifetime (10 s for closing TCP), so a closed flow's SNAT port is free again soon.
+const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(5);
+
 /// How soon a failed apply is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -162,6 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
     resync.tick().await;
+    let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC_EVERY);
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
@@ -171,6 +176,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 syncer.sync();
             }
             _ = resync.tick() => syncer.sync(),
+            _ = conntrack_gc.tick() => match syncer.dataplane.collect_garbage() {
+                Ok(0) => {}
+                Ok(n) => debug!("conntrack: deleted {n} entries of finished flows"),
+                Err(e) => warn!("conntrack garbage collection failed: {e:#}"),
+            },
             // A failed apply (a full map, say) is retried soon, not only at the next resync.
             _ = tokio::time::sleep(RETRY_AFTER), if syncer.dataplane.needs_retry() => syncer.sync(),
             _ = sigterm.recv() => break,

@@ -17,7 +17,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
 use lb_common::{proto, stats, CtKey};
 use lb_userspace::{
-    dataplane::{ebpf::EbpfDataplane, Dataplane},
+    dataplane::{
+        ebpf::{monotonic_ns, EbpfDataplane, LoadOptions},
+        Dataplane,
+    },
     model::{Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
     testbed::packet::{patch_ipv4, tcp, Frame, CLIENT_MAC, L4, NODE_MAC},
 };
@@ -39,6 +42,14 @@ const BRIEF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const MAGLEV_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 /// Frontend of a UDP service with several backends.
 const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+
+/// Load options with a small connection-tracking table, so tests that fill it stay quick.
+fn small_tables() -> LoadOptions {
+    LoadOptions {
+        capacities: vec![("CONNTRACK", 4096)],
+        ..LoadOptions::default()
+    }
+}
 
 fn backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
@@ -185,7 +196,7 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         );
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-fixtures", std::process::id()));
         let _ = EbpfDataplane::remove_pins(&pin_dir);
-        let mut dp = EbpfDataplane::load_with(&pin_dir, &[("CONNTRACK", 4096)])
+        let mut dp = EbpfDataplane::load_with(&pin_dir, &small_tables())
             .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
         // The maps live as long as the loaded program holds them; the pins are not needed
         // (statics are never dropped, so nothing else would remove them).
@@ -927,20 +938,6 @@ fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() 
     );
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 impl Fixture {
     /// Makes the conntrack entry of `key` look last used `age_ns` ago.
     fn age(&mut self, key: &CtKey, age_ns: u64) {
@@ -1014,6 +1011,39 @@ fn expired_entries_are_replaced_unless_the_other_direction_is_live() {
     f.age(&reverse, NON_TCP_LIFETIME_NS + SEC);
     f.run(&Frame::udp(CLIENT, 55002, VIP, 53).build())
         .counted_as(stats::XLATE_NEW_FLOW);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
+    use lb_common::conntrack::CLOSING_LIFETIME_NS;
+    const SEC: u64 = 1_000_000_000;
+    let mut f = fixture();
+    let (closed_backend, _) = new_flow(&mut f, CLIENT, 55100, VIP);
+    f.run(&Frame::tcp(CLIENT, 55100, VIP, 80, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    let (live_backend, _) = new_flow(&mut f, CLIENT, 55101, VIP);
+    let closed = [
+        tuple(CLIENT, 55100, VIP, 80, proto::TCP),
+        tuple(closed_backend, 8080, CLIENT, 55100, proto::TCP),
+    ];
+    let live = [
+        tuple(CLIENT, 55101, VIP, 80, proto::TCP),
+        tuple(live_backend, 8080, CLIENT, 55101, proto::TCP),
+    ];
+    for key in closed.iter().chain(&live) {
+        f.age(key, CLOSING_LIFETIME_NS + SEC);
+    }
+
+    let deleted = f.dp.collect_garbage().expect("garbage collection");
+    assert!(deleted >= 2, "deleted {deleted}");
+    let ct = f.dp.conntrack().expect("conntrack map");
+    for key in &closed {
+        assert!(ct.get(key, 0).is_err(), "closed flow's {key:?} deleted");
+    }
+    for key in &live {
+        assert!(ct.get(key, 0).is_ok(), "established flow's {key:?} kept");
+    }
 }
 
 #[test]
@@ -1226,7 +1256,7 @@ fn pinned_maps_of_another_layout_are_replaced_and_the_rest_adopted() {
         "key",
         "16",
         "value",
-        "24",
+        &std::mem::size_of::<CtEntry>().to_string(),
         "entries",
         "4096",
         "name",
@@ -1252,7 +1282,7 @@ fn pinned_maps_of_another_layout_are_replaced_and_the_rest_adopted() {
         ct.insert(flow, entry, 0).unwrap();
     }
 
-    let dp = EbpfDataplane::load_with(&dir, &[("CONNTRACK", 4096)]).expect("load");
+    let dp = EbpfDataplane::load_with(&dir, &small_tables()).expect("load");
     let stats_now = MapInfo::from_pin(&stats).expect("STATS pinned again");
     assert_eq!(
         stats_now.max_entries(),

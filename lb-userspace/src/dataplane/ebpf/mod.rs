@@ -5,6 +5,7 @@ pub mod inspect;
 pub mod plan;
 
 use std::{
+    net::Ipv4Addr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
@@ -15,7 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+    conntrack, maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip,
+    VipKey,
 };
 use log::{info, warn};
 
@@ -72,6 +74,39 @@ struct Maps {
     vips: HashMap<MapData, VipKey, Vip>,
 }
 
+/// How to load the datapath.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Map capacities overridden (`(map name, max entries)`); tests use small tables.
+    pub capacities: Vec<(&'static str, u32)>,
+    /// The address hairpin flows are source-NATed to (`--hairpin-ip`).
+    pub hairpin_addr: Ipv4Addr,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            capacities: Vec::new(),
+            hairpin_addr: Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
+/// datapath's entries.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The datapath's global holding the hairpin SNAT address (network byte order).
+const HAIRPIN_ADDR_GLOBAL: &str = "HAIRPIN_ADDR_BE";
+
 pub struct EbpfDataplane {
     ebpf: Ebpf,
     maps: Maps,
@@ -87,26 +122,24 @@ impl EbpfDataplane {
     /// Loads the datapath with its maps pinned under `pin_dir`, reusing maps already pinned
     /// there by an earlier run (their connection-tracking entries keep live flows going).
     pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
-        Self::load_with(pin_dir, &[])
+        Self::load_with(pin_dir, &LoadOptions::default())
     }
 
-    /// As `load`, with map capacities overridden (`(map name, max entries)`); tests use
-    /// small tables.
-    pub fn load_with(
-        pin_dir: &Path,
-        capacities: &[(&'static str, u32)],
-    ) -> Result<Self, LoadError> {
+    /// As `load`, with the options the agent's flags set.
+    pub fn load_with(pin_dir: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
         prepare_pin_dir(pin_dir)?;
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
-        retire_incompatible_pins(&pins, capacities)?;
+        retire_incompatible_pins(&pins, &options.capacities)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        for (name, entries) in capacities {
+        for (name, entries) in &options.capacities {
             loader.map_max_entries(name, *entries);
         }
+        let hairpin_be = u32::from_ne_bytes(options.hairpin_addr.octets());
+        loader.override_global(HAIRPIN_ADDR_GLOBAL, &hairpin_be, true);
         let mut ebpf = loader
             .load(DATAPATH)
             .map_err(|source| LoadError::Load { source })?;
@@ -191,6 +224,32 @@ impl EbpfDataplane {
                 name: names::CONNTRACK,
             })?;
         HashMap::try_from(map).map_err(|source| map_err(names::CONNTRACK, source))
+    }
+
+    /// Deletes the connection-tracking entries of flows that are over
+    /// (`lb_common::conntrack::flow_over`), and returns how many. The datapath only ever
+    /// ignores or overwrites expired entries; deleting them is what frees the source ports of
+    /// source-NATed flows and keeps the LRU from evicting live flows in favour of dead ones.
+    pub fn collect_garbage(&mut self) -> Result<usize, LoadError> {
+        let now = monotonic_ns();
+        let mut ct = self.conntrack()?;
+        let entries: std::collections::HashMap<lb_common::CtKey, lb_common::CtEntry> =
+            ct.iter().filter_map(Result::ok).collect();
+        let over: Vec<lb_common::CtKey> = entries
+            .iter()
+            .filter(|(key, e)| {
+                let other = entries
+                    .get(&e.other_key(key.proto))
+                    .map(|o| (o.tcp_state, o.last_seen_ns));
+                conntrack::flow_over(key.proto, e.tcp_state, e.last_seen_ns, other, now)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &over {
+            // Already gone (evicted, or deleted with its flow's other entry) is fine.
+            let _ = ct.remove(key);
+        }
+        Ok(over.len())
     }
 
     /// Where the maps are pinned.

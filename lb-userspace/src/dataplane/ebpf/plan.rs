@@ -353,6 +353,7 @@ impl Programmed {
                 flags: 0,
                 algorithm,
                 affinity_timeout_s,
+                snat_addr: [0; 4],
             };
             let unchanged_value = old.is_some_and(|o| {
                 o.slots.len() == slots.len()
