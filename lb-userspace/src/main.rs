@@ -1,7 +1,7 @@
 //! `lb-agent`: the node agent. `run` programs the eBPF datapath from Services and
 //! EndpointSlices and keeps it in step with them; `dump` shows what the datapath holds.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
     dataplane::{
-        ebpf::{inspect, EbpfDataplane, DEFAULT_PIN_DIR},
+        ebpf::{inspect, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
         Dataplane,
     },
     model,
@@ -67,6 +67,19 @@ struct RunArgs {
     /// `lb-agent.io/lb-algorithm`): `random`, or `maglev` consistent hashing.
     #[arg(long, default_value = "random")]
     lb_algorithm: model::Algorithm,
+    /// An address of this node to serve NodePorts on (repeatable); the first is also the
+    /// source address of source-NATed externalIP and LoadBalancer flows. Default: every IPv4
+    /// address on the node's interfaces except loopback and link-local ones.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// This node's name, to tell its endpoints (EndpointSlice `nodeName`) for
+    /// externalTrafficPolicy: Local. Default: `$NODE_NAME`, else the host name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Address hairpin flows (a backend reaching its own service) are source-NATed to; pods
+    /// must route it to the node (a default route via the node does).
+    #[arg(long, default_value_t = Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR))]
+    hairpin_ip: Ipv4Addr,
     /// Full rescan period in seconds, as a safety net behind file notifications.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
@@ -97,7 +110,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 struct Syncer {
     dir: ManifestDir,
     dataplane: EbpfDataplane,
-    service_proxy_name: Option<String>,
+    node: model::Node,
     generation: u64,
     /// The manifest errors last reported: a standing error is logged once, not every scan.
     reported_errors: Vec<ManifestError>,
@@ -117,11 +130,7 @@ impl Syncer {
         if !scan.changed && self.generation > 0 && !self.dataplane.needs_retry() {
             return;
         }
-        let (desired, warnings) = model::build(
-            &scan.services,
-            &scan.endpoint_slices,
-            self.service_proxy_name.as_deref(),
-        );
+        let (desired, warnings) = model::build(&scan.services, &scan.endpoint_slices, &self.node);
         for w in &warnings {
             warn!("{w}");
         }
@@ -145,7 +154,25 @@ impl Syncer {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Source::Dir(path) = args.source.parse::<Source>()?;
-    let mut dataplane = EbpfDataplane::load(&args.bpffs)?;
+    let node = model::Node {
+        service_proxy_name: args.service_proxy_name,
+        name: args.node_name.or_else(node_name_from_environment),
+        addrs: if args.node_ips.is_empty() {
+            node_addresses()?
+        } else {
+            args.node_ips
+        },
+    };
+    info!(
+        "node {}: NodePorts on {:?}",
+        node.name.as_deref().unwrap_or("<unnamed>"),
+        node.addrs
+    );
+    let options = LoadOptions {
+        hairpin_addr: args.hairpin_ip,
+        ..LoadOptions::default()
+    };
+    let mut dataplane = EbpfDataplane::load_with(&args.bpffs, &options)?;
     dataplane.set_default_algorithm(args.lb_algorithm);
     for iface in &args.ifaces {
         dataplane.attach(iface)?;
@@ -156,7 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut syncer = Syncer {
         dir: ManifestDir::new(&path)?,
         dataplane,
-        service_proxy_name: args.service_proxy_name,
+        node,
         generation: 0,
         reported_errors: Vec::new(),
     };
@@ -204,4 +231,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `$NODE_NAME` (what a DaemonSet passes from `spec.nodeName`), else the host name.
+fn node_name_from_environment() -> Option<String> {
+    if let Ok(name) = std::env::var("NODE_NAME") {
+        if !name.is_empty() {
+            return Some(name);
+        }
+    }
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_owned()).filter(|n| !n.is_empty())
+}
+
+/// The IPv4 addresses of this network namespace's interfaces that are up, except loopback
+/// and link-local ones: where a NodePort can be reached from outside.
+fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut addrs = Vec::new();
+    let mut ifaddrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free once below.
+    if unsafe { libc::getifaddrs(&mut ifaddrs) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listing the node's addresses");
+    }
+    let mut cur = ifaddrs;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+        // SAFETY: a non-null ifa_addr points at a sockaddr whose family says its real type.
+        if !up
+            || ifa.ifa_addr.is_null()
+            || unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET
+        {
+            continue;
+        }
+        // SAFETY: AF_INET addresses are sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        if !addr.is_loopback() && !addr.is_link_local() && !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    // SAFETY: freeing the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(ifaddrs) };
+    Ok(addrs)
 }

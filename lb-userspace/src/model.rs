@@ -66,10 +66,19 @@ pub struct Endpoint {
 /// Everything the dataplane needs to serve one service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
-    /// Addresses it answers on (ClusterIPs for now).
+    /// ClusterIP frontends: reached from inside the cluster, served with every endpoint.
     pub frontends: BTreeSet<Frontend>,
+    /// Node-facing frontends (the NodePort on every node address, externalIPs, LoadBalancer
+    /// ingress IPs), each with the node address its flows are source-NATed to under
+    /// externalTrafficPolicy Cluster.
+    pub external_frontends: BTreeMap<Frontend, Ipv4Addr>,
+    /// externalTrafficPolicy Local: external frontends keep the client's address and use only
+    /// `local_endpoints`.
+    pub external_local: bool,
     /// Ready endpoints, de-duplicated across EndpointSlices. Empty means reject.
     pub endpoints: BTreeSet<Endpoint>,
+    /// The ready endpoints on this node (their EndpointSlice `nodeName` is the node's).
+    pub local_endpoints: BTreeSet<Endpoint>,
     /// ClientIP session-affinity timeout in seconds; `None` when affinity is off.
     pub affinity_timeout_s: Option<u32>,
     /// How new flows choose a backend, when the service asks for one (`ANNOTATION_ALGORITHM`);
@@ -111,6 +120,19 @@ pub struct DesiredState {
 // ------------------------------------------------------------------------------------------------
 // Translation from Kubernetes objects, following kube-proxy (pkg/proxy: serviceport.go,
 // servicechangetracker.go, endpointslicecache.go).
+
+/// What the model needs to know about the node it programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// This proxy's name: Services labelled `service.kubernetes.io/service-proxy-name` with it
+    /// are programmed; `None` skips every labelled Service.
+    pub service_proxy_name: Option<String>,
+    /// The node's name, to tell its endpoints (EndpointSlice `nodeName`) from the others.
+    pub name: Option<String>,
+    /// The node's addresses: NodePorts are served on each, and the first is the source
+    /// address for externalIP and LoadBalancer flows. Empty: no NodePort frontends.
+    pub addrs: Vec<Ipv4Addr>,
+}
 
 /// Label naming the service proxy that implements a Service instead of the default one.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -256,22 +278,25 @@ pub enum Problem {
     InvalidEndpointAddress { addr: String },
     #[error("an endpoint has no addresses; skipping it")]
     EndpointWithoutAddress,
+    #[error("external or load-balancer IP {addr:?} is not an IP address; skipping it")]
+    InvalidExternalIp { addr: String },
+    #[error("the node has no IPv4 address to source-NAT external traffic to; skipping the service's external IPs")]
+    NoNodeAddress,
 }
 
-/// Translates Services and EndpointSlices into the desired state, as kube-proxy would
-/// (IPv4 ClusterIPs only, for now). Never fails: whatever cannot be programmed is skipped and
+/// Translates Services and EndpointSlices into the desired state of `node`, as kube-proxy
+/// would (IPv4 only, for now). Never fails: whatever cannot be programmed is skipped and
 /// described by a warning, and the rest is programmed.
 ///
 /// Services are skipped, without a warning, when kube-proxy would skip them: `ExternalName`,
-/// headless (no ClusterIP, or the headless label), or labelled for another service proxy
-/// (`service_proxy_name` is this agent's name; `None` skips every labelled Service).
+/// headless (no ClusterIP, or the headless label), or labelled for another service proxy.
 pub fn build<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    service_proxy_name: Option<&str>,
+    node: &Node,
 ) -> (DesiredState, Vec<ModelWarning>) {
     let mut warnings = Vec::new();
-    let endpoints = EndpointIndex::new(slices, &mut warnings);
+    let endpoints = EndpointIndex::new(slices, node.name.as_deref(), &mut warnings);
 
     // Sorted, so that when two services claim one frontend the same one always wins.
     let mut services: Vec<&Service> = services.into_iter().collect();
@@ -285,7 +310,7 @@ pub fn build<'a>(
     for service in services {
         add_service(
             service,
-            service_proxy_name,
+            node,
             &endpoints,
             &mut owners,
             &mut state,
@@ -340,7 +365,7 @@ fn label<'m>(meta: &'m ObjectMeta, key: &str) -> Option<&'m str> {
 /// Adds every port of `service` to `state`, unless kube-proxy would leave the service alone.
 fn add_service(
     service: &Service,
-    service_proxy_name: Option<&str>,
+    node: &Node,
     endpoints: &EndpointIndex<'_>,
     owners: &mut HashMap<Frontend, ServicePortName>,
     state: &mut DesiredState,
@@ -352,7 +377,7 @@ fn add_service(
         return;
     }
     if let Some(wanted) = label(meta, LABEL_SERVICE_PROXY_NAME) {
-        if service_proxy_name != Some(wanted) {
+        if node.service_proxy_name.as_deref() != Some(wanted) {
             return;
         }
     }
@@ -376,6 +401,11 @@ fn add_service(
     }
     let affinity_timeout_s = affinity_timeout(spec, &mut warn);
     let algorithm = algorithm(meta, &mut warn);
+    let external = ExternalAddrs::of(service, node, &mut warn);
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let has_node_ports = type_ == "NodePort" || type_ == "LoadBalancer";
+    // The API server only accepts the policy on NodePort and LoadBalancer services.
+    let external_local = has_node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
 
     for port in ports {
         let port_name = port.name.clone().unwrap_or_default();
@@ -401,34 +431,107 @@ fn add_service(
             protocol,
         };
 
-        let mut frontends = BTreeSet::new();
-        for &addr in &addrs {
-            let frontend = Frontend {
-                addr,
-                port: number,
-                protocol,
-            };
+        // A frontend belongs to the first service (in name order) that claims it.
+        let mut claim = |frontend: Frontend| {
             let owner = owners.entry(frontend).or_insert_with(|| spn.clone());
             if *owner == spn {
-                frontends.insert(frontend);
-            } else {
-                warn(Problem::FrontendTaken {
-                    frontend,
-                    owner: owner.clone(),
-                    port: spn.port.clone(),
-                });
+                return true;
+            }
+            warn(Problem::FrontendTaken {
+                frontend,
+                owner: owner.clone(),
+                port: spn.port.clone(),
+            });
+            false
+        };
+        let at = |addr| Frontend {
+            addr,
+            port: number,
+            protocol,
+        };
+        let frontends: BTreeSet<Frontend> =
+            addrs.iter().map(|&a| at(a)).filter(|&f| claim(f)).collect();
+        let mut external_frontends = BTreeMap::new();
+        if let Some(snat) = external.snat_addr {
+            for &addr in &external.addrs {
+                if claim(at(addr)) {
+                    external_frontends.insert(at(addr), snat);
+                }
             }
         }
-        if frontends.is_empty() {
+        let node_port = port.node_port.and_then(port_number);
+        if let Some(node_port) = node_port.filter(|_| has_node_ports) {
+            for &addr in &node.addrs {
+                let frontend = Frontend {
+                    addr,
+                    port: node_port,
+                    protocol,
+                };
+                // Flows to a node address are source-NATed to that same address.
+                if claim(frontend) {
+                    external_frontends.insert(frontend, addr);
+                }
+            }
+        }
+        if frontends.is_empty() && external_frontends.is_empty() {
             continue;
         }
 
-        let ready = endpoints.lookup(&spn);
+        let (ready, local) = endpoints.lookup(&spn);
         let entry = state.services.entry(spn).or_default();
         entry.frontends.extend(frontends);
+        entry.external_frontends.extend(external_frontends);
+        entry.external_local = external_local;
         entry.endpoints.extend(ready);
+        entry.local_endpoints.extend(local);
         entry.affinity_timeout_s = affinity_timeout_s;
         entry.algorithm = algorithm;
+    }
+}
+
+/// A service's externalIPs and LoadBalancer ingress IPs, and the node address their flows
+/// are source-NATed to.
+struct ExternalAddrs {
+    addrs: Vec<Ipv4Addr>,
+    snat_addr: Option<Ipv4Addr>,
+}
+
+impl ExternalAddrs {
+    fn of(service: &Service, node: &Node, warn: &mut impl FnMut(Problem)) -> ExternalAddrs {
+        let spec = service.spec.as_ref();
+        let mut listed: Vec<&str> = spec
+            .and_then(|s| s.external_ips.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(String::as_str)
+            .collect();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
+            let ingress = service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_deref())
+                .unwrap_or_default();
+            // Hostname-only ingress points (some cloud load balancers) carry no address.
+            listed.extend(ingress.iter().filter_map(|i| i.ip.as_deref()));
+        }
+        let mut addrs = Vec::new();
+        for ip in listed {
+            match parse_ipv4_sloppy(ip) {
+                Some(addr) => addrs.push(addr),
+                None if ip.parse::<Ipv6Addr>().is_ok() => warn(Problem::Ipv6NotProgrammed {
+                    addrs: vec![ip.to_owned()],
+                }),
+                None => warn(Problem::InvalidExternalIp {
+                    addr: ip.to_owned(),
+                }),
+            }
+        }
+        let snat_addr = node.addrs.first().copied();
+        if !addrs.is_empty() && snat_addr.is_none() {
+            warn(Problem::NoNodeAddress);
+        }
+        ExternalAddrs { addrs, snat_addr }
     }
 }
 
@@ -531,12 +634,14 @@ struct EndpointIndex<'a> {
 struct SliceEndpoints {
     /// (port name, protocol, port number); the number is the service's resolved target port.
     ports: Vec<(String, Protocol, u16)>,
-    ready: Vec<Ipv4Addr>,
+    /// Ready addresses, and whether each is on this node.
+    ready: Vec<(Ipv4Addr, bool)>,
 }
 
 impl<'a> EndpointIndex<'a> {
     fn new(
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        node_name: Option<&str>,
         warnings: &mut Vec<ModelWarning>,
     ) -> EndpointIndex<'a> {
         let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
@@ -559,7 +664,7 @@ impl<'a> EndpointIndex<'a> {
             };
             let endpoints = SliceEndpoints {
                 ports: slice_ports(slice, &mut warn),
-                ready: ready_addresses(slice, &mut warn),
+                ready: ready_addresses(slice, node_name, &mut warn),
             };
             by_service
                 .entry((namespace_of(meta), service))
@@ -569,26 +674,29 @@ impl<'a> EndpointIndex<'a> {
         EndpointIndex { by_service }
     }
 
-    /// The ready endpoints of one service port, de-duplicated across slices. A slice port
-    /// belongs to the service port with the same name (both empty when unnamed) and protocol.
-    fn lookup(&self, spn: &ServicePortName) -> BTreeSet<Endpoint> {
+    /// The ready endpoints of one service port, de-duplicated across slices, and those of
+    /// them on this node. A slice port belongs to the service port with the same name (both
+    /// empty when unnamed) and protocol.
+    fn lookup(&self, spn: &ServicePortName) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
         let mut found = BTreeSet::new();
+        let mut local = BTreeSet::new();
         let slices = self
             .by_service
             .get(&(spn.namespace.as_str(), spn.name.as_str()));
         for slice in slices.into_iter().flatten() {
             for (name, protocol, port) in &slice.ports {
                 if *name == spn.port && *protocol == spn.protocol {
-                    found.extend(
-                        slice
-                            .ready
-                            .iter()
-                            .map(|&addr| Endpoint { addr, port: *port }),
-                    );
+                    for &(addr, is_local) in &slice.ready {
+                        let endpoint = Endpoint { addr, port: *port };
+                        found.insert(endpoint);
+                        if is_local {
+                            local.insert(endpoint);
+                        }
+                    }
                 }
             }
         }
-        found
+        (found, local)
     }
 }
 
@@ -618,9 +726,14 @@ fn slice_ports(
     ports
 }
 
-/// The addresses of the slice's ready endpoints. An unset `ready` means ready, as the API
-/// documents; like kube-proxy, only the first address of an endpoint is used.
-fn ready_addresses(slice: &EndpointSlice, warn: &mut impl FnMut(Problem)) -> Vec<Ipv4Addr> {
+/// The addresses of the slice's ready endpoints, each with whether it is on `node_name`. An
+/// unset `ready` means ready, as the API documents; like kube-proxy, only the first address of
+/// an endpoint is used.
+fn ready_addresses(
+    slice: &EndpointSlice,
+    node_name: Option<&str>,
+    warn: &mut impl FnMut(Problem),
+) -> Vec<(Ipv4Addr, bool)> {
     let mut ready = Vec::new();
     for endpoint in &slice.endpoints {
         let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
@@ -631,8 +744,9 @@ fn ready_addresses(slice: &EndpointSlice, warn: &mut impl FnMut(Problem)) -> Vec
             warn(Problem::EndpointWithoutAddress);
             continue;
         };
+        let local = node_name.is_some() && endpoint.node_name.as_deref() == node_name;
         match parse_ipv4_sloppy(first) {
-            Some(addr) => ready.push(addr),
+            Some(addr) => ready.push((addr, local)),
             None => warn(Problem::InvalidEndpointAddress {
                 addr: first.clone(),
             }),
@@ -686,7 +800,15 @@ mod tests {
             frontends: frontends.iter().map(frontend).collect(),
             endpoints: endpoints.iter().map(endpoint).collect(),
             affinity_timeout_s,
-            algorithm: None,
+            ..ServicePort::default()
+        }
+    }
+
+    /// The node the tables are built for, unless a case says otherwise.
+    fn node(proxy_name: Option<&str>) -> Node {
+        Node {
+            service_proxy_name: proxy_name.map(str::to_owned),
+            ..Node::default()
         }
     }
 
@@ -729,11 +851,119 @@ mod tests {
         for case in cases {
             let services: Vec<Service> = case.services.iter().map(|s| parse(s)).collect();
             let slices: Vec<EndpointSlice> = case.slices.iter().map(|s| parse(s)).collect();
-            let (state, warnings) = build(&services, &slices, case.proxy_name);
+            let (state, warnings) = build(&services, &slices, &node(case.proxy_name));
             let want: BTreeMap<_, _> = case.want.into_iter().collect();
             assert_eq!(state.services, want, "{}", case.what);
             assert_eq!(warnings, case.warnings, "{}", case.what);
         }
+    }
+
+    /// Builds one service with two endpoints, 10.0.0.1 on node-a (this node) and 10.0.0.2
+    /// on node-b, for a node with addresses 192.168.0.10 and 192.168.1.10.
+    fn external(service: &str) -> (ServicePort, Vec<ModelWarning>) {
+        let slice = "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, \
+                     {addresses: [10.0.0.2], nodeName: node-b}]}";
+        let node = Node {
+            service_proxy_name: None,
+            name: Some("node-a".into()),
+            addrs: vec![
+                Ipv4Addr::new(192, 168, 0, 10),
+                Ipv4Addr::new(192, 168, 1, 10),
+            ],
+        };
+        let (state, warnings) = build(&[parse(service)], &[parse(slice)], &node);
+        let port = state
+            .services
+            .into_values()
+            .next()
+            .expect("one service port");
+        (port, warnings)
+    }
+
+    fn frontends_of(port: &ServicePort) -> Vec<(String, String)> {
+        let show = |f: &Frontend| format!("{}:{}", f.addr, f.port);
+        port.external_frontends
+            .iter()
+            .map(|(f, snat)| (show(f), snat.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ips_are_external_frontends() {
+        let (port, warnings) = external(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             externalIPs: [203.0.113.7, 'bogus', '2001:db8::1'], \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+             status: {loadBalancer: {ingress: [{ip: 198.51.100.9}, {hostname: lb.example.com}]}}}",
+        );
+        let own = |a: &str| (a.to_owned(), "192.168.0.10".to_owned());
+        assert_eq!(
+            frontends_of(&port),
+            vec![
+                own("192.168.0.10:30080"),
+                ("192.168.1.10:30080".into(), "192.168.1.10".into()),
+                own("198.51.100.9:80"),
+                own("203.0.113.7:80"),
+            ],
+            "NodePort on every node address (SNAT to itself); external and LB IPs SNAT to the first"
+        );
+        assert!(!port.external_local);
+        assert_eq!(port.frontends.len(), 1, "the ClusterIP");
+        assert_eq!(port.endpoints.len(), 2);
+        let problems: Vec<_> = warnings.into_iter().map(|w| w.problem).collect();
+        assert_eq!(
+            problems,
+            vec![
+                Problem::InvalidExternalIp {
+                    addr: "bogus".into()
+                },
+                Problem::Ipv6NotProgrammed {
+                    addrs: vec!["2001:db8::1".into()]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn local_external_traffic_policy_knows_the_local_endpoints() {
+        let (port, _) = external(
+            "{metadata: {name: web}, spec: {type: NodePort, clusterIP: 10.96.0.10, \
+             externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+        );
+        assert!(port.external_local);
+        assert_eq!(
+            port.local_endpoints
+                .iter()
+                .map(|e| e.addr)
+                .collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(10, 0, 0, 1)]
+        );
+        assert_eq!(
+            port.endpoints.len(),
+            2,
+            "ClusterIP traffic still uses every endpoint"
+        );
+    }
+
+    #[test]
+    fn a_cluster_ip_service_has_no_node_ports_and_a_load_balancer_ip_needs_type_load_balancer() {
+        // A nodePort on a ClusterIP service (left over from a type change) is not served, nor is
+        // a stale load-balancer status; externalIPs are served whatever the type.
+        let (port, _) = external(
+            "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], \
+             externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+             status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}}",
+        );
+        assert_eq!(
+            frontends_of(&port),
+            vec![("203.0.113.7:80".to_owned(), "192.168.0.10".to_owned())]
+        );
+        assert!(
+            !port.external_local,
+            "the policy applies to NodePort and LoadBalancer only"
+        );
     }
 
     #[test]
@@ -971,7 +1201,8 @@ mod tests {
         for (what, service) in skipped {
             for proxy_name in [None, Some("lb-agent")] {
                 // With endpoints, to show that they do not matter.
-                let (state, warnings) = build(&[parse(service)], &[parse(WEB_SLICE)], proxy_name);
+                let (state, warnings) =
+                    build(&[parse(service)], &[parse(WEB_SLICE)], &node(proxy_name));
                 assert_eq!(
                     state,
                     DesiredState::default(),
@@ -1131,7 +1362,7 @@ mod tests {
                 "{{metadata: {{name: web, {annotations}}}, spec: {{clusterIP: 10.96.0.10, \
                  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}}}"
             );
-            let (state, warnings) = build(&[parse(&service)], &[], None);
+            let (state, warnings) = build(&[parse(&service)], &[], &node(None));
             for port in ["a", "b"] {
                 let got = state.services[&spn("web", port, Tcp)].algorithm;
                 assert_eq!(got, want, "{annotations:?}, port {port}");
@@ -1199,7 +1430,7 @@ mod tests {
                 "{{metadata: {{name: web}}, spec: {{{affinity} clusterIP: 10.96.0.10, \
                  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}}}"
             );
-            let (state, warnings) = build(&[parse(&service)], &[], None);
+            let (state, warnings) = build(&[parse(&service)], &[], &node(None));
             for port in ["a", "b"] {
                 let got = state.services[&spn("web", port, Tcp)].affinity_timeout_s;
                 assert_eq!(got, want, "{affinity:?}, port {port}");
@@ -1366,7 +1597,7 @@ mod tests {
                  endpoints: [{addresses: ['']}]}",
             ),
         ];
-        let (state, _) = build(&services, &slices, None);
+        let (state, _) = build(&services, &slices, &node(None));
         // A nameless service is still programmed: rejecting input is the API server's job.
         assert_eq!(state.services.len(), 1);
     }

@@ -42,6 +42,11 @@ const BRIEF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const MAGLEV_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 /// Frontend of a UDP service with several backends.
 const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+/// The node's address: NodePorts 30080 (policy Cluster), 30081 (Local, backend 1 is local)
+/// and 30082 (Local, no local backend).
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// ClusterIP of the NodePort service.
+const NODEPORT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 16);
 
 /// Load options with a small connection-tracking table, so tests that fill it stay quick.
 fn small_tables() -> LoadOptions {
@@ -83,8 +88,7 @@ fn service_port(
             }]
             .into(),
             endpoints,
-            affinity_timeout_s: None,
-            algorithm: None,
+            ..ServicePort::default()
         },
     )
 }
@@ -176,9 +180,34 @@ fn desired(b: &Backends) -> DesiredState {
                 53,
                 b.spread.clone(),
             ),
+            node_port("nodeport", NODEPORT_VIP, 30080, false, &[]),
+            node_port("local", Ipv4Addr::new(10, 96, 0, 17), 30081, true, &[1]),
+            node_port("nolocal", Ipv4Addr::new(10, 96, 0, 18), 30082, true, &[]),
         ]
         .into(),
     }
+}
+
+/// A TCP NodePort service on `NODE_IP` over `backends(3)`, with policy Local when `local`,
+/// backends `local_backends` (1-based) being this node's.
+fn node_port(
+    name: &str,
+    vip: Ipv4Addr,
+    node_port: u16,
+    local: bool,
+    local_backends: &[usize],
+) -> (ServicePortName, ServicePort) {
+    let (name, mut port) = service_port(name, "", Protocol::Tcp, vip, 80, backends(3));
+    let frontend = Frontend {
+        addr: NODE_IP,
+        port: node_port,
+        protocol: Protocol::Tcp,
+    };
+    port.external_frontends = [(frontend, NODE_IP)].into();
+    port.external_local = local;
+    let all: Vec<Endpoint> = port.endpoints.iter().copied().collect();
+    port.local_endpoints = local_backends.iter().map(|i| all[i - 1]).collect();
+    (name, port)
 }
 
 /// The loaded datapath, shared by the cases in this file (one load).
@@ -1294,4 +1323,222 @@ fn pinned_maps_of_another_layout_are_replaced_and_the_rest_adopted() {
     assert_eq!(ct.get(&flow, 0).expect("the tracked flow survived"), entry);
     drop(dp);
     EbpfDataplane::remove_pins(&dir).expect("cleanup");
+}
+
+/// Runs the calling test thread in a network namespace of its own, set up so the datapath's
+/// FIB lookups give known answers: a veth `lbr0` (10.0.0.1/8, forwarding on) with neighbour
+/// entries for the client and the web backends. Dropping the guard returns the thread to its
+/// namespace. BPF_PROG_TEST_RUN runs the program in the caller's namespace, and a redirect in
+/// a test run only sets the verdict: nothing is transmitted.
+struct RoutedNetns {
+    original: std::fs::File,
+    lbr0_mac: [u8; 6],
+}
+
+/// MAC of neighbour `addr` in the routed namespace.
+fn neighbour_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0xaa, o[0], o[1], o[2], o[3]]
+}
+
+impl RoutedNetns {
+    fn enter(with_neighbours: &[Ipv4Addr]) -> RoutedNetns {
+        let original = std::fs::File::open("/proc/thread-self/ns/net").expect("current netns");
+        // SAFETY: unshare affects only this thread's network namespace.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET)"
+        );
+        let mut guard = RoutedNetns {
+            original,
+            lbr0_mac: [0; 6],
+        };
+        // Children inherit this thread's namespace.
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&[
+            "link", "add", "lbr0", "type", "veth", "peer", "name", "lbr1",
+        ]);
+        ip(&["addr", "add", "10.0.0.1/8", "dev", "lbr0"]);
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["link", "set", "lbr1", "up"]);
+        ip(&["link", "set", "lbr0", "up"]);
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+        for addr in with_neighbours {
+            let mac = neighbour_mac(*addr)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            ip(&[
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                "lbr0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        // Not from /sys/class/net: sysfs shows the namespace it was mounted in.
+        let out = std::process::Command::new("ip")
+            .args(["-br", "link", "show", "lbr0"])
+            .output()
+            .expect("ip");
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mac = line
+            .split_whitespace()
+            .nth(2)
+            .expect("lbr0's MAC in `ip -br link`");
+        for (b, hex) in guard.lbr0_mac.iter_mut().zip(mac.split(':')) {
+            *b = u8::from_str_radix(hex, 16).expect("mac");
+        }
+        guard
+    }
+}
+
+impl Drop for RoutedNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns to the namespace this thread came from, by an fd we own.
+        let rc = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 && !std::thread::panicking() {
+            panic!(
+                "returning to the original netns: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The output was routed by the datapath: redirected, addressed to `next_hop`'s MAC from
+/// lbr0's, with the TTL one lower than the test frames' 64.
+fn assert_routed(run: &Run, net: &RoutedNetns, next_hop: Ipv4Addr) {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "routed packets are redirected");
+    assert_eq!(run.out[0..6], neighbour_mac(next_hop), "destination MAC");
+    assert_eq!(run.out[6..12], net.lbr0_mac, "source MAC");
+    assert_eq!(run.out[14 + 8], 63, "TTL decremented");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
+    let mut f = fixture();
+    let mut all = vec![CLIENT];
+    all.extend(backends(3).iter().map(|e| e.addr));
+    let net = RoutedNetns::enter(&all);
+
+    let syn = Frame::tcp(CLIENT, 40100, NODE_IP, 30080, tcp::SYN).build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let out = verified(&run.out);
+    assert!(is_web_backend(out.daddr), "to a backend: {}", out.daddr);
+    assert_eq!(out.dport, 8080);
+    assert_eq!(out.saddr, NODE_IP, "source-NATed to the node");
+    assert!(
+        out.sport >= lb_common::snat::PORT_MIN,
+        "SNAT port {} in range",
+        out.sport
+    );
+    assert_routed(&run, &net, out.daddr);
+
+    let reply = Frame::tcp(out.daddr, 8080, NODE_IP, out.sport, tcp::SYN | tcp::ACK).build();
+    let run = f.run(&reply);
+    run.counted_as(stats::XLATE_REPLY);
+    let back = verified(&run.out);
+    assert_eq!(
+        (back.saddr, back.sport),
+        (NODE_IP, 30080),
+        "from the NodePort"
+    );
+    assert_eq!((back.daddr, back.dport), (CLIENT, 40100), "to the client");
+    assert_routed(&run, &net, CLIENT);
+
+    // The same service's ClusterIP keeps the client's address and is left to the stack.
+    let syn = Frame::tcp(CLIENT, 40101, NODEPORT_VIP, 80, tcp::SYN).build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(run.action, TC_ACT_OK);
+    assert_eq!(verified(&run.out).saddr, CLIENT);
+
+    // Two flows from one client port get two SNAT ports of their own.
+    let other = Frame::tcp(Ipv4Addr::new(10, 0, 1, 3), 40100, NODE_IP, 30080, tcp::SYN).build();
+    let second = verified(&f.run(&other).out);
+    if second.daddr == out.daddr {
+        assert_ne!(second.sport, out.sport, "one backend, two flows, two ports");
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn local_policy_keeps_the_client_address_and_uses_only_local_backends() {
+    let mut f = fixture();
+    let mut all = vec![CLIENT];
+    all.extend(backends(3).iter().map(|e| e.addr));
+    let net = RoutedNetns::enter(&all);
+    let local_backend = Ipv4Addr::new(10, 0, 11, 2);
+    for sport in 40200..40220 {
+        let run = f.run(&Frame::tcp(CLIENT, sport, NODE_IP, 30081, tcp::SYN).build());
+        run.counted_as(stats::XLATE_NEW_FLOW);
+        let out = verified(&run.out);
+        assert_eq!(
+            (out.saddr, out.sport),
+            (CLIENT, sport),
+            "client address kept"
+        );
+        assert_eq!(out.daddr, local_backend, "only the local backend");
+        assert_routed(&run, &net, local_backend);
+    }
+    // Endpoints elsewhere, none here: dropped, as kube-proxy does, not rejected.
+    let run = f.run(&Frame::tcp(CLIENT, 40300, NODE_IP, 30082, tcp::SYN).build());
+    run.counted_as(stats::DROP_NO_LOCAL_BACKEND);
+    assert_eq!(run.action, TC_ACT_SHOT);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_backend_reaching_itself_through_its_service_is_source_nated_to_the_hairpin_address() {
+    let mut f = fixture();
+    let hairpin = Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR);
+    // The dns port has one backend, DNS_BACKEND: asking it through the VIP is a hairpin.
+    let net = RoutedNetns::enter(&[DNS_BACKEND]);
+    let query = Frame::udp(DNS_BACKEND, 40400, VIP, 53)
+        .payload(b"q")
+        .build();
+    let run = f.run(&query);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let out = verified(&run.out);
+    assert_eq!((out.daddr, out.dport), (DNS_BACKEND, 5353));
+    assert_eq!(
+        out.saddr, hairpin,
+        "source-NATed, so the answer comes back here"
+    );
+    assert!(out.sport >= lb_common::snat::PORT_MIN);
+    assert_routed(&run, &net, DNS_BACKEND);
+
+    let answer = Frame::udp(DNS_BACKEND, 5353, hairpin, out.sport)
+        .payload(b"a")
+        .build();
+    let run = f.run(&answer);
+    run.counted_as(stats::XLATE_REPLY);
+    let back = verified(&run.out);
+    assert_eq!((back.saddr, back.sport), (VIP, 53), "from the service");
+    assert_eq!(
+        (back.daddr, back.dport),
+        (DNS_BACKEND, 40400),
+        "to the asking backend"
+    );
+    assert_routed(&run, &net, DNS_BACKEND);
 }

@@ -18,7 +18,7 @@ use lb_userspace::testbed::agent::{Agent, SyncInfo};
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
-use lb_userspace::testbed::topology::Topology;
+use lb_userspace::testbed::topology::{Topology, NODE_IP, NODE_NAME};
 use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
 
 /// The service's ClusterIP and ports.
@@ -119,6 +119,11 @@ impl Bed {
     /// Builds the topology with `n_backends`, writes `initial` as the manifest and starts the
     /// agent, waiting for its first sync.
     fn start(n_backends: usize, initial: &str) -> Bed {
+        Bed::start_with(n_backends, initial, &[])
+    }
+
+    /// As `start`, with more agent arguments.
+    fn start_with(n_backends: usize, initial: &str, agent_args: &[&str]) -> Bed {
         require_root_or_panic();
         let dir = TempDir::new("e2e").expect("temporary directory");
         let manifests = dir.path().join("manifests");
@@ -127,12 +132,13 @@ impl Bed {
         let topo = Topology::build(n_backends).expect("building the topology");
         let servers = BackendServers::start(&topo, TCP_TARGET, UDP_TARGET).expect("servers");
         let bpffs = unique_bpffs_dir().expect("bpffs");
-        let mut agent = Agent::start(
+        let mut agent = Agent::start_with(
             &topo.node,
             &manifests,
             &topo.node_ifaces(),
             &bpffs,
             Path::new(env!("CARGO_BIN_EXE_lb-agent")),
+            agent_args,
         )
         .expect("starting lb-agent");
         let first = agent
@@ -620,4 +626,174 @@ fn rst_is_valid_when_the_egress_completes_checksums() {
         other => panic!("want connection refused, got {other:?} after {took:?}"),
     }
     assert!(took < Duration::from_secs(1), "the RST took {took:?}");
+}
+
+/// An externalIP and a LoadBalancer ingress IP of the `external` service; the client routes
+/// both (documentation ranges) to the node.
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+/// Service `external` (LoadBalancer: NodePort 30080, externalIP, ingress IP; policy Cluster)
+/// and service `local` (NodePort 30081, policy Local) over backends 1-3, of which only
+/// backend 1 runs on this node.
+fn external_manifest() -> String {
+    let mut yaml = String::new();
+    for (name, cluster_ip, node_port, extra) in [
+        (
+            "external",
+            "10.96.0.20",
+            30080,
+            format!("  type: LoadBalancer\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
+        ),
+        (
+            "local",
+            "10.96.0.21",
+            30081,
+            "  type: NodePort\n  externalTrafficPolicy: Local\n".to_owned(),
+        ),
+    ] {
+        yaml.push_str(&format!(
+            "\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+{extra}  clusterIP: {cluster_ip}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: {TCP_TARGET}, nodePort: {node_port}}}]
+"
+        ));
+        if name == "external" {
+            yaml.push_str(&format!(
+                "status: {{loadBalancer: {{ingress: [{{ip: \"{LB_IP}\"}}]}}}}\n"
+            ));
+        }
+        yaml.push_str(&format!(
+            "\
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: {TCP_TARGET}}}]
+endpoints:
+  - {{addresses: [\"10.0.11.2\"], nodeName: {NODE_NAME}}}
+  - {{addresses: [\"10.0.12.2\"], nodeName: elsewhere}}
+  - {{addresses: [\"10.0.13.2\"], nodeName: elsewhere}}
+---
+"
+        ));
+    }
+    yaml
+}
+
+/// `n` connections from the client to `addr`, each returning who answered and the address
+/// that backend saw the connection come from.
+fn names_and_peers(bed: &Bed, addr: SocketAddr, n: usize) -> Vec<(String, std::net::IpAddr)> {
+    bed.in_client(move || {
+        (0..n)
+            .map(|i| {
+                let mut s = TcpSession::connect(addr, CLIENT_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
+                let peer = s
+                    .peer_seen()
+                    .unwrap_or_else(|e| panic!("asking {addr}: {e}"));
+                (s.name().to_owned(), peer)
+            })
+            .collect()
+    })
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn node_port_external_ip_and_load_balancer_ip_reach_backends_from_outside() {
+    let node_ip = NODE_IP.to_string();
+    let bed = Bed::start_with(3, &external_manifest(), &["--node-ip", &node_ip]);
+    for addr in [EXTERNAL_IP, LB_IP] {
+        bed.topo
+            .client
+            .ns
+            .ip(&["route", "add", &addr.to_string(), "via", &node_ip])
+            .expect("client route");
+    }
+
+    // Policy Cluster: every backend, and each sees the node (SNAT), so replies come back
+    // through it whatever the backend's routing.
+    for frontend in [
+        SocketAddr::from((NODE_IP, 30080)),
+        SocketAddr::from((EXTERNAL_IP, 80)),
+        SocketAddr::from((LB_IP, 80)),
+    ] {
+        let answers = names_and_peers(&bed, frontend, 30);
+        let counts = tally(
+            &format!("{frontend}"),
+            answers.iter().map(|(n, _)| Ok(n.clone())).collect(),
+        );
+        assert_every_backend(&format!("{frontend}"), &counts, &[1, 2, 3]);
+        for (name, peer) in &answers {
+            assert_eq!(peer.to_string(), node_ip, "{frontend}: {name} saw the node");
+        }
+    }
+
+    // Policy Local: only the local backend, and it sees the real client.
+    let frontend = SocketAddr::from((NODE_IP, 30081));
+    for (name, peer) in names_and_peers(&bed, frontend, 15) {
+        assert_eq!(name, backend_name(1), "{frontend}: only the local backend");
+        assert_eq!(
+            peer.to_string(),
+            "10.0.1.2",
+            "{frontend}: client address kept"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_backend_reaching_its_own_service_gets_answers_through_hairpin_nat() {
+    let bed = Bed::start(3, &manifest(&[1, 2, 3]));
+    let backend = bed.topo.backend(1);
+    let hairpin = Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR).to_string();
+    // Pods route everything through the node; the testbed's backends only know the client
+    // subnet. Give them what pods reaching each other and services need (still nothing that
+    // leads out of the namespaces: the node has no route out).
+    for b in &bed.topo.backends {
+        for dest in ["10.0.0.0/16", "10.96.0.0/12", hairpin.as_str()] {
+            b.ns.ip(&["route", "add", dest, "via", &b.node_addr.to_string()])
+                .expect("backend route");
+        }
+    }
+    let answers: Vec<(String, std::net::IpAddr)> = backend
+        .ns
+        .run(|| {
+            (0..30)
+                .map(|i| {
+                    let mut s = TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT)
+                        .unwrap_or_else(|e| panic!("connection {i} from backend 1: {e}"));
+                    (s.name().to_owned(), s.peer_seen().expect("peer"))
+                })
+                .collect()
+        })
+        .expect("running in backend 1");
+    let own: Vec<_> = answers
+        .iter()
+        .filter(|(n, _)| *n == backend_name(1))
+        .collect();
+    println!(
+        "hairpin: {} of {} connections came back to backend 1 itself",
+        own.len(),
+        answers.len()
+    );
+    assert!(
+        !own.is_empty(),
+        "30 random choices of 3 never picked backend 1: {answers:?}"
+    );
+    for (_, peer) in own {
+        assert_eq!(peer.to_string(), hairpin, "a hairpin flow is source-NATed");
+    }
+    for (name, peer) in answers.iter().filter(|(n, _)| *n != backend_name(1)) {
+        assert_eq!(
+            peer.to_string(),
+            backend.addr.to_string(),
+            "{name} saw backend 1 itself"
+        );
+    }
 }

@@ -74,7 +74,27 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, true)
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, true, &[])
+    }
+
+    /// As `start`, with more arguments for `run` (`--node-ip`, say).
+    pub fn start_with(
+        node_ns: &NetNs,
+        manifest_dir: &Path,
+        ifaces: &[String],
+        bpffs_dir: &Path,
+        binary: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        Self::spawn(
+            node_ns,
+            manifest_dir,
+            ifaces,
+            bpffs_dir,
+            binary,
+            true,
+            extra_args,
+        )
     }
 
     /// As `start`, without `--cleanup`: the agent leaves its maps pinned when it exits (as in
@@ -86,7 +106,7 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, false)
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, false, &[])
     }
 
     fn spawn(
@@ -96,6 +116,7 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
         cleanup: bool,
+        extra_args: &[&str],
     ) -> Result<Agent> {
         if !binary.is_file() {
             return Err(Error::Invalid(format!(
@@ -120,7 +141,10 @@ impl Agent {
         if cleanup {
             cmd.arg("--cleanup");
         }
-        cmd.env("RUST_LOG_STYLE", "never")
+        cmd.args(extra_args);
+        // The node's name, for EndpointSlices that place endpoints on it.
+        cmd.env("NODE_NAME", super::topology::NODE_NAME)
+            .env("RUST_LOG_STYLE", "never")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);

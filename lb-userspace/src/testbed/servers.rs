@@ -3,7 +3,8 @@
 //!
 //! - TCP: on accept the server writes `<name>\n`, then echoes every line the client sends as
 //!   `<name>: <line>\n` until the client closes, so a connection can be held open across agent
-//!   syncs and asked again later which backend serves it.
+//!   syncs and asked again later which backend serves it. The line `peer` is answered with
+//!   `<name>: peer <address>`: where the server saw the connection come from (SNAT shows).
 //! - UDP: every datagram is answered with `<name>` (empty payload) or `<name>: <payload>`.
 //!
 //! Servers create their sockets inside a namespace with [`NetNs::run`] and serve them from
@@ -161,7 +162,12 @@ fn serve_connection(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
                 while let Some(end) = pending.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=end).collect();
                     let mut answer = format!("{name}: ").into_bytes();
-                    answer.extend_from_slice(&line);
+                    match stream.peer_addr() {
+                        Ok(peer) if line == b"peer\n" => {
+                            answer.extend_from_slice(format!("peer {}\n", peer.ip()).as_bytes())
+                        }
+                        _ => answer.extend_from_slice(&line),
+                    }
                     if stream.write_all(&answer).is_err() {
                         return;
                     }
@@ -291,6 +297,18 @@ impl TcpSession {
     /// The name the server greeted with.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The address the server sees this connection come from.
+    pub fn peer_seen(&mut self) -> io::Result<std::net::IpAddr> {
+        let answer = self.echo("peer")?;
+        let addr = answer.rsplit(' ').next().unwrap_or_default();
+        addr.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a peer answer: {answer:?}"),
+            )
+        })
     }
 
     /// Sends `line` and returns the server's answer line without its newline, e.g.

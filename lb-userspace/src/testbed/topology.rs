@@ -18,6 +18,10 @@ use super::{Error, Result};
 
 /// The service CIDR the client routes to the node (ClusterIPs live here).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The node's name, as EndpointSlices name it (`nodeName`) and the agent is told.
+pub const NODE_NAME: &str = "node";
+/// The node's address on the client's link: where the client reaches NodePorts.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 /// The client's subnet.
 pub const CLIENT_SUBNET: &str = "10.0.1.0/24";
 /// Most backends a topology can have (10.0.(10+i).0/24 must stay within 10.0.255.0).

@@ -51,13 +51,14 @@ impl Snapshot {
         for (k, (svc, backends)) in &self.frontends {
             let _ = writeln!(
                 out,
-                "  {}:{}/{} svc_id={} backends={} affinity_timeout_s={}",
+                "  {}:{}/{} svc_id={} backends={} affinity_timeout_s={}{}",
                 Ipv4Addr::from(k.addr),
                 u16::from_be(k.port_be),
                 proto_name(k.proto),
                 svc.svc_id,
                 svc.backend_count,
-                svc.affinity_timeout_s
+                svc.affinity_timeout_s,
+                flags(svc)
             );
             for (i, b) in backends.iter().enumerate() {
                 match b {
@@ -92,6 +93,21 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// The service entry's flags, as ` external snat=ADDR drop-when-empty` (empty when none).
+fn flags(svc: &Service) -> String {
+    let mut out = String::new();
+    if svc.flags & lb_common::SVC_F_EXTERNAL != 0 {
+        out.push_str(" external");
+    }
+    if svc.flags & lb_common::SVC_F_SNAT != 0 {
+        let _ = write!(out, " snat={}", Ipv4Addr::from(svc.snat_addr));
+    }
+    if svc.flags & lb_common::SVC_F_DROP_WHEN_EMPTY != 0 {
+        out.push_str(" drop-when-empty");
+    }
+    out
 }
 
 fn proto_name(p: u8) -> &'static str {

@@ -10,11 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
-    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, SCOPE_ALL,
+    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL,
+    SVC_F_SNAT,
 };
 use log::warn;
 
-use crate::model::{Algorithm, DesiredState, Frontend, Protocol, ServicePortName};
+use crate::model::{
+    Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName,
+};
 
 /// One map operation, in the order they must be executed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,11 +53,77 @@ impl Op {
     }
 }
 
-/// A service port as programmed.
+/// Which endpoints serve a set of a service port's frontends: one backend set (one service
+/// id) each. A port has a cluster set, and a local one when externalTrafficPolicy is Local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every ready endpoint: ClusterIPs, and external frontends under policy Cluster.
+    Cluster,
+    /// This node's endpoints: external frontends under policy Local.
+    Local,
+}
+
+/// What one service id is programmed from.
+struct Unit<'a> {
+    name: &'a ServicePortName,
+    scope: Scope,
+    port: &'a ServicePort,
+    /// Frontends with the `SVC_F_*` flags and SNAT address of their service entries.
+    frontends: Vec<(FrontendKey, u8, [u8; 4])>,
+    endpoints: &'a BTreeSet<Endpoint>,
+    /// With no endpoints, drop rather than reject (`SVC_F_DROP_WHEN_EMPTY`).
+    drop_when_empty: bool,
+}
+
+/// The units a desired state is programmed as.
+fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
+    let mut units = Vec::new();
+    for (name, port) in &desired.services {
+        let mut cluster: Vec<_> = port
+            .frontends
+            .iter()
+            .map(|fe| (frontend_key(fe), 0, [0; 4]))
+            .collect();
+        let external = port.external_frontends.iter();
+        if port.external_local {
+            let frontends: Vec<_> = external
+                .map(|(fe, _)| (frontend_key(fe), SVC_F_EXTERNAL, [0; 4]))
+                .collect();
+            if !frontends.is_empty() {
+                units.push(Unit {
+                    name,
+                    scope: Scope::Local,
+                    port,
+                    frontends,
+                    endpoints: &port.local_endpoints,
+                    // Endpoints elsewhere but none here: kube-proxy drops rather than rejects.
+                    drop_when_empty: !port.endpoints.is_empty(),
+                });
+            }
+        } else {
+            let flags = SVC_F_EXTERNAL | SVC_F_SNAT;
+            cluster.extend(external.map(|(fe, snat)| (frontend_key(fe), flags, snat.octets())));
+        }
+        if !cluster.is_empty() {
+            units.push(Unit {
+                name,
+                scope: Scope::Cluster,
+                port,
+                frontends: cluster,
+                endpoints: &port.endpoints,
+                drop_when_empty: false,
+            });
+        }
+    }
+    units
+}
+
+/// A unit as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedPort {
     svc_id: u32,
-    frontends: BTreeSet<FrontendKey>,
+    /// Each frontend with its service entry as written.
+    frontends: BTreeMap<FrontendKey, Service>,
     /// Backend ids in slot order: `slots[i]` is slot `i + 1`.
     slots: Vec<u32>,
     affinity_timeout_s: u32,
@@ -89,7 +158,7 @@ struct Leftovers {
 /// What the maps hold, as far as the agent knows.
 #[derive(Clone, Debug, Default)]
 pub struct Programmed {
-    ports: BTreeMap<ServicePortName, ProgrammedPort>,
+    ports: BTreeMap<(ServicePortName, Scope), ProgrammedPort>,
     /// Backend -> (id, number of service ports using it).
     backends: BTreeMap<Backend, (u32, u32)>,
     vips: BTreeMap<VipKey, u32>,
@@ -122,13 +191,13 @@ impl Programmed {
                 .entry(svc.svc_id)
                 .or_insert_with(|| ProgrammedPort {
                     svc_id: svc.svc_id,
-                    frontends: BTreeSet::new(),
+                    frontends: BTreeMap::new(),
                     slots: Vec::new(),
                     affinity_timeout_s: svc.affinity_timeout_s,
                     algorithm: svc.algorithm,
                     maglev: None,
                 });
-            port.frontends.insert(*key);
+            port.frontends.insert(*key, *svc);
             p.adopted_frontends.insert(*key, svc.svc_id);
             let count = counts.entry(svc.svc_id).or_default();
             *count = (*count).max(svc.backend_count);
@@ -228,21 +297,24 @@ impl Programmed {
         let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
         let mut taken_over: BTreeSet<u32> = BTreeSet::new();
 
-        for (name, port) in &desired.services {
-            if port.frontends.is_empty() {
-                continue;
-            }
+        for unit in units(desired) {
+            let (name, port) = (unit.name, unit.port);
             if name.protocol == Protocol::Sctp {
-                warn!("{name}: SCTP services are not handled by the eBPF datapath yet; skipped");
+                if unit.scope == Scope::Cluster {
+                    warn!(
+                        "{name}: SCTP services are not handled by the eBPF datapath yet; skipped"
+                    );
+                }
                 continue;
             }
-            // The port as programmed: by name, or else the pinned port serving its frontend.
-            let old = match self.ports.get(name) {
+            let unit_key = (name.clone(), unit.scope);
+            // The unit as programmed: by name, or else the pinned unit serving its frontend.
+            let old = match self.ports.get(&unit_key) {
                 Some(o) => Some(o),
-                None => port
+                None => unit
                     .frontends
                     .iter()
-                    .find_map(|fe| self.adopted_frontends.get(&frontend_key(fe)))
+                    .find_map(|(key, _, _)| self.adopted_frontends.get(key))
                     .filter(|id| !taken_over.contains(*id))
                     .map(|id| {
                         taken_over.insert(*id);
@@ -257,9 +329,9 @@ impl Programmed {
                 }
             };
 
-            let mut slots = Vec::with_capacity(port.endpoints.len());
-            let mut slot_backends = Vec::with_capacity(port.endpoints.len());
-            for ep in &port.endpoints {
+            let mut slots = Vec::with_capacity(unit.endpoints.len());
+            let mut slot_backends = Vec::with_capacity(unit.endpoints.len());
+            for ep in unit.endpoints {
                 let backend = Backend {
                     addr: ep.addr.octets(),
                     port_be: ep.port.to_be(),
@@ -347,39 +419,36 @@ impl Programmed {
             }
 
             let affinity_timeout_s = port.affinity_timeout_s.unwrap_or(0);
-            let value = Service {
-                svc_id,
-                backend_count: slots.len() as u16,
-                flags: 0,
-                algorithm,
-                affinity_timeout_s,
-                snat_addr: [0; 4],
-            };
-            let unchanged_value = old.is_some_and(|o| {
-                o.slots.len() == slots.len()
-                    && o.affinity_timeout_s == affinity_timeout_s
-                    && o.algorithm == algorithm
-            });
-            let mut frontends = BTreeSet::new();
-            for fe in &port.frontends {
-                let key = frontend_key(fe);
+            let mut frontends = BTreeMap::new();
+            for (key, mut flags, snat_addr) in unit.frontends {
                 if let Some(owner) = claimed.get(&key) {
                     warn!(
                         "{name}: frontend {}:{} is already served by {owner}; ignored here",
-                        fe.addr, fe.port
+                        std::net::Ipv4Addr::from(key.addr),
+                        u16::from_be(key.port_be)
                     );
                     continue;
                 }
                 claimed.insert(key, name);
-                let existed = old.is_some_and(|o| o.frontends.contains(&key));
-                if !(existed && unchanged_value) {
+                if unit.drop_when_empty {
+                    flags |= SVC_F_DROP_WHEN_EMPTY;
+                }
+                let value = Service {
+                    svc_id,
+                    backend_count: slots.len() as u16,
+                    flags,
+                    algorithm,
+                    affinity_timeout_s,
+                    snat_addr,
+                };
+                if old.and_then(|o| o.frontends.get(&key)) != Some(&value) {
                     puts_service.push(Op::PutService(key, value));
                 }
                 *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
-                frontends.insert(key);
+                frontends.insert(key, value);
             }
             next.ports.insert(
-                name.clone(),
+                unit_key,
                 ProgrammedPort {
                     svc_id,
                     frontends,
@@ -410,7 +479,7 @@ impl Programmed {
         }
         let live_frontends: BTreeSet<&FrontendKey> = claimed.keys().collect();
         let programmed = self.ports.values().chain(self.adopted.values());
-        for key in programmed.flat_map(|p| &p.frontends) {
+        for key in programmed.flat_map(|p| p.frontends.keys()) {
             if !live_frontends.contains(key) {
                 ops.push(Op::DeleteService(*key));
             }
@@ -419,7 +488,7 @@ impl Programmed {
         let removed: Vec<&ProgrammedPort> = self
             .ports
             .iter()
-            .filter(|(name, _)| !next.ports.contains_key(*name))
+            .filter(|(key, _)| !next.ports.contains_key(*key))
             .map(|(_, p)| p)
             .chain(
                 self.adopted
@@ -610,7 +679,17 @@ mod tests {
         fn assert_serves(&self, desired: &DesiredState) {
             let mut want_frontends = 0;
             for (name, port) in &desired.services {
-                for fe in &port.frontends {
+                let external_endpoints = if port.external_local {
+                    &port.local_endpoints
+                } else {
+                    &port.endpoints
+                };
+                let cluster = port.frontends.iter().map(|fe| (fe, &port.endpoints));
+                let external = port
+                    .external_frontends
+                    .keys()
+                    .map(|fe| (fe, external_endpoints));
+                for (fe, endpoints) in cluster.chain(external) {
                     want_frontends += 1;
                     let key = FrontendKey {
                         addr: fe.addr.octets(),
@@ -635,15 +714,16 @@ mod tests {
                             }
                         })
                         .collect();
-                    assert_eq!(got, port.endpoints, "{name}");
+                    assert_eq!(&got, endpoints, "{name}");
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
-            let used_slots: usize = self
+            let counts: BTreeMap<u32, u16> = self
                 .services
                 .values()
-                .map(|s| s.backend_count as usize)
-                .sum();
+                .map(|s| (s.svc_id, s.backend_count))
+                .collect();
+            let used_slots: usize = counts.values().map(|&c| c as usize).sum();
             assert_eq!(self.slots.len(), used_slots, "stale slots left");
             let members: BTreeSet<MemberKey> = self
                 .slots
@@ -707,8 +787,7 @@ mod tests {
                     port: 8080,
                 })
                 .collect(),
-            affinity_timeout_s: None,
-            algorithm: None,
+            ..ServicePort::default()
         }
     }
 
@@ -773,6 +852,85 @@ mod tests {
                 "put-vip"
             ]
         );
+    }
+
+    #[test]
+    fn external_frontends_get_their_flags_and_a_local_policy_its_own_backend_set() {
+        let mut maps = Maps::default();
+        let node = Ipv4Addr::new(192, 168, 0, 10);
+        let node_port = |port: u16| Frontend {
+            addr: node,
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let mut cluster = port([10, 96, 0, 1], 80, &[1, 2]);
+        cluster.external_frontends = [(node_port(30080), node)].into();
+        let mut local = port([10, 96, 0, 2], 80, &[1, 2]);
+        local.external_frontends = [(node_port(30081), node)].into();
+        local.external_local = true;
+        local.local_endpoints = local.endpoints.iter().take(1).copied().collect();
+        let mut none_here = port([10, 96, 0, 3], 80, &[1, 2]);
+        none_here.external_frontends = [(node_port(30082), node)].into();
+        none_here.external_local = true;
+        let (p, _) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[
+                ("cluster", cluster.clone()),
+                ("local", local.clone()),
+                ("none", none_here),
+            ]),
+        );
+        let svc = |maps: &Maps, fe: Frontend| maps.services[&frontend_key(&fe)];
+        let vip = |addr: [u8; 4]| Frontend {
+            addr: Ipv4Addr::from(addr),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+
+        let (clusterip, external) = (
+            svc(&maps, vip([10, 96, 0, 1])),
+            svc(&maps, node_port(30080)),
+        );
+        assert_eq!(clusterip.flags, 0);
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
+        assert_eq!(external.snat_addr, node.octets());
+        assert_eq!(
+            external.svc_id, clusterip.svc_id,
+            "policy Cluster: one backend set"
+        );
+
+        let (clusterip, external) = (
+            svc(&maps, vip([10, 96, 0, 2])),
+            svc(&maps, node_port(30081)),
+        );
+        // No SNAT; and should the local endpoints go while others remain, drop, not reject.
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_DROP_WHEN_EMPTY);
+        assert_ne!(
+            external.svc_id, clusterip.svc_id,
+            "policy Local: a backend set of its own"
+        );
+        assert_eq!((clusterip.backend_count, external.backend_count), (2, 1));
+
+        let external = svc(&maps, node_port(30082));
+        assert_eq!(external.backend_count, 0);
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_DROP_WHEN_EMPTY);
+
+        // Switching the policy back moves the NodePort onto the cluster set, and the local
+        // set goes.
+        local.external_local = false;
+        let (_, ops) = step(
+            p,
+            &mut maps,
+            &state(&[("cluster", cluster), ("local", local)]),
+        );
+        assert!(ops.contains(&Op::DeleteService(frontend_key(&node_port(30082)))));
+        let (clusterip, external) = (
+            svc(&maps, vip([10, 96, 0, 2])),
+            svc(&maps, node_port(30081)),
+        );
+        assert_eq!(external.svc_id, clusterip.svc_id);
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
     }
 
     #[test]

@@ -138,7 +138,11 @@ fn kubectl_list_output() {
         )
     );
 
-    let (state, warnings) = model::build(&scan.services, &scan.endpoint_slices, None);
+    let (state, warnings) = model::build(
+        &scan.services,
+        &scan.endpoint_slices,
+        &model::Node::default(),
+    );
     assert_eq!(warnings, []);
     let web = &state.services[&ServicePortName {
         namespace: "shop".into(),
