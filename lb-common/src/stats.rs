@@ -59,8 +59,12 @@ pub const DROP_SNAT_EXHAUSTED: u32 = 20;
 /// To an externalTrafficPolicy=Local frontend whose service has endpoints, none on this node.
 pub const DROP_NO_LOCAL_BACKEND: u32 = 21;
 
+/// An ICMP error about a tracked flow: the quoted packet and the error's destination
+/// translated back, so the sender's socket sees it (path MTU discovery).
+pub const XLATE_ICMP_ERROR: u32 = 22;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 22;
+pub const REASONS: u32 = 23;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -86,6 +90,7 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_ttl_exceeded",
     "drop_snat_exhausted",
     "drop_no_local_backend",
+    "xlate_icmp_error",
 ];
 
 #[cfg(test)]

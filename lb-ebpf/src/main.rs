@@ -1,4 +1,5 @@
-//! The lb datapath: one tc ingress classifier that load-balances Kubernetes services.
+//! The lb datapath: a tc ingress classifier that load-balances Kubernetes services, and a tc
+//! egress one for the ICMP errors the node itself sends about translated flows.
 //!
 //! Only entry points live here. Each parses and decides in a `try_*` function returning
 //! `Result<Verdict, Reason>`; this file turns that into a tc action and counts it, in one
@@ -10,6 +11,7 @@
 
 mod affinity;
 mod conntrack;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -46,6 +48,21 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
     let (action, reason) = match service::try_ingress(&ctx) {
         Ok(v) => (v.action, v.reason),
         Err(reason) => (action::SHOT, reason),
+    };
+    stats::count(reason, len);
+    action
+}
+
+/// tc egress on the same interfaces: the ICMP errors the node itself sends about translated
+/// flows (a "fragmentation needed" from forwarding into a link with a smaller MTU) are
+/// translated like those arriving from elsewhere. Everything else passes, uncounted.
+#[classifier]
+pub fn lb_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let (action, reason) = match icmp::try_egress(&ctx) {
+        None => return action::OK,
+        Some(Ok(v)) => (v.action, v.reason),
+        Some(Err(reason)) => (action::SHOT, reason),
     };
     stats::count(reason, len);
     action

@@ -11,8 +11,11 @@ const ETH_P_IP: u16 = 0x0800;
 pub const IPV4_HLEN: usize = 20;
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
-/// Enough linear data for Ethernet, the longest IPv4 header and a TCP header.
-const MAX_HEADERS: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
+/// ICMP header: type, code, checksum, 4 bytes of type-specific data.
+pub const ICMP_HLEN: usize = 8;
+/// Enough linear data for Ethernet, the longest IPv4 header and a TCP header, or for an ICMP
+/// error quoting the longest IPv4 header and 8 bytes of its payload.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 8) as u32;
 
 /// IPv4 flag and fragment-offset bits of `frag_off` (host order).
 const IP_MF: u16 = 0x2000;
@@ -48,7 +51,28 @@ pub enum Parsed {
     MalformedL4 { daddr: [u8; 4] },
     /// A complete IPv4 TCP or UDP header.
     L4(Packet),
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting a TCP
+    /// or UDP packet.
+    IcmpError(IcmpError),
 }
+
+/// Where an ICMP error's fields are, and the 5-tuple of the packet it quotes.
+pub struct IcmpError {
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    /// Offset of the quoted IPv4 header, and of its L4 header.
+    pub inner_ip_off: usize,
+    pub inner_l4_off: usize,
+    /// The quoted packet's tuple, as it was sent.
+    pub inner: CtKey,
+    /// The outer destination (who gets the error).
+    pub daddr: [u8; 4],
+}
+
+/// ICMP types that quote the packet they are about (RFC 792).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 pub struct NoPorts {
     pub daddr: [u8; 4],
@@ -164,6 +188,11 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 
     let frag_off = u16::from_be(ip.frag_off_be);
     let fragment = frag_off & (IP_MF | IP_OFFSET) != 0;
+    if !fragment && ip.proto == proto::ICMP {
+        if let Some(err) = icmp_error(ctx, ETH_HLEN + ihl, ip.daddr) {
+            return Parsed::IcmpError(err);
+        }
+    }
     if fragment || (ip.proto != proto::TCP && ip.proto != proto::UDP) {
         return Parsed::NoPorts(NoPorts {
             daddr: ip.daddr,
@@ -225,4 +254,50 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         pkt.l4_payload_len = (udp_len - UDP_HLEN) as u32;
     }
     Parsed::L4(pkt)
+}
+
+/// Parses the ICMP message at `icmp_off`, if it is an error quoting a TCP or UDP packet with
+/// its ports.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, icmp_off: usize, daddr: [u8; 4]) -> Option<IcmpError> {
+    // SAFETY: `ptr_at` checks bounds; a byte needs no alignment.
+    let icmp_type = unsafe { *ptr_at::<u8>(ctx, icmp_off)? };
+    if icmp_type != ICMP_DEST_UNREACH
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROBLEM
+    {
+        return None;
+    }
+    let inner_ip_off = icmp_off + ICMP_HLEN;
+    // SAFETY: `ptr_at` checked the header lies inside the packet; copied once.
+    let ip = unsafe { core::ptr::read_unaligned(ptr_at::<Ipv4Hdr>(ctx, inner_ip_off)?) };
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    if ip.version_ihl >> 4 != 4
+        || ihl < IPV4_HLEN
+        || (ip.proto != proto::TCP && ip.proto != proto::UDP)
+    {
+        return None;
+    }
+    // A quoted later fragment carries no ports.
+    if u16::from_be(ip.frag_off_be) & IP_OFFSET != 0 {
+        return None;
+    }
+    let inner_l4_off = inner_ip_off + ihl;
+    // Both TCP and UDP start with the two ports.
+    // SAFETY: `ptr_at` checked the 4 bytes lie inside the packet.
+    let ports = unsafe { core::ptr::read_unaligned(ptr_at::<[u16; 2]>(ctx, inner_l4_off)?) };
+    Some(IcmpError {
+        icmp_off,
+        inner_ip_off,
+        inner_l4_off,
+        inner: CtKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport_be: ports[0],
+            dport_be: ports[1],
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        daddr,
+    })
 }

@@ -10,6 +10,7 @@ use lb_common::{
 use crate::{
     action, affinity,
     conntrack::{self, Lookup, Source},
+    icmp,
     maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, VIPS},
     nat::{self, End},
     parse::{self, Packet, Parsed},
@@ -41,6 +42,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         Parsed::MalformedL4 { daddr } if is_vip(daddr) => return Err(DROP_MALFORMED_L4),
         Parsed::MalformedL4 { .. } => return pass(PASS_NOT_SERVICE),
         Parsed::L4(pkt) => pkt,
+        Parsed::IcmpError(err) => return icmp::translate_error(ctx, &err),
     };
 
     // One call site for the translation, so the verifier walks it once.

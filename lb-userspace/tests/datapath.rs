@@ -1542,3 +1542,123 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated_to_the_hairpin_
     );
     assert_routed(&run, &net, DNS_BACKEND);
 }
+
+/// A "fragmentation needed" (MTU 1400) from `from` to `to`, quoting the IPv4 packet in
+/// `frame` (its header and 8 bytes of payload, as routers quote).
+fn frag_needed(from: Ipv4Addr, to: Ipv4Addr, frame: &[u8]) -> Vec<u8> {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let quoted = &frame[14..14 + ihl + 8];
+    Frame::icmp_error(from, to, 3, 4, [0, 0, 0x05, 0x78], quoted).build()
+}
+
+/// The quoted packet of an ICMP error, after checking its IPv4 header checksum.
+struct Quote {
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+}
+
+fn quoted(icmp_payload: &[u8]) -> Quote {
+    let (h, rest) = etherparse::Ipv4Header::from_slice(icmp_payload).expect("quoted IPv4");
+    assert_eq!(
+        h.calc_header_checksum(),
+        h.header_checksum,
+        "quoted header checksum"
+    );
+    Quote {
+        saddr: h.source.into(),
+        daddr: h.destination.into(),
+        sport: u16::from_be_bytes([rest[0], rest[1]]),
+        dport: u16::from_be_bytes([rest[2], rest[3]]),
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    let mut f = fixture();
+    let router = Ipv4Addr::new(10, 0, 99, 1);
+    let (backend, _) = new_flow(&mut f, CLIENT, 40500, VIP);
+    // What the backend side saw of the client's packet, and of the backend's reply.
+    let sent = Frame::tcp(CLIENT, 40500, backend, 8080, tcp::ACK).build();
+    let reply = Frame::tcp(VIP, 80, CLIENT, 40500, tcp::ACK).build();
+
+    // From a router between node and backend, to the client: must quote client -> VIP.
+    let run = f.run(&frag_needed(router, CLIENT, &sent));
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let out = verified(&run.out);
+    assert_eq!((out.saddr, out.daddr), (router, CLIENT));
+    let q = quoted(&out.l4_payload);
+    assert_eq!(
+        (q.saddr, q.sport, q.daddr, q.dport),
+        (CLIENT, 40500, VIP, 80)
+    );
+
+    // From a router between client and node, to the VIP: must reach the backend quoting its
+    // own reply.
+    let run = f.run(&frag_needed(router, VIP, &reply));
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let out = verified(&run.out);
+    assert_eq!(out.daddr, backend, "the error goes to the backend");
+    let q = quoted(&out.l4_payload);
+    assert_eq!(
+        (q.saddr, q.sport, q.daddr, q.dport),
+        (backend, 8080, CLIENT, 40500)
+    );
+
+    // The node's own error, leaving through egress, is translated the same way.
+    let before = f.counters();
+    let error = frag_needed(NODE_IP, CLIENT, &sent);
+    let mut out = vec![0u8; error.len() + 64];
+    let res =
+        f.dp.egress_program()
+            .expect("egress program")
+            .test_run(TestRunOptions {
+                data_in: Some(&error),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    assert_eq!(res.return_value, TC_ACT_OK);
+    let q = quoted(&verified(&out).l4_payload);
+    assert_eq!((q.daddr, q.dport), (VIP, 80));
+    let after = f.counters();
+    assert_eq!(
+        after[stats::XLATE_ICMP_ERROR as usize] - before[stats::XLATE_ICMP_ERROR as usize],
+        1
+    );
+
+    // Errors about anything else pass untouched.
+    let stranger = Frame::tcp(CLIENT, 40501, OTHER, 8080, tcp::ACK).build();
+    let error = frag_needed(router, CLIENT, &stranger);
+    f.run(&error)
+        .untouched(&error)
+        .counted_as(stats::PASS_OTHER);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn icmp_errors_about_source_nated_flows_reach_the_real_client() {
+    let mut f = fixture();
+    let mut all = vec![CLIENT];
+    all.extend(backends(3).iter().map(|e| e.addr));
+    let _net = RoutedNetns::enter(&all);
+    let run = f.run(&Frame::tcp(CLIENT, 40600, NODE_IP, 30080, tcp::SYN).build());
+    let out = verified(&run.out);
+    // A router between node and backend complains to the node about node:port -> backend.
+    let sent = Frame::tcp(NODE_IP, out.sport, out.daddr, 8080, tcp::ACK).build();
+    let run = f.run(&frag_needed(Ipv4Addr::new(10, 0, 99, 1), NODE_IP, &sent));
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let icmp = verified(&run.out);
+    assert_eq!(
+        icmp.daddr, CLIENT,
+        "to the real client, not the SNAT address"
+    );
+    let q = quoted(&icmp.l4_payload);
+    assert_eq!(
+        (q.saddr, q.sport, q.daddr, q.dport),
+        (CLIENT, 40600, NODE_IP, 30080)
+    );
+}

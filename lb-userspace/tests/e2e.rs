@@ -797,3 +797,32 @@ fn a_backend_reaching_its_own_service_gets_answers_through_hairpin_nat() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn path_mtu_discovery_works_through_a_cluster_ip() {
+    let bed = Bed::start(1, &manifest(&[1]));
+    // The node's side of the backend link is narrower than both ends think: the backend
+    // advertises an MSS for 1500 bytes, the node cannot forward more than 1400, and tells the
+    // client so with "fragmentation needed" about client -> backend, which only helps once
+    // translated to client -> VIP.
+    bed.topo
+        .node
+        .ip(&[
+            "link",
+            "set",
+            &bed.topo.backend(1).node_iface,
+            "mtu",
+            "1400",
+        ])
+        .expect("narrowing the node's backend link");
+    let line = "x".repeat(20_000);
+    let echoed = bed.in_client(|| {
+        let mut s = TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT)?;
+        s.echo(&line)
+    });
+    let echoed = echoed.unwrap_or_else(|e| {
+        panic!("20 kB through a 1400-byte link did not come back ({e}): PMTU discovery failed")
+    });
+    assert_eq!(echoed, format!("{}: {line}", backend_name(1)));
+}

@@ -77,6 +77,32 @@ impl Frame {
         )
     }
 
+    /// An ICMP error (`icmp_type`, `code`, 4 type-specific bytes such as the next-hop MTU)
+    /// from `saddr` to `daddr`, quoting `quoted`: the start of an IPv4 packet as sent (its
+    /// header and at least 8 bytes of payload, RFC 792).
+    pub fn icmp_error(
+        saddr: Ipv4Addr,
+        daddr: Ipv4Addr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quoted: &[u8],
+    ) -> Frame {
+        let mut bytes = vec![icmp_type, code, 0, 0];
+        bytes.extend_from_slice(&rest);
+        bytes.extend_from_slice(quoted);
+        let c = checksum::fold(checksum::sum_bytes(0, &bytes));
+        bytes[2..4].copy_from_slice(&c.to_be_bytes());
+        Frame::new(
+            saddr,
+            daddr,
+            L4::Raw {
+                proto: lb_common::proto::ICMP,
+                bytes,
+            },
+        )
+    }
+
     pub fn new(saddr: Ipv4Addr, daddr: Ipv4Addr, l4: L4) -> Frame {
         Frame {
             src_mac: CLIENT_MAC,

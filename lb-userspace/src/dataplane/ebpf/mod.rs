@@ -28,7 +28,9 @@ use plan::{Op, Pinned, Programmed};
 /// The datapath object, built by build.rs from `lb-ebpf`.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 /// The classifier's name in the object.
-pub const PROGRAM: &str = "lb_ingress";
+pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// The egress classifier (ICMP errors the node itself sends about translated flows).
+pub const EGRESS_PROGRAM: &str = "lb_egress";
 /// Where maps are pinned unless `--bpffs` says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
@@ -147,10 +149,11 @@ impl EbpfDataplane {
         for (_, path) in &pins {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        let program: &mut SchedClassifier = program_mut(&mut ebpf)?;
-        program
-            .load()
-            .map_err(|source| LoadError::Program { source })?;
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program { source })?;
+        }
 
         let maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES)?,
@@ -182,24 +185,33 @@ impl EbpfDataplane {
         self.default_algorithm = algorithm;
     }
 
-    /// Attaches the classifier at tc ingress of `iface`.
+    /// Attaches the classifiers at tc ingress and egress of `iface`.
     pub fn attach(&mut self, iface: &str) -> Result<(), LoadError> {
         // Fails harmlessly when the qdisc exists; on kernels with tcx it is not even needed.
         let _ = tc::qdisc_add_clsact(iface);
-        let program = program_mut(&mut self.ebpf)?;
-        program
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| LoadError::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
-        info!("attached {PROGRAM} at tc ingress of {iface}");
+        for (name, at) in [
+            (INGRESS_PROGRAM, TcAttachType::Ingress),
+            (EGRESS_PROGRAM, TcAttachType::Egress),
+        ] {
+            program_mut(&mut self.ebpf, name)?
+                .attach(iface, at)
+                .map_err(|source| LoadError::Attach {
+                    iface: iface.to_owned(),
+                    source,
+                })?;
+            info!("attached {name} at tc {at:?} of {iface}");
+        }
         Ok(())
     }
 
-    /// The program file descriptor's owner, for tests that run it with BPF_PROG_TEST_RUN.
+    /// The ingress program, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
-        program_mut(&mut self.ebpf)
+        program_mut(&mut self.ebpf, INGRESS_PROGRAM)
+    }
+
+    /// The egress program, for tests that run it with BPF_PROG_TEST_RUN.
+    pub fn egress_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        program_mut(&mut self.ebpf, EGRESS_PROGRAM)
     }
 
     /// The datapath's counters, summed over CPUs, indexed by `lb_common::stats` reason.
@@ -440,10 +452,13 @@ fn is_bpffs(dir: &Path) -> bool {
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
     let program = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(LoadError::MissingMap { name: PROGRAM })?;
+        .program_mut(name)
+        .ok_or(LoadError::MissingMap { name })?;
     program
         .try_into()
         .map_err(|source| LoadError::Program { source })
