@@ -14,14 +14,16 @@ pub mod names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const AFFINITY: &str = "AFFINITY";
     pub const MAGLEV: &str = "MAGLEV";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
         MEMBERS,
         MAGLEV,
+        SOURCE_RANGES,
         VIPS,
         CONNTRACK,
         AFFINITY,
@@ -47,6 +49,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// Services using Maglev (each has a `maglev::TABLE_SIZE` table of its own).
     pub const MAGLEV: u32 = 16_384;
+    /// loadBalancerSourceRanges entries summed over all services.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -95,6 +99,21 @@ pub const SVC_F_SNAT: u8 = 2;
 /// `Service::flags`: with no backends, drop instead of reject: the service has endpoints, just
 /// none on this node (externalTrafficPolicy: Local), as kube-proxy does.
 pub const SVC_F_DROP_WHEN_EMPTY: u8 = 4;
+/// `Service::flags`: new flows are accepted only from clients in the service's
+/// `SOURCE_RANGES` (a LoadBalancer frontend with `loadBalancerSourceRanges`).
+pub const SVC_F_SOURCE_RANGES: u8 = 8;
+
+/// Data of a `SOURCE_RANGES` key. The map is an LPM trie keyed by a prefix length and this;
+/// the service id always matches in full, so a range `addr/len` is stored with prefix length
+/// `32 + len`, and a client is allowed when `(svc_id, client)` at length 64 finds an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// `Service::svc_id`, network byte order (the trie matches bits from the first byte).
+    pub svc_id_be: u32,
+    /// Client address or range start, network byte order.
+    pub addr: [u8; 4],
+}
 
 /// `Service::algorithm`: uniform random slot per new flow.
 pub const ALG_RANDOM: u8 = 0;
@@ -339,6 +358,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<SourceRange>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -371,7 +391,8 @@ mod user {
         Vip,
         CtKey,
         CtEntry,
-        Counter
+        Counter,
+        SourceRange
     );
 }
 

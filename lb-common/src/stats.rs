@@ -63,8 +63,11 @@ pub const DROP_NO_LOCAL_BACKEND: u32 = 21;
 /// translated back, so the sender's socket sees it (path MTU discovery).
 pub const XLATE_ICMP_ERROR: u32 = 22;
 
+/// A new flow to a LoadBalancer frontend from a client outside its `loadBalancerSourceRanges`.
+pub const DROP_SOURCE_RANGE: u32 = 23;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 23;
+pub const REASONS: u32 = 24;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -91,6 +94,7 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_snat_exhausted",
     "drop_no_local_backend",
     "xlate_icmp_error",
+    "drop_source_range",
 ];
 
 #[cfg(test)]

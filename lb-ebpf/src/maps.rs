@@ -1,12 +1,12 @@
 //! The pinned maps. Types and capacities come from `lb_common`, the contract with the agent.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     capacity, maglev, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey,
-    FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
+    FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange, Vip, VipKey,
 };
 
 /// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
@@ -30,6 +30,12 @@ pub static MAGLEV: HashOfMaps<
     Array<u32, { maglev::TABLE_SIZE as usize }>,
     { capacity::MAGLEV as usize },
 > = HashOfMaps::new();
+
+/// loadBalancerSourceRanges: (service id, client range) for frontends with
+/// `SVC_F_SOURCE_RANGES`.
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// (service id, backend id) pairs: which backends currently serve which service.
 #[btf_map]

@@ -1,17 +1,17 @@
 //! The ingress decision: tracked flow, new flow to a frontend, or not ours.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key, programs::TcContext};
 use lb_common::{
-    maglev, snat, stats::*, Backend, CtEntry, CtKey, FrontendKey, Service, SlotKey, VipKey,
-    ALG_MAGLEV, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
-    SVC_F_EXTERNAL, SVC_F_SNAT,
+    maglev, snat, stats::*, Backend, CtEntry, CtKey, FrontendKey, Service, SlotKey, SourceRange,
+    VipKey, ALG_MAGLEV, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
+    SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     action, affinity,
     conntrack::{self, Lookup, Source},
     icmp,
-    maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, VIPS},
+    maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, SOURCE_RANGES, VIPS},
     nat::{self, End},
     parse::{self, Packet, Parsed},
     reject, route, Verdict,
@@ -87,6 +87,9 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
     };
     // SAFETY: pointer from a successful lookup, copied out before any other map operation.
     let svc = unsafe { *svc };
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(&svc, pkt.tuple.saddr) {
+        return Err(DROP_SOURCE_RANGE);
+    }
     if svc.backend_count == 0 {
         if svc.flags & SVC_F_DROP_WHEN_EMPTY != 0 {
             return Err(DROP_NO_LOCAL_BACKEND);
@@ -116,6 +119,16 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
         pkt, svc.svc_id, backend_id, &backend, source, route, replace,
     )?;
     Ok(Flow::New(entry, reason))
+}
+
+/// True when `client` is within one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(svc: &Service, client: [u8; 4]) -> bool {
+    let data = SourceRange {
+        svc_id_be: svc.svc_id.to_be(),
+        addr: client,
+    };
+    SOURCE_RANGES.get(&Key::new(64, data)).is_some()
 }
 
 /// The address hairpin flows are source-NATed to (`lb-agent --hairpin-ip`), network order.

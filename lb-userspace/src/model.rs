@@ -68,10 +68,12 @@ pub struct Endpoint {
 pub struct ServicePort {
     /// ClusterIP frontends: reached from inside the cluster, served with every endpoint.
     pub frontends: BTreeSet<Frontend>,
-    /// Node-facing frontends (the NodePort on every node address, externalIPs, LoadBalancer
-    /// ingress IPs), each with the node address its flows are source-NATed to under
-    /// externalTrafficPolicy Cluster.
-    pub external_frontends: BTreeMap<Frontend, Ipv4Addr>,
+    /// Node-facing frontends: the NodePort on every node address, externalIPs, LoadBalancer
+    /// ingress IPs.
+    pub external_frontends: BTreeMap<Frontend, External>,
+    /// loadBalancerSourceRanges (address, prefix length, host bits cleared): the only
+    /// clients the LoadBalancer frontends accept. Empty: every client.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
     /// externalTrafficPolicy Local: external frontends keep the client's address and use only
     /// `local_endpoints`.
     pub external_local: bool,
@@ -84,6 +86,15 @@ pub struct ServicePort {
     /// How new flows choose a backend, when the service asks for one (`ANNOTATION_ALGORITHM`);
     /// `None` leaves it to the agent's `--lb-algorithm`.
     pub algorithm: Option<Algorithm>,
+}
+
+/// How an external frontend is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct External {
+    /// The node address its flows are source-NATed to under externalTrafficPolicy Cluster.
+    pub snat_addr: Ipv4Addr,
+    /// A LoadBalancer ingress IP: subject to `ServicePort::source_ranges`.
+    pub load_balancer: bool,
 }
 
 /// How a new flow chooses its backend.
@@ -280,6 +291,8 @@ pub enum Problem {
     EndpointWithoutAddress,
     #[error("external or load-balancer IP {addr:?} is not an IP address; skipping it")]
     InvalidExternalIp { addr: String },
+    #[error("loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; skipping it (the other ranges still apply)")]
+    InvalidSourceRange { range: String },
     #[error("the node has no IPv4 address to source-NAT external traffic to; skipping the service's external IPs")]
     NoNodeAddress,
 }
@@ -452,10 +465,14 @@ fn add_service(
         let frontends: BTreeSet<Frontend> =
             addrs.iter().map(|&a| at(a)).filter(|&f| claim(f)).collect();
         let mut external_frontends = BTreeMap::new();
-        if let Some(snat) = external.snat_addr {
-            for &addr in &external.addrs {
+        if let Some(snat_addr) = external.snat_addr {
+            for &(addr, load_balancer) in &external.addrs {
                 if claim(at(addr)) {
-                    external_frontends.insert(at(addr), snat);
+                    let e = External {
+                        snat_addr,
+                        load_balancer,
+                    };
+                    external_frontends.insert(at(addr), e);
                 }
             }
         }
@@ -469,7 +486,11 @@ fn add_service(
                 };
                 // Flows to a node address are source-NATed to that same address.
                 if claim(frontend) {
-                    external_frontends.insert(frontend, addr);
+                    let e = External {
+                        snat_addr: addr,
+                        load_balancer: false,
+                    };
+                    external_frontends.insert(frontend, e);
                 }
             }
         }
@@ -481,6 +502,9 @@ fn add_service(
         let entry = state.services.entry(spn).or_default();
         entry.frontends.extend(frontends);
         entry.external_frontends.extend(external_frontends);
+        entry
+            .source_ranges
+            .extend(external.source_ranges.iter().copied());
         entry.external_local = external_local;
         entry.endpoints.extend(ready);
         entry.local_endpoints.extend(local);
@@ -489,22 +513,24 @@ fn add_service(
     }
 }
 
-/// A service's externalIPs and LoadBalancer ingress IPs, and the node address their flows
-/// are source-NATed to.
+/// A service's externalIPs and LoadBalancer ingress IPs (`true` for those), the node address
+/// their flows are source-NATed to, and the LoadBalancer's source ranges.
 struct ExternalAddrs {
-    addrs: Vec<Ipv4Addr>,
+    addrs: Vec<(Ipv4Addr, bool)>,
     snat_addr: Option<Ipv4Addr>,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 impl ExternalAddrs {
     fn of(service: &Service, node: &Node, warn: &mut impl FnMut(Problem)) -> ExternalAddrs {
         let spec = service.spec.as_ref();
-        let mut listed: Vec<&str> = spec
+        let mut listed: Vec<(&str, bool)> = spec
             .and_then(|s| s.external_ips.as_deref())
             .unwrap_or_default()
             .iter()
-            .map(String::as_str)
+            .map(|ip| (ip.as_str(), false))
             .collect();
+        let mut source_ranges = Vec::new();
         if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
             let ingress = service
                 .status
@@ -513,12 +539,27 @@ impl ExternalAddrs {
                 .and_then(|lb| lb.ingress.as_deref())
                 .unwrap_or_default();
             // Hostname-only ingress points (some cloud load balancers) carry no address.
-            listed.extend(ingress.iter().filter_map(|i| i.ip.as_deref()));
+            listed.extend(
+                ingress
+                    .iter()
+                    .filter_map(|i| Some((i.ip.as_deref()?, true))),
+            );
+            let ranges = spec.and_then(|s| s.load_balancer_source_ranges.as_deref());
+            for range in ranges.unwrap_or_default() {
+                match parse_ipv4_cidr(range.trim()) {
+                    Some(r) => source_ranges.push(r),
+                    // IPv6 ranges restrict IPv6 clients, which are not served yet.
+                    None if range.contains(':') => {}
+                    None => warn(Problem::InvalidSourceRange {
+                        range: range.clone(),
+                    }),
+                }
+            }
         }
         let mut addrs = Vec::new();
-        for ip in listed {
+        for (ip, load_balancer) in listed {
             match parse_ipv4_sloppy(ip) {
-                Some(addr) => addrs.push(addr),
+                Some(addr) => addrs.push((addr, load_balancer)),
                 None if ip.parse::<Ipv6Addr>().is_ok() => warn(Problem::Ipv6NotProgrammed {
                     addrs: vec![ip.to_owned()],
                 }),
@@ -531,8 +572,21 @@ impl ExternalAddrs {
         if !addrs.is_empty() && snat_addr.is_none() {
             warn(Problem::NoNodeAddress);
         }
-        ExternalAddrs { addrs, snat_addr }
+        ExternalAddrs {
+            addrs,
+            snat_addr,
+            source_ranges,
+        }
     }
+}
+
+/// Parses `a.b.c.d/len` into the range's first address and its length.
+fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr = parse_ipv4_sloppy(addr)?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    Some((Ipv4Addr::from(u32::from(addr) & mask), len))
 }
 
 /// The service's IPv4 ClusterIPs, or `None` when it is headless. IPv6 and invalid addresses
@@ -886,7 +940,7 @@ mod tests {
         let show = |f: &Frontend| format!("{}:{}", f.addr, f.port);
         port.external_frontends
             .iter()
-            .map(|(f, snat)| (show(f), snat.to_string()))
+            .map(|(f, e)| (show(f), e.snat_addr.to_string()))
             .collect()
     }
 
@@ -923,6 +977,39 @@ mod tests {
                     addrs: vec!["2001:db8::1".into()]
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_are_parsed_masked_and_bad_ones_named() {
+        let (port, warnings) = external(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             loadBalancerSourceRanges: ['10.1.2.3/16', ' 192.0.2.0/24', '2001:db8::/32', '10.0.0.0/33'], \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+             status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}}",
+        );
+        assert_eq!(
+            port.source_ranges,
+            [
+                (Ipv4Addr::new(10, 1, 0, 0), 16),
+                (Ipv4Addr::new(192, 0, 2, 0), 24)
+            ]
+            .into()
+        );
+        let lb = port
+            .external_frontends
+            .iter()
+            .find(|(_, e)| e.load_balancer);
+        assert_eq!(
+            lb.map(|(f, _)| f.addr),
+            Some(Ipv4Addr::new(198, 51, 100, 9))
+        );
+        let problems: Vec<_> = warnings.into_iter().map(|w| w.problem).collect();
+        assert_eq!(
+            problems,
+            vec![Problem::InvalidSourceRange {
+                range: "10.0.0.0/33".into()
+            }]
         );
     }
 

@@ -21,7 +21,10 @@ use lb_userspace::{
         ebpf::{monotonic_ns, EbpfDataplane, LoadOptions},
         Dataplane,
     },
-    model::{Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
+    model::{
+        Algorithm, DesiredState, Endpoint, External, Frontend, Protocol, ServicePort,
+        ServicePortName,
+    },
     testbed::packet::{patch_ipv4, tcp, Frame, CLIENT_MAC, L4, NODE_MAC},
 };
 
@@ -183,9 +186,31 @@ fn desired(b: &Backends) -> DesiredState {
             node_port("nodeport", NODEPORT_VIP, 30080, false, &[]),
             node_port("local", Ipv4Addr::new(10, 96, 0, 17), 30081, true, &[1]),
             node_port("nolocal", Ipv4Addr::new(10, 96, 0, 18), 30082, true, &[]),
+            ranged_load_balancer(),
         ]
         .into(),
     }
+}
+
+/// A LoadBalancer IP accepting only 10.0.1.0/25 (CLIENT is in it, 10.0.1.200 is not), over
+/// `backends(3)`.
+const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
+
+fn ranged_load_balancer() -> (ServicePortName, ServicePort) {
+    let vip = Ipv4Addr::new(10, 96, 0, 19);
+    let (name, mut port) = service_port("ranged", "", Protocol::Tcp, vip, 80, backends(3));
+    let frontend = Frontend {
+        addr: RANGED_LB_IP,
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let external = External {
+        snat_addr: NODE_IP,
+        load_balancer: true,
+    };
+    port.external_frontends = [(frontend, external)].into();
+    port.source_ranges = [(Ipv4Addr::new(10, 0, 1, 0), 25)].into();
+    (name, port)
 }
 
 /// A TCP NodePort service on `NODE_IP` over `backends(3)`, with policy Local when `local`,
@@ -203,7 +228,11 @@ fn node_port(
         port: node_port,
         protocol: Protocol::Tcp,
     };
-    port.external_frontends = [(frontend, NODE_IP)].into();
+    let external = External {
+        snat_addr: NODE_IP,
+        load_balancer: false,
+    };
+    port.external_frontends = [(frontend, external)].into();
     port.external_local = local;
     let all: Vec<Endpoint> = port.endpoints.iter().copied().collect();
     port.local_endpoints = local_backends.iter().map(|i| all[i - 1]).collect();
@@ -1661,4 +1690,23 @@ fn icmp_errors_about_source_nated_flows_reach_the_real_client() {
         (q.saddr, q.sport, q.daddr, q.dport),
         (CLIENT, 40600, NODE_IP, 30080)
     );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn load_balancer_source_ranges_admit_only_listed_clients() {
+    let mut f = fixture();
+    let mut all = vec![CLIENT];
+    all.extend(backends(3).iter().map(|e| e.addr));
+    let _net = RoutedNetns::enter(&all);
+    let run = f.run(&Frame::tcp(CLIENT, 40700, RANGED_LB_IP, 80, tcp::SYN).build());
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let outsider = Ipv4Addr::new(10, 0, 1, 200);
+    let run = f.run(&Frame::tcp(outsider, 40700, RANGED_LB_IP, 80, tcp::SYN).build());
+    run.counted_as(stats::DROP_SOURCE_RANGE);
+    assert_eq!(run.action, TC_ACT_SHOT);
+    // The service's ClusterIP is not a LoadBalancer frontend: open to everyone.
+    let run =
+        f.run(&Frame::tcp(outsider, 40701, Ipv4Addr::new(10, 96, 0, 19), 80, tcp::SYN).build());
+    run.counted_as(stats::XLATE_NEW_FLOW);
 }

@@ -633,17 +633,20 @@ fn rst_is_valid_when_the_egress_completes_checksums() {
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 
-/// Service `external` (LoadBalancer: NodePort 30080, externalIP, ingress IP; policy Cluster)
-/// and service `local` (NodePort 30081, policy Local) over backends 1-3, of which only
-/// backend 1 runs on this node.
-fn external_manifest() -> String {
+/// Service `external` (LoadBalancer: NodePort 30080, externalIP, ingress IP; policy Cluster;
+/// `source_ranges` as its loadBalancerSourceRanges) and service `local` (NodePort 30081,
+/// policy Local) over backends 1-3, of which only backend 1 runs on this node.
+fn external_manifest(source_ranges: &str) -> String {
     let mut yaml = String::new();
     for (name, cluster_ip, node_port, extra) in [
         (
             "external",
             "10.96.0.20",
             30080,
-            format!("  type: LoadBalancer\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
+            format!(
+                "  type: LoadBalancer\n  externalIPs: [\"{EXTERNAL_IP}\"]\n  \
+                 loadBalancerSourceRanges: [{source_ranges}]\n"
+            ),
         ),
         (
             "local",
@@ -707,7 +710,7 @@ fn names_and_peers(bed: &Bed, addr: SocketAddr, n: usize) -> Vec<(String, std::n
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn node_port_external_ip_and_load_balancer_ip_reach_backends_from_outside() {
     let node_ip = NODE_IP.to_string();
-    let bed = Bed::start_with(3, &external_manifest(), &["--node-ip", &node_ip]);
+    let mut bed = Bed::start_with(3, &external_manifest(""), &["--node-ip", &node_ip]);
     for addr in [EXTERNAL_IP, LB_IP] {
         bed.topo
             .client
@@ -744,6 +747,28 @@ fn node_port_external_ip_and_load_balancer_ip_reach_backends_from_outside() {
             "{frontend}: client address kept"
         );
     }
+
+    // loadBalancerSourceRanges that leave the client out close the LoadBalancer IP to it,
+    // and only that: the externalIP and the NodePort stay open.
+    bed.rewrite(external_manifest("\"192.0.2.0/24\""));
+    let lb = SocketAddr::from((LB_IP, 80));
+    let refused = bed.in_client(|| TcpSession::connect(lb, Duration::from_secs(1)).map(|_| ()));
+    assert!(
+        refused.is_err(),
+        "the LoadBalancer IP must not answer a client outside its ranges"
+    );
+    for open in [
+        SocketAddr::from((EXTERNAL_IP, 80)),
+        SocketAddr::from((NODE_IP, 30080)),
+    ] {
+        assert_eq!(names_and_peers(&bed, open, 3).len(), 3, "{open} stays open");
+    }
+    bed.rewrite(external_manifest("\"10.0.1.0/24\""));
+    assert_eq!(
+        names_and_peers(&bed, lb, 3).len(),
+        3,
+        "a listed client gets in"
+    );
 }
 
 #[test]

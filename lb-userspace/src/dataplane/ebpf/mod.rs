@@ -11,13 +11,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, HashOfMaps, MapData, MapError},
+    maps::{lpm_trie, Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError},
     programs::{tc, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    conntrack, maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip,
-    VipKey,
+    conntrack, maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey,
+    SourceRange, Vip, VipKey,
 };
 use log::{info, warn};
 
@@ -74,6 +74,7 @@ struct Maps {
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, VipKey, Vip>,
+    source_ranges: LpmTrie<MapData, SourceRange, u32>,
 }
 
 /// How to load the datapath.
@@ -92,6 +93,15 @@ impl Default for LoadOptions {
             hairpin_addr: Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR),
         }
     }
+}
+
+/// The `SOURCE_RANGES` key of range `addr/len` of service `svc_id` (see `SourceRange`).
+fn source_range_key(svc_id: u32, addr: Ipv4Addr, len: u8) -> lpm_trie::Key<SourceRange> {
+    let data = SourceRange {
+        svc_id_be: svc_id.to_be(),
+        addr: addr.octets(),
+    };
+    lpm_trie::Key::new(32 + u32::from(len), data)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
@@ -167,6 +177,14 @@ impl EbpfDataplane {
             },
             backends: take_map(&mut ebpf, names::BACKENDS)?,
             vips: take_map(&mut ebpf, names::VIPS)?,
+            source_ranges: {
+                let map = ebpf
+                    .take_map(names::SOURCE_RANGES)
+                    .ok_or(LoadError::MissingMap {
+                        name: names::SOURCE_RANGES,
+                    })?;
+                LpmTrie::try_from(map).map_err(|source| map_err(names::SOURCE_RANGES, source))?
+            },
         };
         let mut dp = EbpfDataplane {
             ebpf,
@@ -309,6 +327,16 @@ impl EbpfDataplane {
                 .map_err(|source| map_err(names::MAGLEV, source))?,
             backends: all(names::BACKENDS, m.backends.iter())?,
             vips: all(names::VIPS, m.vips.iter())?,
+            source_ranges: m
+                .source_ranges
+                .keys()
+                .map(|k| {
+                    let k = k?;
+                    let (d, len) = (k.data(), k.prefix_len().saturating_sub(32) as u8);
+                    Ok((u32::from_be(d.svc_id_be), Ipv4Addr::from(d.addr), len))
+                })
+                .collect::<Result<_, MapError>>()
+                .map_err(|source| map_err(names::SOURCE_RANGES, source))?,
         };
         if !pinned.services.is_empty() {
             info!(
@@ -340,6 +368,13 @@ impl EbpfDataplane {
                 entries.iter().try_for_each(|(i, id)| inner.set(*i, id, 0))
             }
             Op::DeleteMaglev(svc_id) => m.maglev.remove(&svc_id),
+            Op::PutSourceRange(svc_id, addr, len) => {
+                m.source_ranges
+                    .insert(&source_range_key(svc_id, addr, len), 1, 0)
+            }
+            Op::DeleteSourceRange(svc_id, addr, len) => {
+                m.source_ranges.remove(&source_range_key(svc_id, addr, len))
+            }
             Op::PutSlot(k, v) => m.slots.insert(k, v, 0),
             Op::PutService(k, v) => m.services.insert(k, v, 0),
             Op::PutVip(k, v) => m.vips.insert(k, v, 0),

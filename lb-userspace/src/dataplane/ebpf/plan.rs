@@ -7,16 +7,17 @@
 //! racing an update therefore sees either the old or the new backend set, never a hole.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use lb_common::{
     maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
     ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL,
-    SVC_F_SNAT,
+    SVC_F_SNAT, SVC_F_SOURCE_RANGES,
 };
 use log::warn;
 
 use crate::model::{
-    Algorithm, DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName,
+    Algorithm, DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
 };
 
 /// One map operation, in the order they must be executed.
@@ -28,6 +29,8 @@ pub enum Op {
     PutMaglev(u32, Vec<u32>),
     /// Changed entries (index, backend id) of the service's existing Maglev table.
     PatchMaglev(u32, Vec<(u32, u32)>),
+    /// A loadBalancerSourceRanges entry (service id, range start, prefix length).
+    PutSourceRange(u32, Ipv4Addr, u8),
     PutSlot(SlotKey, Slot),
     PutService(FrontendKey, Service),
     PutVip(VipKey, Vip),
@@ -35,6 +38,7 @@ pub enum Op {
     DeleteService(FrontendKey),
     DeleteSlot(SlotKey),
     DeleteMaglev(u32),
+    DeleteSourceRange(u32, Ipv4Addr, u8),
     DeleteMember(MemberKey),
     DeleteBackend(u32),
 }
@@ -47,6 +51,7 @@ impl Op {
                 | Op::DeleteService(_)
                 | Op::DeleteSlot(_)
                 | Op::DeleteMaglev(_)
+                | Op::DeleteSourceRange(..)
                 | Op::DeleteMember(_)
                 | Op::DeleteBackend(_)
         )
@@ -73,6 +78,8 @@ struct Unit<'a> {
     endpoints: &'a BTreeSet<Endpoint>,
     /// With no endpoints, drop rather than reject (`SVC_F_DROP_WHEN_EMPTY`).
     drop_when_empty: bool,
+    /// The clients frontends with `SVC_F_SOURCE_RANGES` accept.
+    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// The units a desired state is programmed as.
@@ -84,31 +91,51 @@ fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
             .iter()
             .map(|fe| (frontend_key(fe), 0, [0; 4]))
             .collect();
+        let restricted = |e: &External| e.load_balancer && !port.source_ranges.is_empty();
+        let ranges_of = |frontends: &[(FrontendKey, u8, [u8; 4])]| {
+            let any = frontends.iter().any(|f| f.1 & SVC_F_SOURCE_RANGES != 0);
+            if any {
+                port.source_ranges.clone()
+            } else {
+                BTreeSet::new()
+            }
+        };
+        let flags = |e: &External, base: u8| {
+            base | if restricted(e) {
+                SVC_F_SOURCE_RANGES
+            } else {
+                0
+            }
+        };
         let external = port.external_frontends.iter();
         if port.external_local {
             let frontends: Vec<_> = external
-                .map(|(fe, _)| (frontend_key(fe), SVC_F_EXTERNAL, [0; 4]))
+                .map(|(fe, e)| (frontend_key(fe), flags(e, SVC_F_EXTERNAL), [0; 4]))
                 .collect();
             if !frontends.is_empty() {
                 units.push(Unit {
                     name,
                     scope: Scope::Local,
                     port,
-                    frontends,
                     endpoints: &port.local_endpoints,
                     // Endpoints elsewhere but none here: kube-proxy drops rather than rejects.
                     drop_when_empty: !port.endpoints.is_empty(),
+                    source_ranges: ranges_of(&frontends),
+                    frontends,
                 });
             }
         } else {
-            let flags = SVC_F_EXTERNAL | SVC_F_SNAT;
-            cluster.extend(external.map(|(fe, snat)| (frontend_key(fe), flags, snat.octets())));
+            cluster.extend(external.map(|(fe, e)| {
+                let f = flags(e, SVC_F_EXTERNAL | SVC_F_SNAT);
+                (frontend_key(fe), f, e.snat_addr.octets())
+            }));
         }
         if !cluster.is_empty() {
             units.push(Unit {
                 name,
                 scope: Scope::Cluster,
                 port,
+                source_ranges: ranges_of(&cluster),
                 frontends: cluster,
                 endpoints: &port.endpoints,
                 drop_when_empty: false,
@@ -132,6 +159,8 @@ pub struct ProgrammedPort {
     /// The Maglev table written for it, if it uses Maglev (empty when adopted: the contents
     /// are not read back, so the first plan replaces the table whole).
     maglev: Option<Vec<u32>>,
+    /// Its loadBalancerSourceRanges entries.
+    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// What the pinned maps hold, read back when the agent starts or resyncs.
@@ -143,6 +172,8 @@ pub struct Pinned {
     pub maglev: Vec<u32>,
     pub backends: Vec<(u32, Backend)>,
     pub vips: Vec<(VipKey, Vip)>,
+    /// loadBalancerSourceRanges entries: (service id, range start, prefix length).
+    pub source_ranges: Vec<(u32, Ipv4Addr, u8)>,
 }
 
 /// Pinned keys no adopted service port accounts for (what an apply that failed half way
@@ -153,6 +184,7 @@ struct Leftovers {
     members: BTreeSet<MemberKey>,
     maglev: BTreeSet<u32>,
     backends: BTreeSet<u32>,
+    source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
 }
 
 /// What the maps hold, as far as the agent knows.
@@ -196,6 +228,7 @@ impl Programmed {
                     affinity_timeout_s: svc.affinity_timeout_s,
                     algorithm: svc.algorithm,
                     maglev: None,
+                    source_ranges: BTreeSet::new(),
                 });
             port.frontends.insert(*key, *svc);
             p.adopted_frontends.insert(*key, svc.svc_id);
@@ -238,6 +271,12 @@ impl Programmed {
             })
             .copied()
             .collect();
+        for &(svc_id, addr, len) in &pinned.source_ranges {
+            match p.adopted.get_mut(&svc_id) {
+                Some(port) => drop(port.source_ranges.insert((addr, len))),
+                None => drop(p.leftovers.source_ranges.insert((svc_id, addr, len))),
+            }
+        }
         p.leftovers.maglev = tables
             .iter()
             .filter(|id| p.adopted.get(id).is_none_or(|a| a.maglev.is_none()))
@@ -258,6 +297,7 @@ impl Programmed {
             .map(|(_, s)| s.svc_id)
             .chain(slots.keys().map(|k| k.svc_id))
             .chain(pinned.members.iter().map(|m| m.svc_id))
+            .chain(pinned.source_ranges.iter().map(|r| r.0))
             .chain(tables.iter().copied());
         p.next_svc_id = svc_ids.max().unwrap_or(0);
         let backend_ids = pinned
@@ -294,6 +334,8 @@ impl Programmed {
         let mut deletes_slot = Vec::new();
         let mut deletes_member = Vec::new();
         let mut deletes_maglev = Vec::new();
+        let mut puts_range = Vec::new();
+        let mut deletes_range = Vec::new();
         let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
         let mut taken_over: BTreeSet<u32> = BTreeSet::new();
 
@@ -418,6 +460,19 @@ impl Programmed {
                 deletes_member.push(Op::DeleteMember(member_key(svc_id, *id)));
             }
 
+            // Ranges are in place before a frontend that checks them, and go after.
+            let old_ranges = old.map(|o| &o.source_ranges);
+            for &(addr, len) in &unit.source_ranges {
+                if !old_ranges.is_some_and(|r| r.contains(&(addr, len))) {
+                    puts_range.push(Op::PutSourceRange(svc_id, addr, len));
+                }
+            }
+            for &(addr, len) in old_ranges.into_iter().flatten() {
+                if !unit.source_ranges.contains(&(addr, len)) {
+                    deletes_range.push(Op::DeleteSourceRange(svc_id, addr, len));
+                }
+            }
+
             let affinity_timeout_s = port.affinity_timeout_s.unwrap_or(0);
             let mut frontends = BTreeMap::new();
             for (key, mut flags, snat_addr) in unit.frontends {
@@ -456,6 +511,7 @@ impl Programmed {
                     affinity_timeout_s,
                     algorithm,
                     maglev: table,
+                    source_ranges: unit.source_ranges,
                 },
             );
         }
@@ -463,6 +519,7 @@ impl Programmed {
         let mut ops = puts_backend;
         ops.extend(puts_member);
         ops.extend(puts_maglev);
+        ops.extend(puts_range);
         ops.extend(puts_slot);
         ops.extend(puts_service);
         for (vip, &frontends) in &next.vips {
@@ -509,6 +566,18 @@ impl Programmed {
             ops.push(Op::DeleteMaglev(old.svc_id));
         }
         ops.extend(self.leftovers.maglev.iter().map(|id| Op::DeleteMaglev(*id)));
+        ops.extend(deletes_range);
+        for old in &removed {
+            for &(addr, len) in &old.source_ranges {
+                ops.push(Op::DeleteSourceRange(old.svc_id, addr, len));
+            }
+        }
+        ops.extend(
+            self.leftovers
+                .source_ranges
+                .iter()
+                .map(|&(id, addr, len)| Op::DeleteSourceRange(id, addr, len)),
+        );
         ops.extend(deletes_member);
         for old in &removed {
             let ids: BTreeSet<u32> = old.slots.iter().copied().collect();
@@ -602,6 +671,7 @@ mod tests {
         maglev: BTreeMap<u32, Vec<u32>>,
         backends: BTreeMap<u32, Backend>,
         vips: BTreeMap<VipKey, Vip>,
+        source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
     }
 
     impl Maps {
@@ -617,6 +687,8 @@ mod tests {
                     }
                 }
                 Op::DeleteMaglev(id) => drop(self.maglev.remove(&id)),
+                Op::PutSourceRange(id, a, l) => drop(self.source_ranges.insert((id, a, l))),
+                Op::DeleteSourceRange(id, a, l) => drop(self.source_ranges.remove(&(id, a, l))),
                 Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
                 Op::PutService(k, v) => drop(self.services.insert(k, v)),
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
@@ -718,6 +790,21 @@ mod tests {
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
+            // Exactly the ranges of the services whose LoadBalancer frontends check them.
+            let mut want_ranges = BTreeSet::new();
+            for svc in self.services.values() {
+                if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+                    let port = desired.services.values().find(|p| {
+                        let frontends = p.frontends.iter().chain(p.external_frontends.keys());
+                        frontends
+                            .map(frontend_key)
+                            .any(|k| self.services[&k].svc_id == svc.svc_id)
+                    });
+                    let port = port.expect("a desired port for a ranged service");
+                    want_ranges.extend(port.source_ranges.iter().map(|&(a, l)| (svc.svc_id, a, l)));
+                }
+            }
+            assert_eq!(self.source_ranges, want_ranges, "source ranges");
             let counts: BTreeMap<u32, u16> = self
                 .services
                 .values()
@@ -819,6 +906,8 @@ mod tests {
                 Op::PutMaglev(..) => "put-maglev",
                 Op::PatchMaglev(..) => "patch-maglev",
                 Op::DeleteMaglev(..) => "del-maglev",
+                Op::PutSourceRange(..) => "put-source-range",
+                Op::DeleteSourceRange(..) => "del-source-range",
                 Op::PutSlot(..) => "put-slot",
                 Op::PutService(..) => "put-service",
                 Op::PutVip(..) => "put-vip",
@@ -863,14 +952,18 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
         };
+        let at_node = External {
+            snat_addr: node,
+            load_balancer: false,
+        };
         let mut cluster = port([10, 96, 0, 1], 80, &[1, 2]);
-        cluster.external_frontends = [(node_port(30080), node)].into();
+        cluster.external_frontends = [(node_port(30080), at_node)].into();
         let mut local = port([10, 96, 0, 2], 80, &[1, 2]);
-        local.external_frontends = [(node_port(30081), node)].into();
+        local.external_frontends = [(node_port(30081), at_node)].into();
         local.external_local = true;
         local.local_endpoints = local.endpoints.iter().take(1).copied().collect();
         let mut none_here = port([10, 96, 0, 3], 80, &[1, 2]);
-        none_here.external_frontends = [(node_port(30082), node)].into();
+        none_here.external_frontends = [(node_port(30082), at_node)].into();
         none_here.external_local = true;
         let (p, _) = step(
             Programmed::default(),
@@ -931,6 +1024,60 @@ mod tests {
         );
         assert_eq!(external.svc_id, clusterip.svc_id);
         assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
+    }
+
+    #[test]
+    fn source_ranges_guard_only_load_balancer_frontends_and_follow_changes() {
+        let mut maps = Maps::default();
+        let lb_ip = Frontend {
+            addr: Ipv4Addr::new(198, 51, 100, 9),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let external_ip = Frontend {
+            addr: Ipv4Addr::new(203, 0, 113, 7),
+            ..lb_ip
+        };
+        let e = |load_balancer| External {
+            snat_addr: Ipv4Addr::new(192, 168, 0, 10),
+            load_balancer,
+        };
+        let mut lb = port([10, 96, 0, 1], 80, &[1, 2]);
+        lb.external_frontends = [(lb_ip, e(true)), (external_ip, e(false))].into();
+        lb.source_ranges = [
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+            (Ipv4Addr::new(192, 0, 2, 0), 24),
+        ]
+        .into();
+        let (p, ops) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("lb", lb.clone())]),
+        );
+        let first_range = ops.iter().position(|o| matches!(o, Op::PutSourceRange(..)));
+        let first_service = ops.iter().position(|o| matches!(o, Op::PutService(..)));
+        assert!(
+            first_range < first_service,
+            "ranges before the frontends that check them"
+        );
+        let flags = |maps: &Maps, fe: &Frontend| maps.services[&frontend_key(fe)].flags;
+        assert_ne!(flags(&maps, &lb_ip) & SVC_F_SOURCE_RANGES, 0);
+        assert_eq!(
+            flags(&maps, &external_ip) & SVC_F_SOURCE_RANGES,
+            0,
+            "externalIPs are open"
+        );
+
+        // One range less: one delete, nothing else.
+        lb.source_ranges.remove(&(Ipv4Addr::new(192, 0, 2, 0), 24));
+        let (p, ops) = step(p, &mut maps, &state(&[("lb", lb.clone())]));
+        assert_eq!(kinds(&ops), ["del-source-range"]);
+
+        // No ranges: the frontend opens and the last range goes after it.
+        lb.source_ranges.clear();
+        let (_, ops) = step(p, &mut maps, &state(&[("lb", lb)]));
+        assert_eq!(kinds(&ops), ["put-service", "del-source-range"]);
+        assert_eq!(flags(&maps, &lb_ip) & SVC_F_SOURCE_RANGES, 0);
     }
 
     #[test]
@@ -1025,6 +1172,7 @@ mod tests {
                 maglev: self.maglev.keys().copied().collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+                source_ranges: self.source_ranges.iter().copied().collect(),
             }
         }
     }
