@@ -16,7 +16,7 @@ pub mod names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -26,6 +26,10 @@ pub mod names {
         CONNTRACK,
         AFFINITY,
         STATS,
+        // Socket-level load balancing (`crate::sock`).
+        crate::sock::names::SOCK_REVNAT,
+        crate::sock::names::SOCK_AFFINITY,
+        crate::sock::names::SOCK_STATS,
     ];
 }
 
