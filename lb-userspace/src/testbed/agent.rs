@@ -74,7 +74,27 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, true)
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, true, &[])
+    }
+
+    /// As `start`, with `extra` appended to the `run` arguments (`--no-socket-lb`, say).
+    pub fn start_with_args(
+        node_ns: &NetNs,
+        manifest_dir: &Path,
+        ifaces: &[String],
+        bpffs_dir: &Path,
+        binary: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        Self::spawn(
+            node_ns,
+            manifest_dir,
+            ifaces,
+            bpffs_dir,
+            binary,
+            true,
+            extra,
+        )
     }
 
     /// As `start`, without `--cleanup`: the agent leaves its maps pinned when it exits (as in
@@ -86,7 +106,7 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, false)
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, false, &[])
     }
 
     fn spawn(
@@ -96,6 +116,7 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
         cleanup: bool,
+        extra: &[&str],
     ) -> Result<Agent> {
         if !binary.is_file() {
             return Err(Error::Invalid(format!(
@@ -120,6 +141,7 @@ impl Agent {
         if cleanup {
             cmd.arg("--cleanup");
         }
+        cmd.args(extra);
         cmd.env("RUST_LOG_STYLE", "never")
             .stdin(Stdio::null())
             .stdout(log)

@@ -3,6 +3,7 @@
 
 pub mod inspect;
 pub mod plan;
+pub mod socket_lb;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -81,6 +82,8 @@ pub struct EbpfDataplane {
     resync: bool,
     /// For service ports that do not choose their algorithm (`--lb-algorithm`).
     default_algorithm: Algorithm,
+    /// The network namespace the socket programs serve (this process's), 0 if unknown.
+    netns_cookie: u64,
 }
 
 impl EbpfDataplane {
@@ -107,6 +110,10 @@ impl EbpfDataplane {
         for (name, entries) in capacities {
             loader.map_max_entries(name, *entries);
         }
+        // The socket programs act only in the namespace the agent runs in; 0 (unknown, a
+        // kernel before 5.14) makes them act nowhere, and `attach_socket_lb` says why.
+        let netns_cookie = socket_lb::netns_cookie().unwrap_or(0);
+        loader.override_global(lb_common::sock::NETNS_COOKIE_GLOBAL, &netns_cookie, true);
         let mut ebpf = loader
             .load(DATAPATH)
             .map_err(|source| LoadError::Load { source })?;
@@ -139,6 +146,7 @@ impl EbpfDataplane {
             programmed: Programmed::default(),
             resync: false,
             default_algorithm: Algorithm::default(),
+            netns_cookie,
         };
         dp.programmed = dp.adopt()?;
         Ok(dp)
@@ -162,6 +170,16 @@ impl EbpfDataplane {
             })?;
         info!("attached {PROGRAM} at tc ingress of {iface}");
         Ok(())
+    }
+
+    /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup`, for
+    /// connections made by processes on this node (see `socket_lb`). They stay attached for
+    /// as long as the dataplane lives.
+    pub fn attach_socket_lb(
+        &mut self,
+        cgroup: &Path,
+    ) -> Result<socket_lb::Attached, socket_lb::SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup, self.netns_cookie)
     }
 
     /// The program file descriptor's owner, for tests that run it with BPF_PROG_TEST_RUN.
