@@ -2,7 +2,8 @@
 //!
 //! 1. unit: `cargo test --workspace --no-fail-fast` (no privileges).
 //! 2. datapath: BPF_PROG_TEST_RUN fixtures (`lb-userspace/tests/datapath.rs`), root.
-//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`), root.
+//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`, and
+//!    `tests/socket_lb.rs` for the node's own connections), root.
 //!
 //! The last line printed is `N passed, M failed`, the totals over the tiers that ran.
 
@@ -88,6 +89,8 @@ pub fn run() -> anyhow::Result<()> {
                 "lb-userspace",
                 "--test",
                 "e2e",
+                "--test",
+                "socket_lb",
                 "--",
                 "--ignored",
                 "--test-threads=1",
