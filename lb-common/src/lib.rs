@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod maglev;
 pub mod maps;
+pub mod sock;
 pub mod stats;
 
 pub use maps::*;

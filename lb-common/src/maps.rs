@@ -17,7 +17,7 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -28,6 +28,10 @@ pub mod names {
         CONNTRACK,
         AFFINITY,
         STATS,
+        // Socket-level load balancing (`crate::sock`).
+        crate::sock::names::SOCK_REVNAT,
+        crate::sock::names::SOCK_AFFINITY,
+        crate::sock::names::SOCK_STATS,
     ];
 }
 

@@ -3,10 +3,12 @@
 //! was less than the service's timeout ago and that backend still serves the service.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use lb_common::{Affinity, AffinityKey, Backend, CtKey, MemberKey, Service};
+use lb_common::{
+    sock::NetnsAffinityKey, Affinity, AffinityKey, Backend, CtKey, MemberKey, Service,
+};
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MEMBERS},
+    maps::{AFFINITY, BACKENDS, MEMBERS, SOCK_AFFINITY},
     service::select_backend,
 };
 
@@ -31,10 +33,47 @@ pub fn select(tuple: &CtKey, svc: &Service) -> Result<(u32, Backend, bool), u32>
     Ok((id, backend, false))
 }
 
+/// As `select`, for a socket of the network namespace `netns_cookie`: node-originated
+/// connections are remembered per namespace (`lb_common::sock::NetnsAffinityKey` says why),
+/// with the same timeout and membership rules. `choose` picks a backend when none is reused.
+#[inline(always)]
+pub fn select_for_netns(
+    netns_cookie: u64,
+    svc: &Service,
+    choose: impl FnOnce() -> Result<(u32, Backend), u32>,
+) -> Result<(u32, Backend, bool), u32> {
+    let key = NetnsAffinityKey {
+        netns_cookie,
+        svc_id: svc.svc_id,
+        _pad: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let previous = SOCK_AFFINITY.get_ptr(key).map(|a| unsafe { *a });
+    let (id, backend, reused) = match previous.and_then(|a| still_valid(a, svc, now)) {
+        Some((id, backend)) => (id, backend, true),
+        None => {
+            let (id, backend) = choose()?;
+            (id, backend, false)
+        }
+    };
+    // An LRU map makes room rather than fail; if it ever did, the namespace merely loses its
+    // affinity for this connection.
+    let _ = SOCK_AFFINITY.insert(key, remembering(id, now), BPF_ANY as u64);
+    Ok((id, backend, reused))
+}
+
 #[inline(always)]
 fn remembered(key: &AffinityKey, svc: &Service, now: u64) -> Option<(u32, Backend)> {
     // SAFETY: pointer from a successful lookup, copied out at once.
-    let a = unsafe { *AFFINITY.get_ptr(key)? };
+    still_valid(unsafe { *AFFINITY.get_ptr(key)? }, svc, now)
+}
+
+/// The remembered backend of `a`, if the memory is within the service's timeout and the
+/// backend still serves the service.
+#[inline(always)]
+fn still_valid(a: Affinity, svc: &Service, now: u64) -> Option<(u32, Backend)> {
     // Wrapping: an entry written by a clock ahead of ours reads as expired, never as fresh.
     if now.wrapping_sub(a.last_used_ns) > svc.affinity_timeout_s as u64 * NS_PER_SEC {
         return None;
@@ -44,19 +83,23 @@ fn remembered(key: &AffinityKey, svc: &Service, now: u64) -> Option<(u32, Backen
         backend_id: a.backend_id,
     };
     MEMBERS.get_ptr(member)?;
-    // SAFETY: as above.
+    // SAFETY: pointer from a successful lookup, copied out at once.
     let backend = unsafe { *BACKENDS.get_ptr(a.backend_id)? };
     Some((a.backend_id, backend))
 }
 
 #[inline(always)]
 fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
-    let a = Affinity {
+    // An LRU map makes room rather than fail; if it ever did, the client merely loses its
+    // affinity for this connection, which is no reason to drop the packet.
+    let _ = AFFINITY.insert(key, remembering(backend_id, now), BPF_ANY as u64);
+}
+
+#[inline(always)]
+fn remembering(backend_id: u32, now: u64) -> Affinity {
+    Affinity {
         backend_id,
         _pad: 0,
         last_used_ns: now,
-    };
-    // An LRU map makes room rather than fail; if it ever did, the client merely loses its
-    // affinity for this connection, which is no reason to drop the packet.
-    let _ = AFFINITY.insert(key, a, BPF_ANY as u64);
+    }
 }

@@ -1,9 +1,10 @@
-//! The lb datapath: a tc ingress classifier that load-balances Kubernetes services, and a tc
-//! egress one for the ICMP errors the node itself sends about translated flows.
+//! The lb datapath: a tc ingress classifier that load-balances Kubernetes services, a tc
+//! egress one for the ICMP errors the node itself sends about translated flows, and the
+//! cgroup socket programs that load-balance processes on the node itself.
 //!
 //! Only entry points live here. Each parses and decides in a `try_*` function returning
-//! `Result<Verdict, Reason>`; this file turns that into a tc action and counts it, in one
-//! place, so no verdict is ever computed and then ignored.
+//! `Result<Verdict, Reason>`; this file turns that into a tc action (or a socket program's
+//! verdict) and counts it, in one place, so no verdict is ever computed and then ignored.
 // Host builds (`cargo clippy --workspace --all-targets`) only type-check the datapath; the
 // real object is built for bpfel-unknown-none by lb-userspace/build.rs.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -18,9 +19,12 @@ mod parse;
 mod reject;
 mod route;
 mod service;
+mod sock;
 mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+// The cgroup socket programs'.
+use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
 /// tc actions as a classifier returns them.
 #[allow(
@@ -66,6 +70,53 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
     };
     stats::count(reason, len);
     action
+}
+
+/// What a cgroup sock_addr program returns: let the call proceed (with the address as the
+/// program left it), or fail it (with the errno set through `bpf_set_retval`, else EPERM).
+const SYS_PROCEED: i32 = 1;
+const SYS_REJECT: i32 = 0;
+
+/// `connect()` of TCP and UDP sockets on the node: the backend is chosen once, here.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::try_forward(&ctx, sock::Call::Connect))
+}
+
+/// `sendmsg()` with an address (unconnected UDP): the backend is chosen per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::try_forward(&ctx, sock::Call::Sendmsg))
+}
+
+/// `recvmsg()` of UDP sockets: a reply's source shows the frontend the socket sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    stats::count_sock(sock::reverse(&ctx));
+    SYS_PROCEED
+}
+
+/// `getpeername()`: a connected socket's peer shows as the frontend it connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    stats::count_sock(sock::reverse(&ctx));
+    SYS_PROCEED
+}
+
+#[inline(always)]
+fn sock_verdict(result: Result<u32, sock::Reject>) -> i32 {
+    match result {
+        Ok(reason) => {
+            stats::count_sock(reason);
+            SYS_PROCEED
+        }
+        Err(reject) => {
+            // SAFETY: plain helper call; the value becomes the syscall's return value.
+            unsafe { bpf_set_retval(-reject.errno) };
+            stats::count_sock(reject.reason);
+            SYS_REJECT
+        }
+    }
 }
 
 #[cfg(not(target_arch = "bpf"))]

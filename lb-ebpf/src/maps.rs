@@ -59,3 +59,27 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { capacity::AFFINITY as u
 /// Per-CPU packet and byte counters by `lb_common::stats` reason.
 #[btf_map]
 pub static STATS: PerCpuArray<Counter, { REASONS as usize }> = PerCpuArray::new();
+
+// Socket-level load balancing (the cgroup programs in `sock`).
+use lb_common::sock::{self, NetnsAffinityKey, RevNatEntry, RevNatKey};
+
+/// (socket cookie, backend) -> the frontend the socket addressed, to rewrite what recvmsg and
+/// getpeername report back to it; LRU, so closed sockets' entries age out.
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<
+    RevNatKey,
+    RevNatEntry,
+    { sock::capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
+/// ClientIP session affinity of node-originated connections: (netns, service) -> backend.
+#[btf_map]
+pub static SOCK_AFFINITY: LruHashMap<
+    NetnsAffinityKey,
+    Affinity,
+    { sock::capacity::SOCK_AFFINITY as usize },
+> = LruHashMap::new();
+
+/// Per-CPU counts of socket-program runs by `lb_common::sock::stats` reason.
+#[btf_map]
+pub static SOCK_STATS: PerCpuArray<u64, { sock::stats::REASONS as usize }> = PerCpuArray::new();

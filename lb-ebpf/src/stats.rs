@@ -13,3 +13,12 @@ pub fn count(reason: u32, bytes: u32) {
         }
     }
 }
+
+/// One run of a socket program, under its `lb_common::sock::stats` reason.
+#[inline(always)]
+pub fn count_sock(reason: u32) {
+    if let Some(c) = crate::maps::SOCK_STATS.get_ptr_mut(reason) {
+        // SAFETY: as above: a per-CPU slot from a successful lookup.
+        unsafe { *c += 1 };
+    }
+}

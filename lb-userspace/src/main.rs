@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
     dataplane::{
-        ebpf::{inspect, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
+        ebpf::{inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
         Dataplane,
     },
     model,
@@ -83,6 +83,15 @@ struct RunArgs {
     /// Full rescan period in seconds, as a safety net behind file notifications.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// cgroup v2 directory to attach the socket programs to, which balance connections made
+    /// by processes on this node (those in the directory and below, and only in the agent's
+    /// network namespace). Default: the cgroup2 root, found in /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_socket_lb")]
+    cgroup: Option<PathBuf>,
+    /// Do not attach the socket programs: processes on this node then reach services only if
+    /// their packets cross an --iface interface.
+    #[arg(long)]
+    no_socket_lb: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +111,36 @@ fn main() -> anyhow::Result<()> {
 /// How often finished flows' connection-tracking entries are deleted. Shorter than the
 /// shortest lifetime (10 s for closing TCP), so a closed flow's SNAT port is free again soon.
 const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(5);
+
+/// Attaches the socket programs, or says why not: the tc datapath works without them.
+fn attach_socket_lb(dataplane: &mut EbpfDataplane, cgroup: Option<&std::path::Path>) {
+    let attached = match cgroup {
+        Some(path) => Ok(path.to_owned()),
+        None => socket_lb::cgroup2_root(),
+    }
+    .and_then(|path| dataplane.attach_socket_lb(&path));
+    match attached {
+        Ok(a) => {
+            let programs: Vec<String> = a
+                .programs
+                .iter()
+                .map(|(name, verified)| match verified {
+                    Some(n) => format!("{name} ({n} instructions verified)"),
+                    None => name.to_string(),
+                })
+                .collect();
+            info!(
+                "socket-level load balancing on: {} attached to cgroup {} for network namespace cookie {}",
+                programs.join(", "),
+                a.cgroup.display(),
+                a.netns_cookie
+            );
+        }
+        Err(e) => warn!(
+            "socket-level load balancing unavailable: {e}. Continuing with the tc datapath only: connections from processes on this node are not balanced unless their packets cross an --iface interface"
+        ),
+    }
+}
 
 /// How soon a failed apply is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -176,6 +215,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     dataplane.set_default_algorithm(args.lb_algorithm);
     for iface in &args.ifaces {
         dataplane.attach(iface)?;
+    }
+    if args.no_socket_lb {
+        info!("socket-level load balancing off (--no-socket-lb): connections from processes on this node are not balanced unless their packets cross an --iface interface");
+    } else {
+        attach_socket_lb(&mut dataplane, args.cgroup.as_deref());
     }
     info!("maps pinned under {}", args.bpffs.display());
     let (_watcher, mut changes) = source::manifest_dir::watch(&path)

@@ -2,7 +2,8 @@
 //!
 //! 1. unit: `cargo test --workspace --no-fail-fast` (no privileges).
 //! 2. datapath: BPF_PROG_TEST_RUN fixtures (`lb-userspace/tests/datapath.rs`), root.
-//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`), root.
+//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`, and
+//!    `tests/socket_lb.rs` for the node's own connections), root.
 //!
 //! The last line printed is `N passed, M failed`, the totals over the tiers that ran.
 
@@ -88,6 +89,8 @@ pub fn run() -> anyhow::Result<()> {
                 "lb-userspace",
                 "--test",
                 "e2e",
+                "--test",
+                "socket_lb",
                 "--",
                 "--ignored",
                 "--test-threads=1",
@@ -232,10 +235,32 @@ fn testbed_pin_dirs() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The socket-LB tests' cgroup v2 directories (`<cgroup2 root>/lbt-*`).
+fn testbed_cgroups() -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // `... <mount point> <options> [optional...] - cgroup2 ...`; test-bed paths need no
+    // unescaping to be found.
+    let Some(root) = mountinfo.lines().find_map(|l| {
+        let (before, after) = l.split_once(" - ")?;
+        (after.split_whitespace().next()? == "cgroup2").then(|| before.split_whitespace().nth(4))?
+    }) else {
+        return Vec::new();
+    };
+    std::fs::read_dir(root)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(TESTBED_PREFIX))
+                .map(|n| format!("{root}/{n}"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Test-bed namespaces and bpffs directories whose owning process is gone. Those of live
 /// processes (a run in progress elsewhere) are mentioned but not counted.
 fn leftovers() -> anyhow::Result<Vec<String>> {
-    step("checking for leftover namespaces and bpffs directories");
+    step("checking for leftover namespaces, bpffs directories and cgroups");
     let mut names: Vec<String> = util::output(Command::new("ip").args(["netns", "list"]))
         .context("`ip netns list` failed")?
         .lines()
@@ -248,6 +273,7 @@ fn leftovers() -> anyhow::Result<Vec<String>> {
             .into_iter()
             .map(|n| format!("{BPFFS}/{n}")),
     );
+    names.extend(testbed_cgroups());
     let mut left = Vec::new();
     for name in names {
         let base = name.rsplit([' ', '/']).next().unwrap_or(&name);

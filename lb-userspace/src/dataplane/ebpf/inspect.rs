@@ -5,8 +5,8 @@ use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, net::Ipv4Addr,
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    names, stats, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey, Service,
-    Slot, SlotKey,
+    names, sock, stats, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey,
+    Service, Slot, SlotKey,
 };
 
 /// A snapshot of the pinned maps.
@@ -20,6 +20,10 @@ pub struct Snapshot {
     pub affinity: Vec<(AffinityKey, Affinity)>,
     /// Counters summed over CPUs, indexed by `lb_common::stats` reason.
     pub counters: Vec<Counter>,
+    /// Socket-program runs summed over CPUs, indexed by `lb_common::sock::stats` reason.
+    pub sock_counters: Vec<u64>,
+    /// Reverse entries of sockets balanced by the socket programs.
+    pub sock_revnat: usize,
 }
 
 impl Snapshot {
@@ -79,6 +83,7 @@ impl Snapshot {
         }
         let _ = writeln!(out, "conntrack entries: {}", self.conntrack.len());
         let _ = writeln!(out, "affinity entries: {}", self.affinity.len());
+        let _ = writeln!(out, "socket reverse entries: {}", self.sock_revnat);
         let _ = writeln!(out, "counters (packets / bytes, all CPUs):");
         for (i, c) in self.counters.iter().enumerate() {
             if c.packets > 0 {
@@ -89,6 +94,12 @@ impl Snapshot {
                     c.packets,
                     c.bytes
                 );
+            }
+        }
+        let _ = writeln!(out, "socket program counters (calls, all CPUs):");
+        for (i, n) in self.sock_counters.iter().enumerate() {
+            if *n > 0 {
+                let _ = writeln!(out, "  {:<24} {:>10}", sock::stats::NAMES[i], n);
             }
         }
         out
@@ -139,6 +150,9 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     let conntrack: HashMap<_, CtKey, CtEntry> = open(dir, names::CONNTRACK)?.try_into()?;
     let affinity: HashMap<_, AffinityKey, Affinity> = open(dir, names::AFFINITY)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = open(dir, names::STATS)?.try_into()?;
+    let sock_counters: PerCpuArray<_, u64> = open(dir, sock::names::SOCK_STATS)?.try_into()?;
+    let sock_revnat: HashMap<_, sock::RevNatKey, sock::RevNatEntry> =
+        open(dir, sock::names::SOCK_REVNAT)?.try_into()?;
 
     let mut snap = Snapshot::default();
     for item in services.iter() {
@@ -166,7 +180,15 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
         snap.affinity.push(item?);
     }
     snap.counters = sum_counters(&counters)?;
+    snap.sock_counters = (0..sock::stats::REASONS)
+        .map(|reason| Ok(counters_sum(&sock_counters.get(&reason, 0)?)))
+        .collect::<Result<_, MapError>>()?;
+    snap.sock_revnat = sock_revnat.keys().count();
     Ok(snap)
+}
+
+fn counters_sum(per_cpu: &aya::maps::PerCpuValues<u64>) -> u64 {
+    per_cpu.iter().sum()
 }
 
 /// Every reason's counter summed over CPUs, indexed by `lb_common::stats` reason.

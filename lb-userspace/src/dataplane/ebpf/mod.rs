@@ -3,6 +3,7 @@
 
 pub mod inspect;
 pub mod plan;
+pub mod socket_lb;
 
 use std::{
     net::Ipv4Addr,
@@ -128,6 +129,8 @@ pub struct EbpfDataplane {
     resync: bool,
     /// For service ports that do not choose their algorithm (`--lb-algorithm`).
     default_algorithm: Algorithm,
+    /// The network namespace the socket programs serve (this process's), 0 if unknown.
+    netns_cookie: u64,
 }
 
 impl EbpfDataplane {
@@ -152,6 +155,10 @@ impl EbpfDataplane {
         }
         let hairpin_be = u32::from_ne_bytes(options.hairpin_addr.octets());
         loader.override_global(HAIRPIN_ADDR_GLOBAL, &hairpin_be, true);
+        // The socket programs act only in the namespace the agent runs in; 0 (unknown, a
+        // kernel before 5.14) makes them act nowhere, and `attach_socket_lb` says why.
+        let netns_cookie = socket_lb::netns_cookie().unwrap_or(0);
+        loader.override_global(lb_common::sock::NETNS_COOKIE_GLOBAL, &netns_cookie, true);
         let mut ebpf = loader
             .load(DATAPATH)
             .map_err(|source| LoadError::Load { source })?;
@@ -193,6 +200,7 @@ impl EbpfDataplane {
             programmed: Programmed::default(),
             resync: false,
             default_algorithm: Algorithm::default(),
+            netns_cookie,
         };
         dp.programmed = dp.adopt()?;
         Ok(dp)
@@ -220,6 +228,16 @@ impl EbpfDataplane {
             info!("attached {name} at tc {at:?} of {iface}");
         }
         Ok(())
+    }
+
+    /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup`, for
+    /// connections made by processes on this node (see `socket_lb`). They stay attached for
+    /// as long as the dataplane lives.
+    pub fn attach_socket_lb(
+        &mut self,
+        cgroup: &Path,
+    ) -> Result<socket_lb::Attached, socket_lb::SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup, self.netns_cookie)
     }
 
     /// The ingress program, for tests that run it with BPF_PROG_TEST_RUN.

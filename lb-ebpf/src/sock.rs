@@ -1,0 +1,275 @@
+//! Socket-level load balancing for processes on the node: cgroup v2 `sock_addr` programs.
+//!
+//! `connect()` (TCP, connected UDP) and `sendmsg()` of unconnected UDP sockets to a frontend
+//! have their destination rewritten to a backend before the kernel routes anything, so no
+//! packet of the flow is ever translated; `recvmsg()` and `getpeername()` show the frontend
+//! again, from `SOCK_REVNAT`. Backends are chosen as on the tc path (`service::select_backend`,
+//! ClientIP affinity from `affinity`), from the same `SERVICES`/`BACKEND_SLOTS`/`BACKENDS`/
+//! `MAGLEV` maps.
+//!
+//! cgroups are not per network namespace: a program on the cgroup root runs for every socket
+//! on the machine. Only sockets of the namespace the agent serves (`LB_NETNS_COOKIE`) are
+//! touched; every other one is counted and left alone.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use lb_common::{
+    proto,
+    sock::{mix64, stats::*, RevNatEntry, RevNatKey},
+    stats::DROP_NO_BACKEND_ENTRY,
+    Backend, CtKey, FrontendKey, Service, SlotKey, ALG_MAGLEV, SCOPE_ALL,
+};
+
+use crate::{
+    affinity,
+    maps::{BACKENDS, BACKEND_SLOTS, SERVICES, SOCK_REVNAT},
+    service::select_backend,
+};
+
+/// The network namespace served: its cookie (`SO_NETNS_COOKIE`), written by the agent at load
+/// time (`lb_common::sock::NETNS_COOKIE_GLOBAL`). 0 (never a real cookie) serves none.
+#[unsafe(no_mangle)]
+static LB_NETNS_COOKIE: u64 = 0;
+
+/// errno values the calls fail with (asm-generic/errno.h).
+const ENOMEM: i32 = 12;
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+
+/// A call to fail: the syscall returns `-errno`, and `reason` is counted.
+pub struct Reject {
+    pub reason: u32,
+    pub errno: i32,
+}
+
+/// Which call a forward translation serves (for its counter).
+#[derive(Clone, Copy)]
+pub enum Call {
+    Connect,
+    Sendmsg,
+}
+
+/// The served namespace's cookie, if the socket belongs to it.
+#[inline(always)]
+fn served_netns(ctx: &SockAddrContext) -> Option<u64> {
+    // SAFETY: a read of our own global; volatile so the compiler does not fold the 0 the
+    // object file holds (the agent replaces it at load time).
+    let served = unsafe { core::ptr::read_volatile(&raw const LB_NETNS_COOKIE) };
+    // SAFETY: plain helper call on the program's context.
+    (served != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == served).then_some(served)
+}
+
+/// The address, port (network byte order, as `[u8; 4]` and a `u16` holding the wire bytes)
+/// and protocol of the call.
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16, u32) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid context. Whole 32-bit reads: narrower loads of these
+    // fields are refused by older verifiers (cilium reads them the same way).
+    unsafe {
+        let ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
+        let port = core::ptr::read_volatile(&raw const (*sa).user_port);
+        let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
+        (ip.to_ne_bytes(), port as u16, protocol)
+    }
+}
+
+/// Rewrites the call's address; the kernel accepts only whole 32-bit writes.
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port_be: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid context whose user_ip4/user_port are writable in the
+    // connect4, sendmsg4, recvmsg4 and getpeername4 hooks.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(addr));
+        core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+    }
+}
+
+/// connect4 / sendmsg4: a frontend address becomes one of its backends.
+#[inline(always)]
+pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
+    let Some(netns) = served_netns(ctx) else {
+        return Ok(OTHER_NETNS);
+    };
+    let (vip, vport_be, protocol) = user_addr(ctx);
+    let proto = match protocol {
+        6 => proto::TCP,
+        17 => proto::UDP,
+        // Ping, raw and SCTP sockets: not balanced here.
+        _ => return Ok(NOT_SERVICE),
+    };
+    let key = FrontendKey {
+        addr: vip,
+        port_be: vport_be,
+        proto,
+        scope: SCOPE_ALL,
+    };
+    let Some(svc) = SERVICES.get_ptr(key) else {
+        return Ok(NOT_SERVICE);
+    };
+    // SAFETY: pointer from a successful lookup, copied out before any other map operation.
+    let svc = unsafe { *svc };
+    // kube-proxy REJECTs these with ICMP port unreachable, which a TCP client sees as
+    // ECONNREFUSED; failing the call with it directly is the same answer, only faster.
+    if svc.backend_count == 0 {
+        return Err(Reject {
+            reason: REJECT_NO_BACKEND,
+            errno: ECONNREFUSED,
+        });
+    }
+    // SAFETY: plain helper call on the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let tuple = socket_tuple(cookie, vip, vport_be, proto);
+    let choose = || choose_backend(&svc, &tuple, cookie);
+    let chosen = if svc.affinity_timeout_s == 0 {
+        choose().map(|(id, backend)| (id, backend, false))
+    } else {
+        affinity::select_for_netns(netns, &svc, choose)
+    };
+    // A service with backends whose entries are missing (the agent writes them before the
+    // count, so this should not happen): sending to the frontend address untranslated would
+    // leave the node by its default route, so the call fails instead.
+    let Ok((_, backend, reused)) = chosen else {
+        return Err(Reject {
+            reason: REJECT_ERROR,
+            errno: EHOSTUNREACH,
+        });
+    };
+    // Without its reverse entry an unconnected UDP socket would see replies from an address
+    // it never sent to; as cilium, fail rather than half-translate.
+    if remember_frontend(cookie, &backend, vip, vport_be, svc.svc_id).is_err() {
+        return Err(Reject {
+            reason: REJECT_ERROR,
+            errno: ENOMEM,
+        });
+    }
+    set_user_addr(ctx, backend.addr, backend.port_be);
+    Ok(match (reused, call) {
+        (true, _) => AFFINITY_REUSED,
+        (false, Call::Connect) => CONNECT_XLATE,
+        (false, Call::Sendmsg) => SENDMSG_XLATE,
+    })
+}
+
+/// recvmsg4 / getpeername4: a backend's address the socket was sent to becomes the frontend
+/// it addressed. Never fails the call (the kernel does not let these hooks).
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> u32 {
+    if served_netns(ctx).is_none() {
+        return OTHER_NETNS;
+    }
+    let (addr, port_be, protocol) = user_addr(ctx);
+    let key = RevNatKey {
+        // SAFETY: plain helper call on the program's context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend_addr: addr,
+        backend_port_be: port_be,
+        _pad: [0; 2],
+    };
+    let Some(entry) = SOCK_REVNAT.get_ptr(key) else {
+        return NOT_SERVICE;
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let entry = unsafe { *entry };
+    let frontend = FrontendKey {
+        addr: entry.vip,
+        port_be: entry.vport_be,
+        proto: protocol as u8,
+        scope: SCOPE_ALL,
+    };
+    // Only while the frontend still belongs to the same service port: otherwise the socket
+    // may now be talking to that address for its own sake, and must see it as it is.
+    match SERVICES.get_ptr(frontend) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        Some(svc) if unsafe { (*svc).svc_id } == entry.svc_id => {}
+        _ => {
+            let _ = SOCK_REVNAT.remove(key);
+            return REVNAT_STALE;
+        }
+    }
+    set_user_addr(ctx, entry.vip, entry.vport_be);
+    REVNAT
+}
+
+/// The 5-tuple Maglev hashes for a socket. Before `connect()` a socket usually has neither a
+/// source address nor a port, so its cookie (unique per socket for the boot) stands in for
+/// both: different sockets hash apart, and one unconnected UDP socket hashes the same for
+/// every datagram, so it keeps its backend as a tracked flow would.
+#[inline(always)]
+fn socket_tuple(cookie: u64, vip: [u8; 4], vport_be: u16, proto: u8) -> CtKey {
+    CtKey {
+        saddr: (cookie as u32).to_ne_bytes(),
+        daddr: vip,
+        sport_be: (cookie >> 32) as u16,
+        dport_be: vport_be,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The backend for a socket. TCP and connected UDP choose once per socket anyway, so they use
+/// the service's algorithm as the tc path does. An unconnected UDP socket chooses on every
+/// datagram: under the random algorithm its slot comes from its cookie, so its datagrams stay
+/// on one backend (while the backend count stays), as a tracked UDP flow does on the tc path
+/// and as kube-proxy's conntrack keeps it; Maglev is stable per socket by construction.
+#[inline(always)]
+fn choose_backend(svc: &Service, tuple: &CtKey, cookie: u64) -> Result<(u32, Backend), u32> {
+    if tuple.proto != proto::UDP || svc.algorithm == ALG_MAGLEV {
+        return select_backend(svc, tuple);
+    }
+    let count = svc.backend_count as u64;
+    // Checked again so the verifier sees no division by zero.
+    if count == 0 {
+        return Err(DROP_NO_BACKEND_ENTRY);
+    }
+    let slot = SlotKey {
+        svc_id: svc.svc_id,
+        slot: (mix64(cookie) % count) as u32 + 1,
+    };
+    let Some(s) = BACKEND_SLOTS.get_ptr(slot) else {
+        return Err(DROP_NO_BACKEND_ENTRY);
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let backend_id = unsafe { (*s).backend_id };
+    let Some(b) = BACKENDS.get_ptr(backend_id) else {
+        return Err(DROP_NO_BACKEND_ENTRY);
+    };
+    // SAFETY: as above.
+    Ok((backend_id, unsafe { *b }))
+}
+
+/// Records that socket `cookie` sent to `backend` for the frontend `vip:vport_be`; written
+/// only when it changes, so a busy UDP socket does not rewrite it on every datagram.
+#[inline(always)]
+fn remember_frontend(
+    cookie: u64,
+    backend: &Backend,
+    vip: [u8; 4],
+    vport_be: u16,
+    svc_id: u32,
+) -> Result<(), i32> {
+    let key = RevNatKey {
+        cookie,
+        backend_addr: backend.addr,
+        backend_port_be: backend.port_be,
+        _pad: [0; 2],
+    };
+    let entry = RevNatEntry {
+        vip,
+        vport_be,
+        _pad: [0; 2],
+        svc_id,
+    };
+    if let Some(e) = SOCK_REVNAT.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup, read at once.
+        if unsafe { *e } == entry {
+            return Ok(());
+        }
+    }
+    SOCK_REVNAT.insert(key, entry, BPF_ANY as u64)
+}
