@@ -15,9 +15,10 @@ pub mod names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const MAGLEV: &str = "MAGLEV";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -26,6 +27,7 @@ pub mod names {
         SOURCE_RANGES,
         VIPS,
         CONNTRACK,
+        FRAGMENTS,
         AFFINITY,
         STATS,
         // Socket-level load balancing (`crate::sock`).
@@ -55,6 +57,8 @@ pub mod capacity {
     pub const MAGLEV: u32 = 16_384;
     /// loadBalancerSourceRanges entries summed over all services.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Fragmented datagrams in flight whose first fragment was translated.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -338,6 +342,27 @@ pub const CT_FORWARD: u8 = 0;
 /// `CtEntry::direction`: backend -> client, rewrite the source.
 pub const CT_REVERSE: u8 = 1;
 
+/// Key of `FRAGMENTS`: one fragmented datagram, as RFC 791 identifies it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// IPv4 identification, network byte order.
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the ports the datagram's first fragment carried, so its later
+/// fragments (which carry none) find the same flow and get the same address translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
 /// Value of the per-CPU `STATS` array, indexed by `stats::Reason`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -363,6 +388,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<SourceRange>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -396,7 +423,9 @@ mod user {
         CtKey,
         CtEntry,
         Counter,
-        SourceRange
+        SourceRange,
+        FragKey,
+        FragPorts
     );
 }
 

@@ -66,8 +66,12 @@ pub const XLATE_ICMP_ERROR: u32 = 22;
 /// A new flow to a LoadBalancer frontend from a client outside its `loadBalancerSourceRanges`.
 pub const DROP_SOURCE_RANGE: u32 = 23;
 
+/// A later fragment (no ports) of a datagram whose first fragment was translated: its
+/// addresses translated the same way.
+pub const XLATE_FRAGMENT: u32 = 24;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 24;
+pub const REASONS: u32 = 25;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -95,6 +99,7 @@ pub const NAMES: [&str; REASONS as usize] = [
     "drop_no_local_backend",
     "xlate_icmp_error",
     "drop_source_range",
+    "xlate_fragment",
 ];
 
 #[cfg(test)]

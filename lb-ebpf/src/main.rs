@@ -12,6 +12,7 @@
 
 mod affinity;
 mod conntrack;
+mod fragment;
 mod icmp;
 mod maps;
 mod nat;

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, maglev, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey,
-    FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange, Vip, VipKey,
+    FragKey, FragPorts, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange, Vip,
+    VipKey,
 };
 
 /// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
@@ -49,6 +50,12 @@ pub static VIPS: HashMap<VipKey, Vip, { capacity::VIPS as usize }> = HashMap::ne
 /// evicts the coldest flows instead of refusing new ones.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Fragmented datagrams: the first fragment's ports, for the later ones. LRU: a datagram
+/// whose fragments never all arrive is forgotten in time.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { capacity::FRAGMENTS as usize }> =
     LruHashMap::new();
 
 /// ClientIP session affinity: (client, service) -> the backend its connections go to.

@@ -21,6 +21,23 @@ pub enum End {
     Source,
 }
 
+/// Rewrites one address of a later fragment (no L4 header: the datagram's L4 checksum, in the
+/// first fragment, already accounts for the change), fixing the IPv4 header checksum.
+#[inline(always)]
+pub fn rewrite_addr(ctx: &TcContext, end: End, old: [u8; 4], new: [u8; 4]) -> Result<(), u32> {
+    let off = match end {
+        End::Destination => IP_DADDR_OFF,
+        End::Source => IP_SADDR_OFF,
+    };
+    let (old_a, new_a) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
+    ctx.l3_csum_replace(IP_CHECK_OFF, old_a, new_a, 4)
+        .map_err(|_| DROP_REWRITE_FAILED)?;
+    ctx.store(off, &new, 0).map_err(|_| DROP_REWRITE_FAILED)
+}
+
 /// Rewrites one end of `pkt` to `addr`:`port_be`, fixing the IPv4 and L4 checksums.
 #[inline(always)]
 pub fn rewrite(

@@ -3,7 +3,7 @@
 //! Parsing never writes. Every header read goes through `ptr_at`, the one bounds check.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{conntrack::flags as tcpf, proto, CtKey};
+use lb_common::{conntrack::flags as tcpf, proto, CtKey, FragKey};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -45,12 +45,14 @@ pub enum Parsed {
     NotIpv4,
     /// An IPv4 header the kernel will reject itself.
     MalformedIpv4,
-    /// IPv4, but not something with ports: another protocol, or a fragment.
+    /// IPv4, but not TCP or UDP (fragmented or not).
     NoPorts(NoPorts),
     /// IPv4 TCP or UDP with an L4 header that is truncated or invalid.
     MalformedL4 { daddr: [u8; 4] },
-    /// A complete IPv4 TCP or UDP header.
+    /// A complete IPv4 TCP or UDP header (possibly of a first fragment).
     L4(Packet),
+    /// A later fragment of a TCP or UDP datagram: no ports.
+    LaterFragment(Fragment),
     /// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting a TCP
     /// or UDP packet.
     IcmpError(IcmpError),
@@ -79,6 +81,12 @@ pub struct NoPorts {
     pub fragment: bool,
 }
 
+/// A later fragment of a TCP or UDP datagram.
+pub struct Fragment {
+    pub key: FragKey,
+    pub ttl: u8,
+}
+
 /// The fields of an IPv4 TCP/UDP packet the datapath needs.
 pub struct Packet {
     /// The 5-tuple as it arrived.
@@ -89,6 +97,10 @@ pub struct Packet {
     pub has_ip_options: bool,
     /// IPv4 time to live.
     pub ttl: u8,
+    /// The first fragment of a fragmented datagram (MF set, offset 0).
+    pub first_fragment: bool,
+    /// IPv4 identification, network byte order (names the datagram of a fragment).
+    pub ip_id_be: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     /// TCP sequence and acknowledgement numbers, host order (0 for UDP).
@@ -193,7 +205,20 @@ pub fn parse(ctx: &TcContext) -> Parsed {
             return Parsed::IcmpError(err);
         }
     }
-    if fragment || (ip.proto != proto::TCP && ip.proto != proto::UDP) {
+    let ports = ip.proto == proto::TCP || ip.proto == proto::UDP;
+    if ports && frag_off & IP_OFFSET != 0 {
+        return Parsed::LaterFragment(Fragment {
+            key: FragKey {
+                saddr: ip.saddr,
+                daddr: ip.daddr,
+                id_be: ip.id_be,
+                proto: ip.proto,
+                _pad: 0,
+            },
+            ttl: ip.ttl,
+        });
+    }
+    if !ports {
         return Parsed::NoPorts(NoPorts {
             daddr: ip.daddr,
             fragment,
@@ -215,6 +240,8 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         l4_off,
         has_ip_options: ihl > IPV4_HLEN,
         ttl: ip.ttl,
+        first_fragment: fragment,
+        ip_id_be: ip.id_be,
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_ack: 0,
@@ -246,7 +273,8 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         // SAFETY: `ptr_at` checked the header lies inside the packet.
         let udp = unsafe { core::ptr::read_unaligned(udp) };
         let udp_len = u16::from_be(udp.len_be) as usize;
-        if udp_len < UDP_HLEN || udp_len > l4_len {
+        // A first fragment holds only part of the datagram its length describes.
+        if udp_len < UDP_HLEN || (udp_len > l4_len && !fragment) {
             return malformed;
         }
         pkt.tuple.sport_be = udp.sport_be;

@@ -15,23 +15,30 @@ use aya_ebpf::{
 };
 use lb_common::stats::{DROP_FRAG_NEEDED, DROP_NO_ROUTE, DROP_REWRITE_FAILED, DROP_TTL_EXCEEDED};
 
-use crate::parse::{Packet, IP_CHECK_OFF, IP_TTL_OFF};
+use crate::parse::{IP_CHECK_OFF, IP_TTL_OFF};
 
 const AF_INET: u8 = 2;
 
-/// Routes `pkt`, already translated to `saddr` -> `daddr`, out of the interface the FIB
-/// chooses. Returns the tc action (`TC_ACT_REDIRECT`) or the reason to drop it.
+/// Routes a packet of `proto` with time to live `ttl`, already translated to `saddr` ->
+/// `daddr`, out of the interface the FIB chooses. Returns the tc action (`TC_ACT_REDIRECT`)
+/// or the reason to drop it.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, saddr: [u8; 4], daddr: [u8; 4]) -> Result<i32, u32> {
+pub fn forward(
+    ctx: &TcContext,
+    proto: u8,
+    ttl: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+) -> Result<i32, u32> {
     // A router never forwards a packet whose TTL runs out; the kernel would answer with "time
     // exceeded", which needs the untranslated packet, so it is dropped and counted instead.
-    if pkt.ttl <= 1 {
+    if ttl <= 1 {
         return Err(DROP_TTL_EXCEEDED);
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.tuple.proto;
+    fib.l4_protocol = proto;
     // tot_len 0: the helper checks the skb against the egress MTU itself, GSO-aware.
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
@@ -53,7 +60,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, saddr: [u8; 4], daddr: [u8; 4]) ->
         return Err(DROP_NO_ROUTE);
     }
 
-    decrement_ttl(ctx, pkt.ttl)?;
+    decrement_ttl(ctx, ttl)?;
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         // The next hop's address is not resolved yet: let the kernel's neighbour code resolve
         // it (and queue the packet meanwhile). The FIB wrote the next hop into ipv4_dst.

@@ -10,7 +10,7 @@ use lb_common::{
 use crate::{
     action, affinity,
     conntrack::{self, Lookup, Source},
-    icmp,
+    fragment, icmp,
     maps::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, SOURCE_RANGES, VIPS},
     nat::{self, End},
     parse::{self, Packet, Parsed},
@@ -26,7 +26,7 @@ fn pass(reason: u32) -> Result<Verdict, u32> {
 }
 
 #[inline(always)]
-fn is_vip(addr: [u8; 4]) -> bool {
+pub fn is_vip(addr: [u8; 4]) -> bool {
     VIPS.get_ptr(VipKey { addr }).is_some()
 }
 
@@ -38,6 +38,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
         // Without ports a packet for a service cannot be translated; letting it through
         // untranslated would send it somewhere it was not meant to go.
         Parsed::NoPorts(p) if p.fragment && is_vip(p.daddr) => return Err(DROP_FRAGMENT),
+        Parsed::LaterFragment(frag) => return fragment::translate(ctx, &frag),
         Parsed::NoPorts(_) => return pass(PASS_OTHER),
         Parsed::MalformedL4 { daddr } if is_vip(daddr) => return Err(DROP_MALFORMED_L4),
         Parsed::MalformedL4 { .. } => return pass(PASS_NOT_SERVICE),
@@ -55,6 +56,9 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
             Flow::Done(v) => return Ok(v),
         },
     };
+    if pkt.first_fragment {
+        fragment::remember(&pkt);
+    }
     translate(ctx, &pkt, &entry, reason)
 }
 
@@ -165,7 +169,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, e: &CtEntry, reason: u32) -> Result<
         }
     };
     let action = if e.flags & CT_F_ROUTE != 0 {
-        route::forward(ctx, pkt, saddr, daddr)?
+        route::forward(ctx, pkt.tuple.proto, pkt.ttl, saddr, daddr)?
     } else {
         action::OK
     };

@@ -629,10 +629,26 @@ fn traffic_not_for_a_service_passes_untouched() {
             stats::PASS_OTHER,
         ),
         (
-            "fragment to a non-service address",
+            "first fragment to a non-service address",
             Frame {
                 frag_off: 0x2000,
                 ..Frame::udp(CLIENT, 46000, OTHER, 53)
+            }
+            .build(),
+            stats::PASS_NOT_SERVICE,
+        ),
+        (
+            "later fragment to a non-service address",
+            Frame {
+                frag_off: 0x0010,
+                ..Frame::new(
+                    CLIENT,
+                    OTHER,
+                    L4::Raw {
+                        proto: proto::UDP,
+                        bytes: vec![0xab; 16],
+                    },
+                )
             }
             .build(),
             stats::PASS_OTHER,
@@ -698,16 +714,7 @@ fn unparseable_packets_for_a_service_are_dropped_not_misdirected() {
     };
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
-            "first fragment to the VIP",
-            Frame {
-                frag_off: 0x2000,
-                ..Frame::udp(CLIENT, 48000, VIP, 53)
-            }
-            .build(),
-            stats::DROP_FRAGMENT,
-        ),
-        (
-            "later fragment to the VIP",
+            "later fragment to the VIP whose first fragment was never seen",
             Frame {
                 frag_off: 0x0010,
                 ..Frame::new(CLIENT, VIP, later_fragment)
@@ -1709,4 +1716,96 @@ fn load_balancer_source_ranges_admit_only_listed_clients() {
     let run =
         f.run(&Frame::tcp(outsider, 40701, Ipv4Addr::new(10, 96, 0, 19), 80, tcp::SYN).build());
     run.counted_as(stats::XLATE_NEW_FLOW);
+}
+
+/// Splits a built frame's IPv4 datagram in two fragments, the first carrying `first_len`
+/// bytes of the IP payload (a multiple of 8), both with valid header checksums.
+fn fragments(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0);
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let (head, payload) = frame.split_at(14 + ihl);
+    let piece = |data: &[u8], offset: usize, more: bool| {
+        let mut f = head.to_vec();
+        f.extend_from_slice(data);
+        let tot_len = (ihl + data.len()) as u16;
+        let frag_off = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        patch_ipv4(&mut f, 2, &tot_len.to_be_bytes());
+        patch_ipv4(&mut f, 6, &frag_off.to_be_bytes());
+        f
+    };
+    (
+        piece(&payload[..first_len], 0, true),
+        piece(&payload[first_len..], first_len, false),
+    )
+}
+
+/// Reassembles two translated fragments and checks the datagram's UDP checksum over the new
+/// addresses; returns (source, destination, source port, destination port).
+fn reassembled_udp(first: &[u8], later: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ihl = (first[14] & 0x0f) as usize * 4;
+    let (ip1, ip2) = (&first[14..14 + ihl], &later[14..14 + ihl]);
+    for ip in [ip1, ip2] {
+        assert!(
+            lb_common::checksum::verifies(0, ip),
+            "fragment header checksum"
+        );
+    }
+    assert_eq!(
+        ip1[12..20],
+        ip2[12..20],
+        "both fragments carry the same addresses"
+    );
+    let mut udp = first[14 + ihl..].to_vec();
+    udp.extend_from_slice(&later[14 + ihl..]);
+    let (saddr, daddr) = (
+        <[u8; 4]>::try_from(&ip1[12..16]).unwrap(),
+        <[u8; 4]>::try_from(&ip1[16..20]).unwrap(),
+    );
+    let sum = lb_common::checksum::pseudo_header_v4(saddr, daddr, proto::UDP, udp.len() as u16);
+    assert!(
+        lb_common::checksum::verifies(sum, &udp),
+        "reassembled UDP checksum"
+    );
+    (
+        saddr.into(),
+        daddr.into(),
+        u16::from_be_bytes([udp[0], udp[1]]),
+        u16::from_be_bytes([udp[2], udp[3]]),
+    )
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn fragmented_datagrams_are_translated_whole_in_both_directions() {
+    let mut f = fixture();
+    let query = Frame::udp(CLIENT, 41000, VIP, 53)
+        .payload(&[7u8; 100])
+        .build();
+    let (first, later) = fragments(&query, 56);
+    let run = f.run(&first);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let first_out = run.out.clone();
+    let run = f.run(&later);
+    run.counted_as(stats::XLATE_FRAGMENT);
+    assert_eq!(run.action, TC_ACT_OK);
+    assert_eq!(
+        reassembled_udp(&first_out, &run.out),
+        (CLIENT, DNS_BACKEND, 41000, 5353),
+        "the whole datagram reaches the backend, its checksum intact"
+    );
+
+    // The backend's fragmented answer comes back from the VIP.
+    let answer = Frame::udp(DNS_BACKEND, 5353, CLIENT, 41000)
+        .payload(&[9u8; 100])
+        .build();
+    let (first, later) = fragments(&answer, 56);
+    let run = f.run(&first);
+    run.counted_as(stats::XLATE_REPLY);
+    let first_out = run.out.clone();
+    let run = f.run(&later);
+    run.counted_as(stats::XLATE_FRAGMENT);
+    assert_eq!(
+        reassembled_udp(&first_out, &run.out),
+        (VIP, CLIENT, 53, 41000)
+    );
 }

@@ -851,3 +851,23 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
     });
     assert_eq!(echoed, format!("{}: {line}", backend_name(1)));
 }
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
+    let bed = Bed::start(3, &manifest(&[1, 2, 3]));
+    // 4000 bytes: the client's kernel sends three fragments, and the backend's answer (its
+    // name and the payload) comes back in three too.
+    let payload = vec![b'f'; 4000];
+    let answers: Vec<io::Result<String>> = bed.in_client(|| {
+        (0..10)
+            .map(|_| udp_exchange(udp_vip(), &payload, CLIENT_TIMEOUT))
+            .collect()
+    });
+    for answer in answers {
+        let answer = answer.unwrap_or_else(|e| panic!("a fragmented datagram got no answer: {e}"));
+        let (name, echoed) = answer.split_once(": ").expect("`<name>: <payload>`");
+        assert!(name.starts_with("backend-"), "answered by {name}");
+        assert_eq!(echoed.len(), payload.len(), "the whole datagram came back");
+    }
+}

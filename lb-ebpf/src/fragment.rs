@@ -1,0 +1,103 @@
+//! IPv4 fragments of translated datagrams. Only the first fragment carries the ports that
+//! name a flow, so when it is translated its ports are remembered under the datagram's
+//! identity (addresses, IP id, protocol), and the later fragments, found by the same identity,
+//! get the same address translation. Their L4 bytes are payload: nothing else changes (the
+//! datagram's L4 checksum, in the first fragment, already accounts for the new addresses).
+//!
+//! A later fragment that arrives before its first one cannot be matched: it is dropped if it
+//! is addressed to a frontend (as before fragment tracking), passed otherwise.
+
+use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
+use lb_common::{
+    stats::{DROP_FRAGMENT, PASS_OTHER, XLATE_FRAGMENT},
+    CtKey, FragKey, FragPorts, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT,
+};
+
+use crate::{
+    action,
+    maps::{CONNTRACK, FRAGMENTS},
+    nat::{self, End},
+    parse::{Fragment, Packet},
+    route,
+    service::is_vip,
+    Verdict,
+};
+
+/// Records the ports of `pkt`, a translated first fragment, for its datagram's later ones.
+#[inline(always)]
+pub fn remember(pkt: &Packet) {
+    let key = FragKey {
+        saddr: pkt.tuple.saddr,
+        daddr: pkt.tuple.daddr,
+        id_be: pkt.ip_id_be,
+        proto: pkt.tuple.proto,
+        _pad: 0,
+    };
+    let ports = FragPorts {
+        sport_be: pkt.tuple.sport_be,
+        dport_be: pkt.tuple.dport_be,
+    };
+    // LRU: makes room rather than fail; a lost entry only costs the later fragments.
+    let _ = FRAGMENTS.insert(key, ports, BPF_ANY as u64);
+}
+
+/// Translates a later fragment like its datagram's first one.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
+    let k = &frag.key;
+    let not_ours = || {
+        if is_vip(k.daddr) {
+            Err(DROP_FRAGMENT)
+        } else {
+            Ok(Verdict {
+                action: action::OK,
+                reason: PASS_OTHER,
+            })
+        }
+    };
+    let Some(ports) = FRAGMENTS.get_ptr(k) else {
+        return not_ours();
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let ports = unsafe { *ports };
+    let tuple = CtKey {
+        saddr: k.saddr,
+        daddr: k.daddr,
+        sport_be: ports.sport_be,
+        dport_be: ports.dport_be,
+        proto: k.proto,
+        _pad: [0; 3],
+    };
+    let Some(e) = CONNTRACK.get_ptr(tuple) else {
+        return not_ours();
+    };
+    // SAFETY: as above.
+    let e = unsafe { *e };
+    let snat = e.flags & CT_F_SNAT != 0;
+    let (saddr, daddr) = if e.direction == CT_FORWARD {
+        nat::rewrite_addr(ctx, End::Destination, k.daddr, e.nat_addr)?;
+        if snat {
+            nat::rewrite_addr(ctx, End::Source, k.saddr, e.peer_addr)?;
+            (e.peer_addr, e.nat_addr)
+        } else {
+            (k.saddr, e.nat_addr)
+        }
+    } else {
+        nat::rewrite_addr(ctx, End::Source, k.saddr, e.nat_addr)?;
+        if snat {
+            nat::rewrite_addr(ctx, End::Destination, k.daddr, e.peer_addr)?;
+            (e.nat_addr, e.peer_addr)
+        } else {
+            (e.nat_addr, k.daddr)
+        }
+    };
+    let action = if e.flags & CT_F_ROUTE != 0 {
+        route::forward(ctx, k.proto, frag.ttl, saddr, daddr)?
+    } else {
+        action::OK
+    };
+    Ok(Verdict {
+        action,
+        reason: XLATE_FRAGMENT,
+    })
+}
