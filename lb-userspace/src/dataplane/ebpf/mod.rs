@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, HashOfMaps, MapData, MapError},
-    programs::{tc, SchedClassifier, TcAttachType},
+    programs::{tc, ProgramInfo, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -167,6 +167,14 @@ impl EbpfDataplane {
     /// The program file descriptor's owner, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
         program_mut(&mut self.ebpf)
+    }
+
+    /// Every program in the datapath object with what the kernel says about it (verified
+    /// instruction count, size); `Err(ProgramError::NotLoaded)` for one not loaded.
+    pub fn program_infos(
+        &self,
+    ) -> impl Iterator<Item = (&str, Result<ProgramInfo, aya::programs::ProgramError>)> {
+        self.ebpf.programs().map(|(name, p)| (name, p.info()))
     }
 
     /// The datapath's counters, summed over CPUs, indexed by `lb_common::stats` reason.
