@@ -10,7 +10,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Mutex, MutexGuard, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, MutexGuard, OnceLock,
+    },
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -245,7 +248,9 @@ struct Fixture {
 }
 
 fn fixture() -> MutexGuard<'static, Fixture> {
-    static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
+    static F: OnceLock<Result<Mutex<Fixture>, String>> = OnceLock::new();
+    /// Whether a test already showed why the load failed.
+    static SHOWN: AtomicBool = AtomicBool::new(false);
     let f = F.get_or_init(|| {
         assert!(
             // SAFETY: geteuid has no preconditions.
@@ -254,31 +259,51 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         );
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-fixtures", std::process::id()));
         let _ = EbpfDataplane::remove_pins(&pin_dir);
-        let mut dp = EbpfDataplane::load_with(&pin_dir, &small_tables())
-            .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
+        let loaded = EbpfDataplane::load_with(&pin_dir, &small_tables());
         // The maps live as long as the loaded program holds them; the pins are not needed
         // (statics are never dropped, so nothing else would remove them).
         EbpfDataplane::remove_pins(&pin_dir).expect("removing the fixture's pins");
+        // A rejected program's verifier log can run to thousands of lines: kept to show it
+        // once, not in every test.
+        let mut dp = loaded.map_err(|e| format!("loading the datapath failed: {e}"))?;
         dp.apply(&desired(&Backends::default()))
             .expect("programming the maps");
-        report_verified_instructions(&mut dp);
-        Mutex::new(Fixture { dp })
+        report_verified_instructions(&dp);
+        Ok(Mutex::new(Fixture { dp }))
     });
-    f.lock().unwrap_or_else(|e| e.into_inner())
+    match f {
+        Ok(f) => f.lock().unwrap_or_else(|e| e.into_inner()),
+        Err(e) if !SHOWN.swap(true, Ordering::Relaxed) => panic!("{e}"),
+        Err(_) => panic!("the datapath did not load: the first test that failed shows why"),
+    }
 }
 
-/// Prints how many instructions the kernel's verifier processed for the program, so growth
-/// is visible from run to run and kernel to kernel.
-fn report_verified_instructions(dp: &mut EbpfDataplane) {
-    let info = dp.program().expect("program").info().expect("program info");
+/// Prints, per program, how many instructions the kernel's verifier processed, so growth is
+/// visible from run to run and kernel to kernel. `cargo xtask test` collects these lines (one
+/// per program: `NAME: N instructions verified, ... on kernel K`) from tier 2 and from the
+/// Debian 6.1 VM tier and compares them in its summary.
+fn report_verified_instructions(dp: &EbpfDataplane) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "lb_ingress: {} instructions verified, {} translated bytes, on kernel {}",
-        info.verified_instruction_count()
-            .map_or("?".into(), |n| n.to_string()),
-        info.size_translated().map_or("?".into(), |n| n.to_string()),
-        kernel.trim()
-    );
+    let mut loaded = 0;
+    for (name, info) in dp.program_infos() {
+        match info {
+            Ok(info) => {
+                loaded += 1;
+                println!(
+                    "{name}: {} instructions verified, {} translated bytes, on kernel {}",
+                    info.verified_instruction_count()
+                        .map_or("?".into(), |n| n.to_string()),
+                    info.size_translated().map_or("?".into(), |n| n.to_string()),
+                    kernel.trim()
+                );
+            }
+            Err(aya::programs::ProgramError::NotLoaded) => {
+                println!("{name}: not loaded by the fixture, so not verified here")
+            }
+            Err(e) => panic!("reading {name}'s program info: {e}"),
+        }
+    }
+    assert!(loaded > 0, "the fixture loaded no program");
 }
 
 struct Run {

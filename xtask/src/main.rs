@@ -1,13 +1,15 @@
 //! `cargo xtask <task>`: what cargo cannot do alone.
 //!
 //! - `setup`: installs the toolchain pieces and system tools the build and tests need.
-//! - `test`: runs every test tier (unit, datapath fixtures, end to end) and summarises them.
+//! - `test`: runs every test tier (unit, datapath fixtures, end to end, datapath fixtures on
+//!   Debian's 6.1 kernel in a VM) and summarises them.
 //! - `demo`: a walk through the load balancer in network namespaces, for an operator.
 
 mod demo;
 mod setup;
 mod tiers;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -20,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian tools, nightly rust-src, bpf-linker; mount bpffs.
+    /// Install what is missing: Debian tools, nightly rust-src, bpf-linker, virtme-ng and
+    /// Debian's 6.1 kernel for the VM tier; mount bpffs.
     Setup,
     /// Run setup, then every test tier, and print a summary (tiers 2 and 3 need root).
     Test,

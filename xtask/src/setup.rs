@@ -44,23 +44,28 @@ pub fn run() -> anyhow::Result<()> {
 pub fn ensure() -> anyhow::Result<Vec<String>> {
     step("setup");
     let mut missing = Vec::new();
-    missing.extend(debian_packages()?);
+    missing.extend(debian_packages("tools", &DEBIAN_PACKAGES)?);
     rust_src()?;
     bpf_linker()?;
     missing.extend(bpffs()?);
+    // Only tier 4 needs these, and it fails saying what is missing: their absence must not
+    // stop the other tiers.
+    missing.extend(crate::vm::ensure());
     Ok(missing)
 }
 
-fn debian_packages() -> anyhow::Result<Vec<String>> {
+/// Installs those of `packages` that are missing; returns them instead when not root.
+pub fn debian_packages(what: &str, packages: &[&str]) -> anyhow::Result<Vec<String>> {
     if output(Command::new("dpkg").arg("--version")).is_none() {
         println!(
             "setup: dpkg not found (not Debian?): install {} yourself",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(Vec::new());
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .into_iter()
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|p| {
             !output(Command::new("dpkg").args(["-s", p]))
                 .is_some_and(|s| s.contains("Status: install ok installed"))
@@ -68,8 +73,8 @@ fn debian_packages() -> anyhow::Result<Vec<String>> {
         .collect();
     if missing.is_empty() {
         println!(
-            "setup: skip  Debian packages ({}): installed",
-            DEBIAN_PACKAGES.join(" ")
+            "setup: skip  Debian packages for {what} ({}): installed",
+            packages.join(" ")
         );
         return Ok(Vec::new());
     }
@@ -80,7 +85,10 @@ fn debian_packages() -> anyhow::Result<Vec<String>> {
         );
         return Ok(missing.iter().map(|p| format!("package {p}")).collect());
     }
-    println!("setup: install Debian packages {}", missing.join(" "));
+    println!(
+        "setup: install Debian packages for {what}: {}",
+        missing.join(" ")
+    );
     util::run(Command::new("apt-get").arg("update"))?;
     util::run(
         Command::new("apt-get")

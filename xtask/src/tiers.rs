@@ -4,19 +4,38 @@
 //! 2. datapath: BPF_PROG_TEST_RUN fixtures (`lb-userspace/tests/datapath.rs`), root.
 //! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`, and
 //!    `tests/socket_lb.rs` for the node's own connections), root.
+//! 4. datapath on Debian 6.1: tier 2's test binary run in a virtme-ng VM booting Debian's
+//!    6.1 kernel, the oldest we support, so its verifier sees the programs too (`vm.rs`).
 //!
-//! The last line printed is `N passed, M failed`, the totals over the tiers that ran.
+//! Tiers 2 and 4 print each program's verified instruction count; the summary compares
+//! them. The last line printed is `N passed, M failed`, the totals over the tiers that ran.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::util::{self, cargo, is_root, process_alive, show, step, testbed_owner, TESTBED_PREFIX};
+use crate::vm;
 
 const BPFFS: &str = "/sys/fs/bpf";
+
+/// Tier 4 is killed after this long: it takes about 1.5 minutes (a boot of ~15-20 s, the
+/// fixtures ~15 times slower than on the host under emulation).
+const VM_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// libtest arguments of the datapath fixtures, on the host and in the VM. `--show-output`
+/// prints what passing tests printed too: the verified instruction counts and measurements.
+/// No colours: the guest's console is a terminal.
+const DATAPATH_ARGS: [&str; 4] = [
+    "--ignored",
+    "--test-threads=1",
+    "--show-output",
+    "--color=never",
+];
 
 /// What a tier's run produced.
 enum Outcome {
@@ -27,8 +46,25 @@ enum Outcome {
         /// The command exited successfully (a build failure has no result lines but fails).
         success: bool,
         secs: f64,
+        /// What else went wrong, when it did (the tier then fails).
+        problem: Option<String>,
     },
     Skipped(String),
+}
+
+impl Outcome {
+    /// A tier that could not run at all: a failure, never a skip.
+    fn broken(problem: String) -> Outcome {
+        println!("!!! {problem} !!!");
+        Outcome::Ran {
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+            success: false,
+            secs: 0.0,
+            problem: Some(problem),
+        }
+    }
 }
 
 struct Tier {
@@ -38,38 +74,88 @@ struct Tier {
 
 impl Tier {
     fn failed(&self) -> bool {
-        matches!(self.outcome, Outcome::Ran { success, failed, .. } if !success || failed > 0)
+        matches!(&self.outcome, Outcome::Ran { success, failed, problem, .. } if !success || *failed > 0 || problem.is_some())
+    }
+}
+
+/// One program's verified instruction count on one kernel, from a line the datapath
+/// fixtures print: `NAME: N instructions verified, B translated bytes, on kernel K`.
+#[derive(Debug, PartialEq)]
+struct Verified {
+    program: String,
+    instructions: String,
+    kernel: String,
+}
+
+fn parse_verified(line: &str) -> Option<Verified> {
+    let (program, rest) = line.trim().split_once(": ")?;
+    let (instructions, rest) = rest.split_once(" instructions verified, ")?;
+    let kernel = rest.rsplit_once(" on kernel ")?.1;
+    (!program.contains(char::is_whitespace)).then(|| Verified {
+        program: program.to_owned(),
+        instructions: instructions.to_owned(),
+        kernel: kernel.trim().to_owned(),
+    })
+}
+
+/// What the lines of a test run add up to.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    verified: Vec<Verified>,
+}
+
+impl Tally {
+    fn line(&mut self, line: &str) {
+        if let Some((p, f, i)) = parse_result(line) {
+            self.passed += p;
+            self.failed += f;
+            self.ignored += i;
+        } else if let Some(v) = parse_verified(line) {
+            self.verified.push(v);
+        }
+    }
+
+    fn outcome(&self, success: bool, secs: f64, problem: Option<String>) -> Outcome {
+        Outcome::Ran {
+            passed: self.passed,
+            failed: self.failed,
+            ignored: self.ignored,
+            success,
+            secs,
+            problem,
+        }
     }
 }
 
 pub fn run() -> anyhow::Result<()> {
     // Root-only setup pieces missing without root are reported by setup and stop us below,
-    // after tier 1, which needs none of them.
+    // after tier 1, which needs none of them. What tier 4 lacks, it reports itself.
     crate::setup::ensure()?;
     let root = is_root();
     let mut tiers = Vec::new();
+    let mut verified = Vec::new();
 
     step("tier 1: unit tests (unprivileged)");
     // --no-fail-fast: one failing test binary must not hide the others' results.
+    let (outcome, _) = run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     tiers.push(Tier {
         name: "1 unit",
-        outcome: run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))?,
+        outcome,
     });
 
     if root {
         step("tier 2: datapath fixtures (BPF_PROG_TEST_RUN, root)");
         let datapath = util::workspace_root().join("lb-userspace/tests/datapath.rs");
         let outcome = if datapath.exists() {
-            run_tests(cargo().args([
-                "test",
-                "-p",
-                "lb-userspace",
-                "--test",
-                "datapath",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ]))?
+            let (outcome, tally) = run_tests(
+                cargo()
+                    .args(["test", "-p", "lb-userspace", "--test", "datapath", "--"])
+                    .args(DATAPATH_ARGS),
+            )?;
+            with_verified_counts(outcome, tally, &mut verified)
         } else {
             let why = format!("{} does not exist", datapath.display());
             println!("!!! SKIPPING TIER 2: {why} !!!");
@@ -81,23 +167,30 @@ pub fn run() -> anyhow::Result<()> {
         });
 
         step("tier 3: end to end in network namespaces (root)");
+        let (outcome, _) = run_tests(cargo().args([
+            "test",
+            "-p",
+            "lb-userspace",
+            "--test",
+            "e2e",
+            "--test",
+            "socket_lb",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ]))?;
         tiers.push(Tier {
             name: "3 e2e",
-            outcome: run_tests(cargo().args([
-                "test",
-                "-p",
-                "lb-userspace",
-                "--test",
-                "e2e",
-                "--test",
-                "socket_lb",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ]))?,
+            outcome,
+        });
+
+        step("tier 4: datapath on Debian 6.1 (virtme-ng VM, software emulation)");
+        tiers.push(Tier {
+            name: "4 datapath 6.1",
+            outcome: datapath_in_vm(&mut verified)?,
         });
     } else {
-        for name in ["2 datapath", "3 e2e"] {
+        for name in ["2 datapath", "3 e2e", "4 datapath 6.1"] {
             tiers.push(Tier {
                 name,
                 outcome: Outcome::Skipped("needs root".into()),
@@ -107,9 +200,14 @@ pub fn run() -> anyhow::Result<()> {
 
     let leftovers = if root { leftovers()? } else { Vec::new() };
 
+    if !verified.is_empty() {
+        step("verified instructions per program and kernel");
+        print_verified(&verified);
+    }
+
     step("summary");
     println!(
-        "{:<12} {:>7} {:>7} {:>8} {:>8}  status",
+        "{:<15} {:>7} {:>7} {:>8} {:>8}  status",
         "tier", "passed", "failed", "ignored", "seconds"
     );
     let (mut passed, mut failed) = (0, 0);
@@ -121,25 +219,23 @@ pub fn run() -> anyhow::Result<()> {
                 ignored,
                 success: _,
                 secs,
+                problem,
             } => {
                 passed += p;
                 failed += f;
-                let status = if tier.failed() {
-                    if *f == 0 {
-                        "FAILED (did not build or run)"
-                    } else {
-                        "FAILED"
-                    }
-                } else {
-                    "ok"
+                let status = match problem {
+                    Some(problem) => format!("FAILED: {problem}"),
+                    None if !tier.failed() => "ok".into(),
+                    None if *f == 0 => "FAILED (did not build or run)".into(),
+                    None => "FAILED".into(),
                 };
                 println!(
-                    "{:<12} {p:>7} {f:>7} {ignored:>8} {secs:>8.1}  {status}",
+                    "{:<15} {p:>7} {f:>7} {ignored:>8} {secs:>8.1}  {status}",
                     tier.name
                 );
             }
             Outcome::Skipped(why) => println!(
-                "{:<12} {:>7} {:>7} {:>8} {:>8}  SKIPPED: {why}",
+                "{:<15} {:>7} {:>7} {:>8} {:>8}  SKIPPED: {why}",
                 tier.name, "-", "-", "-", "-"
             ),
         }
@@ -156,7 +252,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     if !root {
         problems.push(
-            "tiers 2 (datapath) and 3 (e2e) need root: run `cargo xtask test` as root".into(),
+            "tiers 2 (datapath), 3 (e2e) and 4 (datapath on 6.1) need root: run `cargo xtask test` as root".into(),
         );
     }
     if !leftovers.is_empty() {
@@ -176,8 +272,178 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
-fn run_tests(cmd: &mut Command) -> anyhow::Result<Outcome> {
+/// A datapath run must report every program's verified instruction count: a run that
+/// passed without one is a harness defect, so the tier fails.
+fn with_verified_counts(outcome: Outcome, tally: Tally, all: &mut Vec<Verified>) -> Outcome {
+    let outcome = match outcome {
+        Outcome::Ran {
+            passed,
+            failed,
+            ignored,
+            success,
+            secs,
+            problem: None,
+        } if tally.verified.is_empty() && success && failed == 0 => Outcome::Ran {
+            passed,
+            failed,
+            ignored,
+            success,
+            secs,
+            problem: Some("no verified instruction count was printed".into()),
+        },
+        other => other,
+    };
+    all.extend(tally.verified);
+    outcome
+}
+
+/// A table of verified instruction counts: a row per program, a column per kernel.
+fn print_verified(verified: &[Verified]) {
+    let mut kernels: Vec<&str> = Vec::new();
+    let mut programs: Vec<&str> = Vec::new();
+    for v in verified {
+        if !kernels.contains(&v.kernel.as_str()) {
+            kernels.push(&v.kernel);
+        }
+        if !programs.contains(&v.program.as_str()) {
+            programs.push(&v.program);
+        }
+    }
+    print!("{:<20}", "program");
+    for k in &kernels {
+        print!(" {k:>20}");
+    }
+    println!();
+    for p in &programs {
+        print!("{p:<20}");
+        for k in &kernels {
+            let n = verified
+                .iter()
+                .find(|v| v.program == *p && v.kernel == *k)
+                .map_or("-", |v| v.instructions.as_str());
+            print!(" {n:>20}");
+        }
+        println!();
+    }
+}
+
+/// Tier 4: builds tier 2's test binary (cargo runs it on the host; here it only builds it)
+/// and runs it in a VM booting Debian's 6.1 kernel.
+fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
+    let kit = match vm::Kit::find() {
+        Ok(kit) => kit,
+        Err(missing) => {
+            return Ok(Outcome::broken(format!(
+                "TIER 4 CANNOT RUN, missing: {} (`cargo xtask setup` as root installs them; see its output for why it did not)",
+                missing.join("; ")
+            )))
+        }
+    };
+    let binary = match datapath_test_binary() {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(Outcome::broken(format!(
+                "building the datapath fixtures: {e:#}"
+            )))
+        }
+    };
+    if let Err(e) = vm::check_visible_in_guest(&binary, "the test binary") {
+        return Ok(Outcome::broken(format!("{e:#}")));
+    }
+    let shown = binary.to_string_lossy();
+    if shown.contains('\'') {
+        return Ok(Outcome::broken(format!(
+            "the test binary's path {shown} has a quote in it, which the guest's command line cannot carry"
+        )));
+    }
+    println!(
+        "kernel {} from {}",
+        kit.kernel.version,
+        kit.kernel.root.display()
+    );
+    let command = format!("'{shown}' {}", DATAPATH_ARGS.join(" "));
+    let mut tally = Tally::default();
+    let run = kit.run(&command, &util::workspace_root(), VM_TIMEOUT, |line| {
+        tally.line(line)
+    })?;
+
+    let problem = if run.timed_out {
+        Some(format!(
+            "the VM was killed after {} s",
+            VM_TIMEOUT.as_secs()
+        ))
+    } else if run.boot_secs.is_none() {
+        Some("the guest never started the tests (boot failed?)".into())
+    } else if run.exit.is_none() {
+        Some("the guest stopped before the test binary finished (kernel panic?)".into())
+    } else if run.guest_kernel.as_deref() != Some(kit.kernel.version.as_str()) {
+        Some(format!(
+            "the guest ran kernel {:?}, not {}",
+            run.guest_kernel, kit.kernel.version
+        ))
+    } else {
+        None
+    };
+    if problem.is_some() && run.boot_secs.is_none() {
+        println!("last console lines before the guest command:");
+        for line in &run.boot_tail {
+            println!("  {line}");
+        }
+    }
+    match run.boot_secs {
+        Some(boot) => println!(
+            "VM: booted in {boot:.1} s, the fixtures took {:.1} s, {:.1} s in all",
+            run.secs - boot,
+            run.secs
+        ),
+        None => println!("VM: ran {:.1} s", run.secs),
+    }
+    let outcome = tally.outcome(run.exit == Some(0), run.secs, problem);
+    Ok(with_verified_counts(outcome, tally, verified))
+}
+
+/// Builds the datapath fixtures' test binary and returns its path, from cargo's JSON
+/// messages (the file name carries a hash).
+fn datapath_test_binary() -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "lb-userspace",
+        "--test",
+        "datapath",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    let shown = show(&cmd);
+    println!("$ {shown}");
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting `{shown}`"))?;
+    anyhow::ensure!(out.status.success(), "`{shown}` failed ({})", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    test_executable(&stdout, "datapath")
+        .with_context(|| format!("`{shown}` named no test executable `datapath`"))
+}
+
+/// The executable of test target `name` in cargo's `--message-format=json` output.
+fn test_executable(messages: &str, name: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+}
+
+/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines
+/// (and the verified instruction counts it prints).
+fn run_tests(cmd: &mut Command) -> anyhow::Result<(Outcome, Tally)> {
     let shown = show(cmd);
     println!("$ {shown}");
     let started = Instant::now();
@@ -185,27 +451,18 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<Outcome> {
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting `{shown}`"))?;
-    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    let mut tally = Tally::default();
     let stdout = child.stdout.take().expect("stdout is piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading test output")?;
         println!("{line}");
-        if let Some((p, f, i)) = parse_result(&line) {
-            passed += p;
-            failed += f;
-            ignored += i;
-        }
+        tally.line(&line);
     }
     let status = child
         .wait()
         .with_context(|| format!("waiting for `{shown}`"))?;
-    Ok(Outcome::Ran {
-        passed,
-        failed,
-        ignored,
-        success: status.success(),
-        secs: started.elapsed().as_secs_f64(),
-    })
+    let outcome = tally.outcome(status.success(), started.elapsed().as_secs_f64(), None);
+    Ok((outcome, tally))
 }
 
 /// `(passed, failed, ignored)` from a libtest line such as
@@ -305,6 +562,43 @@ mod tests {
             Some((1, 2, 0))
         );
         assert_eq!(parse_result("running 4 tests"), None);
+    }
+
+    #[test]
+    fn parses_verified_instruction_lines() {
+        assert_eq!(
+            parse_verified("lb_ingress: 6852 instructions verified, 16944 translated bytes, on kernel 6.18.44-fc-v782"),
+            Some(Verified {
+                program: "lb_ingress".into(),
+                instructions: "6852".into(),
+                kernel: "6.18.44-fc-v782".into(),
+            })
+        );
+        assert_eq!(
+            parse_verified(
+                "lb_ingress: ? instructions verified, ? translated bytes, on kernel 6.1.0-56-amd64"
+            )
+            .map(|v| v.instructions),
+            Some("?".into())
+        );
+        assert_eq!(parse_verified("case: tcp header cut short"), None);
+        assert_eq!(
+            parse_verified("lb_ingress: not loaded by the fixture, so not verified here"),
+            None
+        );
+    }
+
+    #[test]
+    fn finds_the_test_executable_in_cargo_messages() {
+        let messages = r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"datapath"},"executable":null}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"e2e"},"executable":"/t/debug/deps/e2e-1"}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"datapath"},"executable":"/t/debug/deps/datapath-2"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            test_executable(messages, "datapath"),
+            Some(PathBuf::from("/t/debug/deps/datapath-2"))
+        );
+        assert_eq!(test_executable(messages, "other"), None);
     }
 
     #[test]

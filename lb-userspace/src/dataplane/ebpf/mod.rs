@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie, Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError},
-    programs::{tc, SchedClassifier, TcAttachType},
+    programs::{tc, ProgramInfo, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -248,6 +248,14 @@ impl EbpfDataplane {
     /// The egress program, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn egress_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
         program_mut(&mut self.ebpf, EGRESS_PROGRAM)
+    }
+
+    /// Every program in the datapath object with what the kernel says about it (verified
+    /// instruction count, size); `Err(ProgramError::NotLoaded)` for one not loaded.
+    pub fn program_infos(
+        &self,
+    ) -> impl Iterator<Item = (&str, Result<ProgramInfo, aya::programs::ProgramError>)> {
+        self.ebpf.programs().map(|(name, p)| (name, p.info()))
     }
 
     /// The datapath's counters, summed over CPUs, indexed by `lb_common::stats` reason.
