@@ -742,6 +742,8 @@ fn unparseable_packets_for_a_service_are_dropped_not_misdirected() {
             "later fragment to the VIP whose first fragment was never seen",
             Frame {
                 frag_off: 0x0010,
+                // An id no other case's datagram uses: the fixture is shared.
+                ip_id: 0x7777,
                 ..Frame::new(CLIENT, VIP, later_fragment)
             }
             .build(),
