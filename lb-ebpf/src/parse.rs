@@ -97,8 +97,10 @@ pub struct Packet {
     pub has_ip_options: bool,
     /// IPv4 time to live.
     pub ttl: u8,
-    /// The first fragment of a fragmented datagram (MF set, offset 0).
-    pub first_fragment: bool,
+    /// 1 for the first fragment of a fragmented datagram (MF set, offset 0), else 0. A
+    /// number, not a `bool`, and computed without a branch: the verifier would otherwise
+    /// walk every later path twice, once per value.
+    pub first_fragment: u8,
     /// IPv4 identification, network byte order (names the datagram of a fragment).
     pub ip_id_be: u16,
     /// TCP flags byte (0 for UDP).
@@ -228,6 +230,9 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // `ihl` is at most 60, which bounds the offset for the verifier.
     let l4_off = ETH_HLEN + ihl;
     let l4_len = tot_len - ihl;
+    // Later fragments returned above, so MF alone marks a first fragment. `black_box` keeps
+    // the compiler from turning the arithmetic below back into a branch.
+    let first_fragment = core::hint::black_box(((frag_off & IP_MF) >> 13) as usize);
     let mut pkt = Packet {
         tuple: CtKey {
             saddr: ip.saddr,
@@ -240,7 +245,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         l4_off,
         has_ip_options: ihl > IPV4_HLEN,
         ttl: ip.ttl,
-        first_fragment: fragment,
+        first_fragment: first_fragment as u8,
         ip_id_be: ip.id_be,
         tcp_flags: 0,
         tcp_seq: 0,
@@ -273,8 +278,10 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         // SAFETY: `ptr_at` checked the header lies inside the packet.
         let udp = unsafe { core::ptr::read_unaligned(udp) };
         let udp_len = u16::from_be(udp.len_be) as usize;
-        // A first fragment holds only part of the datagram its length describes.
-        if udp_len < UDP_HLEN || (udp_len > l4_len && !fragment) {
+        // A first fragment holds only part of the datagram its length describes: no upper
+        // bound for it.
+        let udp_len_max = l4_len | (first_fragment * 0xffff);
+        if udp_len < UDP_HLEN || udp_len > udp_len_max {
             return malformed;
         }
         pkt.tuple.sport_be = udp.sport_be;

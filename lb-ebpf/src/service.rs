@@ -56,7 +56,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<Verdict, u32> {
             Flow::Done(v) => return Ok(v),
         },
     };
-    if pkt.first_fragment {
+    if pkt.first_fragment != 0 {
         fragment::remember(&pkt);
     }
     translate(ctx, &pkt, &entry, reason)
