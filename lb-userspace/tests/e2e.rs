@@ -755,7 +755,8 @@ fn node_port_external_ip_and_load_balancer_ip_reach_backends_from_outside() {
     let refused = bed.in_client(|| TcpSession::connect(lb, Duration::from_secs(1)).map(|_| ()));
     assert!(
         refused.is_err(),
-        "the LoadBalancer IP must not answer a client outside its ranges"
+        "the LoadBalancer IP must not answer a client outside its ranges; the maps:\n{}",
+        bed.agent.dump().unwrap_or_else(|e| e.to_string())
     );
     for open in [
         SocketAddr::from((EXTERNAL_IP, 80)),
