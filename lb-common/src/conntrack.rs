@@ -20,6 +20,9 @@ pub const ESTABLISHED_LIFETIME_NS: u64 = 6 * 3600 * SEC;
 pub const CLOSING_LIFETIME_NS: u64 = 10 * SEC;
 pub const NON_TCP_LIFETIME_NS: u64 = 60 * SEC;
 
+/// How far ahead of a reader's clock an entry's stamp may be and still count as fresh.
+pub const AHEAD_NS: u64 = 60 * SEC;
+
 /// How long an entry of `proto` in `tcp_state` lives after its last packet.
 #[inline(always)]
 pub const fn lifetime_ns(proto: u8, tcp_state: u8) -> u64 {
@@ -34,10 +37,14 @@ pub const fn lifetime_ns(proto: u8, tcp_state: u8) -> u64 {
 }
 
 /// True when an entry last used at `last_seen_ns` has outlived its lifetime at `now_ns`.
-/// Wrapping: a timestamp from ahead of `now` (another clock) reads as expired, not fresh.
+/// Ages are taken modulo 2^64, so a stamp from before a wrapped subtraction still ages right;
+/// but a stamp up to `AHEAD_NS` ahead of `now` is fresh: another CPU (or the agent's garbage
+/// collection, which reads `now` once for a whole pass) may have read the clock before the
+/// packet that stamped the entry. Reading it as expired would end a flow that just started.
 #[inline(always)]
 pub const fn expired(proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns.wrapping_sub(last_seen_ns) > lifetime_ns(proto, tcp_state)
+    let age = now_ns.wrapping_sub(last_seen_ns);
+    age <= u64::MAX - AHEAD_NS && age > lifetime_ns(proto, tcp_state)
 }
 
 /// True when a tracked flow is over and both its entries may be deleted (the agent's garbage
@@ -143,8 +150,8 @@ mod tests {
             );
         }
         assert!(
-            expired(UDP, 0, now + SEC, now),
-            "a timestamp from the future is expired"
+            !expired(UDP, 0, now + SEC, now),
+            "a timestamp just ahead of now (stamped after now was read) is fresh"
         );
     }
 

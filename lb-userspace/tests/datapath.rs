@@ -1127,14 +1127,27 @@ fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
         f.age(key, CLOSING_LIFETIME_NS + SEC);
     }
 
+    // A flow stamped just after the collector read its clock (another CPU) is fresh.
+    let (ahead_backend, _) = new_flow(&mut f, CLIENT, 55102, VIP);
+    let ahead = [
+        tuple(CLIENT, 55102, VIP, 80, proto::TCP),
+        tuple(ahead_backend, 8080, CLIENT, 55102, proto::TCP),
+    ];
+    for key in &ahead {
+        let mut ct = f.dp.conntrack().expect("conntrack map");
+        let mut e = ct.get(key, 0).expect("entry");
+        e.last_seen_ns = monotonic_ns() + 1_000_000_000;
+        ct.insert(key, e, 0).expect("stamping ahead");
+    }
+
     let deleted = f.dp.collect_garbage().expect("garbage collection");
     assert!(deleted >= 2, "deleted {deleted}");
     let ct = f.dp.conntrack().expect("conntrack map");
     for key in &closed {
         assert!(ct.get(key, 0).is_err(), "closed flow's {key:?} deleted");
     }
-    for key in &live {
-        assert!(ct.get(key, 0).is_ok(), "established flow's {key:?} kept");
+    for key in live.iter().chain(&ahead) {
+        assert!(ct.get(key, 0).is_ok(), "live flow's {key:?} kept");
     }
 }
 
