@@ -16,9 +16,10 @@ pub mod names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const XDP_TARGETS: &str = "XDP_TARGETS";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -28,6 +29,7 @@ pub mod names {
         VIPS,
         CONNTRACK,
         FRAGMENTS,
+        XDP_TARGETS,
         AFFINITY,
         STATS,
         // Socket-level load balancing (`crate::sock`).
@@ -59,6 +61,8 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Fragmented datagrams in flight whose first fragment was translated.
     pub const FRAGMENTS: u32 = 8_192;
+    /// Interfaces the XDP fast path may redirect to.
+    pub const XDP_TARGETS: u32 = 256;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -319,6 +323,30 @@ impl CtEntry {
     }
 }
 
+impl CtEntry {
+    /// What a packet with tuple `key` (this entry's key) becomes once translated.
+    pub const fn translated(&self, key: &CtKey) -> CtKey {
+        let snat = self.flags & CT_F_SNAT != 0;
+        let mut out = *key;
+        if self.direction == CT_FORWARD {
+            out.daddr = self.nat_addr;
+            out.dport_be = self.nat_port_be;
+            if snat {
+                out.saddr = self.peer_addr;
+                out.sport_be = self.peer_port_be;
+            }
+        } else {
+            out.saddr = self.nat_addr;
+            out.sport_be = self.nat_port_be;
+            if snat {
+                out.daddr = self.peer_addr;
+                out.dport_be = self.peer_port_be;
+            }
+        }
+        out
+    }
+}
+
 /// `CtEntry::flags`: the flow is source-NATed (NodePort with externalTrafficPolicy Cluster,
 /// or hairpin): rewrite `peer_*` too.
 pub const CT_F_SNAT: u8 = 1;
@@ -484,6 +512,9 @@ mod tests {
             ..forward
         };
         assert_eq!(reverse.other_key(crate::proto::TCP), forward_key);
+        // Translating a packet of either direction gives what the other side sees.
+        assert_eq!(forward.translated(&forward_key), reverse_key.reversed());
+        assert_eq!(reverse.translated(&reverse_key), forward_key.reversed());
     }
 
     #[test]

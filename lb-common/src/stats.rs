@@ -70,8 +70,14 @@ pub const DROP_SOURCE_RANGE: u32 = 23;
 /// addresses translated the same way.
 pub const XLATE_FRAGMENT: u32 = 24;
 
+/// XDP fast path: the first packet of a new flow to a node-facing frontend, translated and
+/// redirected before the stack saw it.
+pub const XLATE_XDP_NEW_FLOW: u32 = 25;
+/// XDP fast path: a packet of a tracked routed flow, translated and redirected.
+pub const XLATE_XDP_TRACKED: u32 = 26;
+
 /// Number of reasons; the length of the `STATS` array.
-pub const REASONS: u32 = 25;
+pub const REASONS: u32 = 27;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
@@ -100,6 +106,8 @@ pub const NAMES: [&str; REASONS as usize] = [
     "xlate_icmp_error",
     "drop_source_range",
     "xlate_fragment",
+    "xlate_xdp_new_flow",
+    "xlate_xdp_tracked",
 ];
 
 #[cfg(test)]

@@ -22,8 +22,13 @@ mod route;
 mod service;
 mod sock;
 mod stats;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 // The cgroup socket programs'.
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
@@ -116,6 +121,24 @@ fn sock_verdict(result: Result<u32, sock::Reject>) -> i32 {
             unsafe { bpf_set_retval(-reject.errno) };
             stats::count_sock(reject.reason);
             SYS_REJECT
+        }
+    }
+}
+
+/// XDP on the interfaces external clients arrive on: the fast path for node-facing frontends
+/// (`xdp.rs`); whatever it leaves passes to `lb_ingress` on the same interface.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
+    match xdp::try_xdp(&ctx) {
+        None => xdp_action::XDP_PASS,
+        Some(Ok(v)) => {
+            stats::count(v.reason, len as u32);
+            v.action
+        }
+        Some(Err(reason)) => {
+            stats::count(reason, len as u32);
+            xdp_action::XDP_DROP
         }
     }
 }

@@ -58,6 +58,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize 
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { capacity::FRAGMENTS as usize }> =
     LruHashMap::new();
 
+/// Interface index -> 1 for the interfaces the agent attached the XDP program to: the only
+/// ones the XDP fast path redirects to (a driver takes redirected frames only when it runs XDP
+/// itself). Others are left to tc.
+#[btf_map]
+pub static XDP_TARGETS: HashMap<u32, u32, { capacity::XDP_TARGETS as usize }> = HashMap::new();
+
 /// ClientIP session affinity: (client, service) -> the backend its connections go to.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { capacity::AFFINITY as usize }> =

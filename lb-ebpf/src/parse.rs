@@ -2,7 +2,7 @@
 //!
 //! Parsing never writes. Every header read goes through `ptr_at`, the one bounds check.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{conntrack::flags as tcpf, proto, CtKey, FragKey};
 
 pub const ETH_HLEN: usize = 14;
@@ -27,10 +27,59 @@ pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 
+/// What parsing needs of a program's context: tc's socket buffer and XDP's frame both have
+/// linear data; only an skb can have more in pages.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length.
+    fn len(&self) -> u32;
+    /// Makes the first `len` bytes linear, where that means anything.
+    fn pull(&self, len: u32);
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn pull(&self, len: u32) {
+        // Failure is harmless: the bounds checks then treat the packet as short.
+        let _ = self.pull_data(len);
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        // Programs not marked for multi-buffer frames only ever see one linear buffer.
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    #[inline(always)]
+    fn pull(&self, _len: u32) {}
+}
+
 /// Returns a pointer to a `T` at `offset` in the linear packet data, or `None` if it would
 /// reach past the end. The only way headers are read.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -169,7 +218,7 @@ struct UdpHdr {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub fn parse<F: Frame>(ctx: &F) -> Parsed {
     // Headers may sit partly in paged data (GRO, large sends); make them linear first.
     // Failure is harmless: the bounds checks below then treat the packet as short.
     let want = if ctx.len() < MAX_HEADERS {
@@ -178,7 +227,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         MAX_HEADERS
     };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
+        ctx.pull(want);
     }
 
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -294,7 +343,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 /// Parses the ICMP message at `icmp_off`, if it is an error quoting a TCP or UDP packet with
 /// its ports.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, icmp_off: usize, daddr: [u8; 4]) -> Option<IcmpError> {
+fn icmp_error<F: Frame>(ctx: &F, icmp_off: usize, daddr: [u8; 4]) -> Option<IcmpError> {
     // SAFETY: `ptr_at` checks bounds; a byte needs no alignment.
     let icmp_type = unsafe { *ptr_at::<u8>(ctx, icmp_off)? };
     if icmp_type != ICMP_DEST_UNREACH

@@ -70,16 +70,35 @@ enum Flow {
     Done(Verdict),
 }
 
-/// Starts tracking `pkt` if it is addressed to a frontend. With `replace`, its tuple's
-/// existing entry is stale and is overwritten.
+/// Starts tracking `pkt` if it is addressed to a frontend, or answers for a frontend without
+/// backends. With `replace`, its tuple's existing entry is stale and is overwritten.
 #[inline(always)]
 fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
-    let done = |reason| {
-        Ok(Flow::Done(Verdict {
+    match start_flow(pkt, replace)? {
+        Start::NotService => Ok(Flow::Done(Verdict {
             action: action::OK,
-            reason,
-        }))
-    };
+            reason: PASS_NOT_SERVICE,
+        })),
+        Start::Reject => reject::no_backend(ctx, pkt).map(Flow::Done),
+        Start::Tracked(entry, reason) => Ok(Flow::New(entry, reason)),
+    }
+}
+
+/// How a packet without a live tracking entry starts, decided without touching the packet
+/// (shared by the tc and XDP programs).
+pub enum Start {
+    /// Not addressed to a frontend.
+    NotService,
+    /// To a frontend without backends: to be answered as kube-proxy's REJECT would.
+    Reject,
+    /// A new flow, tracked: its forward entry and the reason to count.
+    Tracked(CtEntry, u32),
+}
+
+/// Decides how `pkt` starts, choosing and recording a backend for a new flow. With `replace`,
+/// its tuple's existing entry is stale and is overwritten.
+#[inline(always)]
+pub fn start_flow(pkt: &Packet, replace: bool) -> Result<Start, u32> {
     let key = FrontendKey {
         addr: pkt.tuple.daddr,
         port_be: pkt.tuple.dport_be,
@@ -87,7 +106,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
         scope: SCOPE_ALL,
     };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return done(PASS_NOT_SERVICE);
+        return Ok(Start::NotService);
     };
     // SAFETY: pointer from a successful lookup, copied out before any other map operation.
     let svc = unsafe { *svc };
@@ -98,7 +117,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
         if svc.flags & SVC_F_DROP_WHEN_EMPTY != 0 {
             return Err(DROP_NO_LOCAL_BACKEND);
         }
-        return reject::no_backend(ctx, pkt).map(Flow::Done);
+        return Ok(Start::Reject);
     }
     let (backend_id, backend, reason) = if svc.affinity_timeout_s == 0 {
         let (id, backend) = select_backend(&svc, &pkt.tuple)?;
@@ -122,7 +141,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, replace: bool) -> Result<Flow, u32> {
     let entry = conntrack::create(
         pkt, svc.svc_id, backend_id, &backend, source, route, replace,
     )?;
-    Ok(Flow::New(entry, reason))
+    Ok(Start::Tracked(entry, reason))
 }
 
 /// True when `client` is within one of the service's loadBalancerSourceRanges.

@@ -53,6 +53,12 @@ struct RunArgs {
     /// carries traffic from clients or replies from backends.
     #[arg(long = "iface", required = true)]
     ifaces: Vec<String>,
+    /// Interface external clients arrive on (repeatable): NodePort, externalIP and
+    /// LoadBalancer traffic is handled there by XDP in native mode, at the earliest point.
+    /// Where XDP cannot attach, the tc program handles it, with a warning. Also gets the tc
+    /// programs, as an --iface.
+    #[arg(long = "xdp-iface")]
+    xdp_ifaces: Vec<String>,
     /// Directory on a bpffs mount to pin maps under; maps already there are adopted.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
@@ -215,6 +221,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     dataplane.set_default_algorithm(args.lb_algorithm);
     for iface in &args.ifaces {
         dataplane.attach(iface)?;
+    }
+    for iface in &args.xdp_ifaces {
+        if !args.ifaces.contains(iface) {
+            dataplane.attach(iface)?;
+        }
+        if let Err(e) = dataplane.attach_xdp(iface) {
+            warn!("XDP fast path unavailable on {iface}: {e}. Its NodePort, externalIP and LoadBalancer traffic is handled by the tc program there instead (same behaviour, later in the stack)");
+        }
     }
     if args.no_socket_lb {
         info!("socket-level load balancing off (--no-socket-lb): connections from processes on this node are not balanced unless their packets cross an --iface interface");

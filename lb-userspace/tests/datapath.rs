@@ -1849,3 +1849,117 @@ fn fragmented_datagrams_are_translated_whole_in_both_directions() {
         (VIP, CLIENT, 53, 41000)
     );
 }
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+impl Fixture {
+    /// Runs the XDP program on `frame`, like `run` does the tc one.
+    fn run_xdp(&mut self, frame: &[u8]) -> Run {
+        let before = self.counters();
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = self
+            .dp
+            .xdp_program()
+            .expect("xdp program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        let after = self.counters();
+        Run {
+            action: res.return_value,
+            out,
+            counted: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn xdp_translates_and_redirects_node_port_flows_and_leaves_the_rest_to_tc() {
+    let mut f = fixture();
+    let mut all = vec![CLIENT];
+    all.extend(backends(3).iter().map(|e| e.addr));
+    let net = RoutedNetns::enter(&all);
+
+    // lbr0 does not run the XDP program: a flow routed out of it is left to tc, untouched.
+    let syn = Frame::tcp(CLIENT, 40805, NODE_IP, 30080, tcp::SYN).build();
+    let run = f.run_xdp(&syn);
+    assert_eq!((run.action, &run.out), (XDP_PASS, &syn));
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_FORWARD);
+
+    // SAFETY: a NUL-terminated name.
+    let lbr0 = unsafe { libc::if_nametoindex(c"lbr0".as_ptr()) };
+    f.dp.add_xdp_target(lbr0).expect("lbr0 as an XDP target");
+    let syn = Frame::tcp(CLIENT, 40800, NODE_IP, 30080, tcp::SYN).build();
+    let run = f.run_xdp(&syn);
+    run.counted_as(stats::XLATE_XDP_NEW_FLOW);
+    assert_eq!(run.action, XDP_REDIRECT);
+    let out = verified(&run.out);
+    assert!(is_web_backend(out.daddr));
+    assert_eq!(
+        (out.saddr, out.dport),
+        (NODE_IP, 8080),
+        "source-NATed, to the target port"
+    );
+    assert_eq!(run.out[0..6], neighbour_mac(out.daddr), "destination MAC");
+    assert_eq!(run.out[6..12], net.lbr0_mac, "source MAC");
+    assert_eq!(run.out[14 + 8], 63, "TTL decremented");
+    let first = (out.daddr, out.sport);
+
+    // The flow's next packet takes the same way; the tc program would translate it alike.
+    let ack = Frame::tcp(CLIENT, 40800, NODE_IP, 30080, tcp::ACK)
+        .payload(b"hello")
+        .build();
+    let run = f.run_xdp(&ack);
+    run.counted_as(stats::XLATE_XDP_TRACKED);
+    let out = verified(&run.out);
+    assert_eq!(
+        (out.daddr, out.sport),
+        first,
+        "same backend, same SNAT port"
+    );
+    assert_eq!(out.l4_payload, b"hello");
+
+    // Not the fast path's business: passed untouched and uncounted, for tc.
+    let zero = vec![0u64; stats::REASONS as usize];
+    for (what, frame) in [
+        (
+            "a ClusterIP flow",
+            Frame::tcp(CLIENT, 40801, NODEPORT_VIP, 80, tcp::SYN).build(),
+        ),
+        (
+            "a frontend without backends (tc answers it)",
+            Frame::tcp(CLIENT, 40802, EMPTY_VIP, 80, tcp::SYN).build(),
+        ),
+        (
+            "not a service",
+            Frame::tcp(CLIENT, 40803, OTHER, 80, tcp::SYN).build(),
+        ),
+        ("not IPv4", arp_frame()),
+    ] {
+        let run = f.run_xdp(&frame);
+        assert_eq!(run.action, XDP_PASS, "{what}");
+        assert_eq!(run.out, frame, "{what}: untouched");
+        assert_eq!(run.counted, zero, "{what}: counted by tc, not here");
+    }
+    drop(net);
+
+    // Without a resolved next hop (a namespace with no neighbour entries) the packet passes
+    // untouched, and the flow the XDP program started is tracked for tc to translate.
+    let _bare = RoutedNetns::enter(&[]);
+    let syn = Frame::tcp(CLIENT, 40804, NODE_IP, 30080, tcp::SYN).build();
+    let run = f.run_xdp(&syn);
+    assert_eq!((run.action, &run.out), (XDP_PASS, &syn));
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_FORWARD);
+    assert_eq!(
+        run.action, TC_ACT_REDIRECT,
+        "tc resolves the neighbour itself"
+    );
+}

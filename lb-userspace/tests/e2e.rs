@@ -872,3 +872,85 @@ fn fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
         assert_eq!(echoed.len(), payload.len(), "the whole datagram came back");
     }
 }
+
+/// The packet count of counter `name` in an `lb-agent dump`.
+fn dumped_counter(dump: &str, name: &str) -> u64 {
+    dump.lines()
+        .find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn xdp_carries_node_port_traffic_and_a_failed_attach_falls_back_to_tc() {
+    let node_ip = NODE_IP.to_string();
+    // Every node interface as an XDP interface, as NICs would be (backends on other nodes
+    // behind them), and `lo`, which has no native XDP: the agent must say so and carry on.
+    let mut args = vec!["--node-ip", &node_ip, "--xdp-iface", "lo"];
+    let topo_ifaces = ["to-client", "to-backend1", "to-backend2", "to-backend3"];
+    for iface in &topo_ifaces {
+        args.extend(["--xdp-iface", iface]);
+    }
+    let bed = Bed::start_with(3, &external_manifest(""), &args);
+    let log = bed.agent.log();
+    for iface in &topo_ifaces {
+        let attached = format!("attached lb_xdp (native XDP) to {iface}");
+        assert!(log.contains(&attached), "{log}");
+    }
+    assert!(log.contains("XDP fast path unavailable on lo"), "{log}");
+    // What a NIC on the far end of each link would do, which veths need told: deliver
+    // complete checksums (a veth peer leaves them to offload, which an XDP redirect cannot
+    // finish) and take redirected frames (a veth does with NAPI on, i.e. GRO).
+    let hosts = std::iter::once(&bed.topo.client).chain(&bed.topo.backends);
+    for host in hosts {
+        for setting in [["tx", "off"], ["gro", "on"]] {
+            let ok = host
+                .ns
+                .command("ethtool")
+                .args(["-K", "eth0"])
+                .args(setting)
+                .status()
+                .expect("ethtool");
+            assert!(
+                ok.success(),
+                "ethtool -K eth0 {setting:?} in {}",
+                host.ns.name()
+            );
+        }
+    }
+
+    for (frontend, backends, peer) in [
+        (
+            SocketAddr::from((NODE_IP, 30080)),
+            &[1, 2, 3][..],
+            node_ip.as_str(),
+        ),
+        (SocketAddr::from((NODE_IP, 30081)), &[1][..], "10.0.1.2"),
+    ] {
+        let answers = names_and_peers(&bed, frontend, 30);
+        let counts = tally(
+            &format!("{frontend} over XDP"),
+            answers.iter().map(|(n, _)| Ok(n.clone())).collect(),
+        );
+        assert_every_backend(&format!("{frontend}"), &counts, backends);
+        for (name, seen) in &answers {
+            assert_eq!(seen.to_string(), peer, "{frontend}: {name} saw");
+        }
+    }
+    let dump = bed.agent.dump().expect("dump");
+    let (new_flows, tracked) = (
+        dumped_counter(&dump, "xlate_xdp_new_flow"),
+        dumped_counter(&dump, "xlate_xdp_tracked"),
+    );
+    println!("XDP: {new_flows} of 60 new flows, {tracked} tracked packets");
+    // A flow whose next hop is not resolved yet is started by XDP and left to tc
+    // (`bpf_redirect_neigh`), which counts it as tracked: at most the first to each backend.
+    assert!(
+        (54..=60).contains(&new_flows),
+        "the new flows went through XDP:\n{dump}"
+    );
+    assert!(tracked > 0, "their later packets too:\n{dump}");
+}

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie, Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError},
-    programs::{tc, ProgramInfo, SchedClassifier, TcAttachType},
+    programs::{tc, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -32,6 +32,8 @@ pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
 /// The egress classifier (ICMP errors the node itself sends about translated flows).
 pub const EGRESS_PROGRAM: &str = "lb_egress";
+/// The XDP fast path for node-facing frontends.
+pub const XDP_PROGRAM: &str = "lb_xdp";
 /// Where maps are pinned unless `--bpffs` says otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
@@ -55,6 +57,8 @@ pub enum LoadError {
     Object { reason: String },
     #[error("map {name} is missing from the datapath object")]
     MissingMap { name: &'static str },
+    #[error("program {name} is missing from the datapath object")]
+    MissingProgram { name: &'static str },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -76,6 +80,7 @@ struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, VipKey, Vip>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    xdp_targets: HashMap<MapData, u32, u32>,
 }
 
 /// How to load the datapath.
@@ -171,8 +176,11 @@ impl EbpfDataplane {
                 .load()
                 .map_err(|source| LoadError::Program { source })?;
         }
+        xdp_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| LoadError::Program { source })?;
 
-        let maps = Maps {
+        let mut maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
             members: take_map(&mut ebpf, names::MEMBERS)?,
@@ -192,7 +200,13 @@ impl EbpfDataplane {
                     })?;
                 LpmTrie::try_from(map).map_err(|source| map_err(names::SOURCE_RANGES, source))?
             },
+            xdp_targets: take_map(&mut ebpf, names::XDP_TARGETS)?,
         };
+        // The interfaces an earlier run attached XDP to lost it when that run ended.
+        let stale: Vec<u32> = maps.xdp_targets.keys().filter_map(Result::ok).collect();
+        for ifindex in stale {
+            let _ = maps.xdp_targets.remove(&ifindex);
+        }
         let mut dp = EbpfDataplane {
             ebpf,
             maps,
@@ -245,6 +259,39 @@ impl EbpfDataplane {
         program_mut(&mut self.ebpf, INGRESS_PROGRAM)
     }
 
+    /// Attaches the XDP fast path to `iface` in native (driver) mode. Generic mode is not
+    /// tried: it would only add work in front of the tc program, which handles the same
+    /// traffic on its own.
+    pub fn attach_xdp(&mut self, iface: &str) -> Result<(), LoadError> {
+        xdp_mut(&mut self.ebpf)?
+            .attach(iface, XdpMode::Driver)
+            .map_err(|source| LoadError::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        let name = std::ffi::CString::new(iface).unwrap_or_default();
+        // SAFETY: a NUL-terminated name; 0 means no such interface.
+        match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+            0 => warn!("{iface} has no interface index: the XDP fast path will not redirect to it"),
+            ifindex => self.add_xdp_target(ifindex)?,
+        }
+        info!("attached {XDP_PROGRAM} (native XDP) to {iface}");
+        Ok(())
+    }
+
+    /// Lets the XDP fast path redirect to interface `ifindex` (one that runs it).
+    pub fn add_xdp_target(&mut self, ifindex: u32) -> Result<(), LoadError> {
+        self.maps
+            .xdp_targets
+            .insert(ifindex, 1, 0)
+            .map_err(|source| map_err(names::XDP_TARGETS, source))
+    }
+
+    /// The XDP program, for tests that run it with BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        xdp_mut(&mut self.ebpf)
+    }
+
     /// The egress program, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn egress_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
         program_mut(&mut self.ebpf, EGRESS_PROGRAM)
@@ -287,10 +334,11 @@ impl EbpfDataplane {
     /// ignores or overwrites expired entries; deleting them is what frees the source ports of
     /// source-NATed flows and keeps the LRU from evicting live flows in favour of dead ones.
     pub fn collect_garbage(&mut self) -> Result<usize, LoadError> {
-        let now = monotonic_ns();
         let mut ct = self.conntrack()?;
         let entries: std::collections::HashMap<lb_common::CtKey, lb_common::CtEntry> =
             ct.iter().filter_map(Result::ok).collect();
+        // Read after the pass, so no entry in it was stamped later than `now`.
+        let now = monotonic_ns();
         let over: Vec<lb_common::CtKey> = entries
             .iter()
             .filter(|(key, e)| {
@@ -301,11 +349,27 @@ impl EbpfDataplane {
             })
             .map(|(key, _)| *key)
             .collect();
+        let mut deleted = 0;
         for key in &over {
-            // Already gone (evicted, or deleted with its flow's other entry) is fine.
-            let _ = ct.remove(key);
+            // Looked at again just before deleting: a new flow may have taken the tuple since
+            // the pass read it (the datapath overwrites stale entries).
+            let Ok(e) = ct.get(key, 0) else { continue };
+            let other = ct
+                .get(&e.other_key(key.proto), 0)
+                .ok()
+                .map(|o| (o.tcp_state, o.last_seen_ns));
+            let still_over = conntrack::flow_over(
+                key.proto,
+                e.tcp_state,
+                e.last_seen_ns,
+                other,
+                monotonic_ns(),
+            );
+            if still_over && ct.remove(key).is_ok() {
+                deleted += 1;
+            }
         }
-        Ok(over.len())
+        Ok(deleted)
     }
 
     /// Where the maps are pinned.
@@ -513,13 +577,22 @@ fn is_bpffs(dir: &Path) -> bool {
     }
 }
 
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    let program = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(LoadError::MissingProgram { name: XDP_PROGRAM })?;
+    program
+        .try_into()
+        .map_err(|source| LoadError::Program { source })
+}
+
 fn program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoadError> {
     let program = ebpf
         .program_mut(name)
-        .ok_or(LoadError::MissingMap { name })?;
+        .ok_or(LoadError::MissingProgram { name })?;
     program
         .try_into()
         .map_err(|source| LoadError::Program { source })

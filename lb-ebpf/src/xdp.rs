@@ -1,0 +1,154 @@
+//! The XDP fast path for node-facing frontends (NodePort, externalIPs, LoadBalancer IPs) on
+//! the interfaces external clients arrive on (`lb-agent --xdp-iface`).
+//!
+//! It does the common case at the earliest point: a packet of a flow the datapath routes
+//! itself (`CT_F_ROUTE`), new or tracked, whose next hop is resolved and whose egress
+//! interface also runs this program (`XDP_TARGETS`; or is the ingress one: `XDP_TX`), is
+//! translated and sent on before the kernel allocates a socket buffer.
+//! Everything else passes, untouched and uncounted, to the tc program on the same interface,
+//! which does the full job: frontends without backends (it answers them), ClusterIP flows,
+//! fragments, ICMP errors, unresolved neighbours (`bpf_redirect_neigh`), and any routing
+//! failure. A flow the XDP program started is already tracked by then, so tc translates it the
+//! same way.
+//!
+//! XDP has no checksum helpers: addresses, ports and the TTL are rewritten with incremental
+//! updates (RFC 1624) of checksums that are complete, as they are on frames from a wire.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibLookup, xdp_action::XDP_TX, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    checksum, proto,
+    stats::{XLATE_XDP_NEW_FLOW, XLATE_XDP_TRACKED},
+    CtKey, CT_F_ROUTE,
+};
+
+use crate::{
+    conntrack::{self, Lookup},
+    maps::XDP_TARGETS,
+    parse::{self, ptr_at, Packet, Parsed, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF},
+    service::{self, Start},
+};
+
+const AF_INET: u8 = 2;
+
+/// What the XDP program did with a packet it kept: the XDP action and the reason to count.
+pub struct XdpVerdict {
+    pub action: u32,
+    pub reason: u32,
+}
+
+/// `None`: not for the fast path; passed, uncounted, to tc. `Err`: drop, counted.
+#[inline(always)]
+pub fn try_xdp(ctx: &XdpContext) -> Option<Result<XdpVerdict, u32>> {
+    let Parsed::L4(pkt) = parse::parse(ctx) else {
+        return None;
+    };
+    if pkt.first_fragment != 0 {
+        return None;
+    }
+    let (entry, reason) = match conntrack::lookup(&pkt) {
+        Lookup::Hit(e) => (e, XLATE_XDP_TRACKED),
+        other => match service::start_flow(&pkt, matches!(other, Lookup::Stale)) {
+            Ok(Start::Tracked(e, _)) => (e, XLATE_XDP_NEW_FLOW),
+            Ok(_) => return None,
+            Err(reason) => return Some(Err(reason)),
+        },
+    };
+    if entry.flags & CT_F_ROUTE == 0 {
+        return None;
+    }
+    let to = entry.translated(&pkt.tuple);
+    // Routed first, rewritten after: a packet the fast path cannot send on reaches tc as it
+    // arrived.
+    let (ifindex, dmac, smac) = route(ctx, &pkt, &to)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    if ifindex != ingress && XDP_TARGETS.get_ptr(ifindex).is_none() {
+        return None;
+    }
+    rewrite(ctx, &pkt, &to, dmac, smac)?;
+    let action = if ifindex == ingress {
+        XDP_TX
+    } else {
+        // SAFETY: plain helper call; the target runs XDP, so its driver takes the frame.
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    };
+    Some(Ok(XdpVerdict { action, reason }))
+}
+
+/// The egress interface and Ethernet addresses for `to`, when the FIB has them all.
+#[inline(always)]
+fn route(ctx: &XdpContext, pkt: &Packet, to: &CtKey) -> Option<(u32, [u8; 6], [u8; 6])> {
+    if pkt.ttl <= 1 {
+        return None;
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = pkt.tuple.proto;
+    // The MTU is checked against this length.
+    fib.__bindgen_anon_1.tot_len = (pkt.l4_off - parse::ETH_HLEN) as u16 + pkt.l4_len;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(to.saddr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(to.daddr);
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the params live on our stack and are as long as declared.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    } as u32;
+    (rc == BPF_FIB_LKUP_RET_SUCCESS).then_some((fib.ifindex, fib.dmac, fib.smac))
+}
+
+/// Rewrites `pkt` to the tuple `to`, one hop further (TTL), with the given Ethernet addresses.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, pkt: &Packet, to: &CtKey, dmac: [u8; 6], smac: [u8; 6]) -> Option<()> {
+    let from = &pkt.tuple;
+    let eth = ptr_at::<[u8; 12]>(ctx, 0)? as *mut [u8; 12];
+    let ip_check = ptr_at::<[u8; 2]>(ctx, IP_CHECK_OFF)? as *mut [u8; 2];
+    let ttl = ptr_at::<[u8; 2]>(ctx, IP_TTL_OFF)? as *mut [u8; 2];
+    let saddr = ptr_at::<[u8; 4]>(ctx, IP_SADDR_OFF)? as *mut [u8; 4];
+    let daddr = ptr_at::<[u8; 4]>(ctx, IP_DADDR_OFF)? as *mut [u8; 4];
+    let ports = ptr_at::<[u8; 4]>(ctx, pkt.l4_off)? as *mut [u8; 4];
+    let l4_check = ptr_at::<[u8; 2]>(ctx, pkt.l4_check_off())? as *mut [u8; 2];
+    // SAFETY: every pointer above was bounds-checked by `ptr_at`, and XDP frames are
+    // writable; the writes stay within the headers parsing found.
+    unsafe {
+        let (old_ttl, new_ttl) = (*ttl, [(*ttl)[0].wrapping_sub(1), (*ttl)[1]]);
+        let mut check = u16::from_be_bytes(*ip_check);
+        check = checksum::replace(check, &from.saddr, &to.saddr);
+        check = checksum::replace(check, &from.daddr, &to.daddr);
+        check = checksum::replace(check, &old_ttl, &new_ttl);
+        *ip_check = check.to_be_bytes();
+        *ttl = new_ttl;
+
+        let old_ports = *ports;
+        let mut new_ports = [0u8; 4];
+        new_ports[..2].copy_from_slice(&to.sport_be.to_ne_bytes());
+        new_ports[2..].copy_from_slice(&to.dport_be.to_ne_bytes());
+        let old_l4 = u16::from_be_bytes(*l4_check);
+        // A UDP checksum of 0 means "none" and stays 0; a computed 0 is sent as 0xffff.
+        if from.proto == proto::TCP || old_l4 != 0 {
+            let mut l4 = checksum::replace(old_l4, &from.saddr, &to.saddr);
+            l4 = checksum::replace(l4, &from.daddr, &to.daddr);
+            l4 = checksum::replace(l4, &old_ports, &new_ports);
+            if l4 == 0 && from.proto == proto::UDP {
+                l4 = 0xffff;
+            }
+            *l4_check = l4.to_be_bytes();
+        }
+        *ports = new_ports;
+        *saddr = to.saddr;
+        *daddr = to.daddr;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&dmac);
+        macs[6..].copy_from_slice(&smac);
+        *eth = macs;
+    }
+    Some(())
+}
