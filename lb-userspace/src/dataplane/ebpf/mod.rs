@@ -350,23 +350,32 @@ impl EbpfDataplane {
             .map(|(key, _)| *key)
             .collect();
         let mut deleted = 0;
+        let mut gone = std::collections::HashSet::new();
         for key in &over {
+            if gone.contains(key) {
+                continue;
+            }
             // Looked at again just before deleting: a new flow may have taken the tuple since
-            // the pass read it (the datapath overwrites stale entries).
+            // the pass read it (the datapath overwrites stale entries). A flow goes with both
+            // its entries at once: alone, the other might not look over by its own state.
             let Ok(e) = ct.get(key, 0) else { continue };
-            let other = ct
-                .get(&e.other_key(key.proto), 0)
-                .ok()
-                .map(|o| (o.tcp_state, o.last_seen_ns));
+            let other_key = e.other_key(key.proto);
+            let other = ct.get(&other_key, 0).ok();
             let still_over = conntrack::flow_over(
                 key.proto,
                 e.tcp_state,
                 e.last_seen_ns,
-                other,
+                other.map(|o| (o.tcp_state, o.last_seen_ns)),
                 monotonic_ns(),
             );
-            if still_over && ct.remove(key).is_ok() {
-                deleted += 1;
+            if !still_over {
+                continue;
+            }
+            for k in std::iter::once(*key).chain(other.map(|_| other_key)) {
+                if ct.remove(&k).is_ok() {
+                    deleted += 1;
+                    gone.insert(k);
+                }
             }
         }
         Ok(deleted)
