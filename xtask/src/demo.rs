@@ -57,7 +57,9 @@ mod driver {
 
     use anyhow::Context;
     use lb_userspace::testbed::agent::Agent;
-    use lb_userspace::testbed::servers::{tcp_name, udp_exchange, BackendServers, CLIENT_TIMEOUT};
+    use lb_userspace::testbed::servers::{
+        tcp_name, udp_exchange, BackendServers, TcpSession, CLIENT_TIMEOUT,
+    };
     use lb_userspace::testbed::topology::{Topology, SERVICE_CIDR};
     use lb_userspace::testbed::{unique_bpffs_dir, TempDir};
 
@@ -66,6 +68,7 @@ mod driver {
     const VIP: [u8; 4] = [10, 96, 0, 10];
     const TCP_REQUESTS: usize = 12;
     const UDP_REQUESTS: usize = 6;
+    const NODE_PORT_REQUESTS: usize = 6;
 
     pub fn run() -> anyhow::Result<()> {
         let agent_bin = util::target_dir().join("debug/lb-agent");
@@ -108,7 +111,7 @@ mod driver {
             .with_context(|| format!("reading {}", example.display()))?;
         TempDir::write_atomic(&manifests, "demo.yaml", &yaml)?;
         println!("  {} copied to {}", example.display(), manifests.display());
-        println!("  Service default/demo: ClusterIP 10.96.0.10, TCP 80 -> 8080, UDP 53 -> 5353, 3 endpoints");
+        println!("  Service default/demo: ClusterIP 10.96.0.10, TCP 80 -> 8080 (NodePort 30080), UDP 53 -> 5353, 3 endpoints");
 
         step("4. starting lb-agent in the node namespace");
         let bpffs = unique_bpffs_dir()?;
@@ -184,7 +187,38 @@ mod driver {
         }
 
         step(&format!(
-            "7. the pinned maps: lb-agent dump --bpffs {}",
+            "7. {NODE_PORT_REQUESTS} TCP connections from the client to the NodePort {}:30080, as \
+             from outside the cluster: the backend sees the node (source NAT), so its answer \
+             comes back through it",
+            topo.client.node_addr
+        ));
+        let node_port = SocketAddr::from((topo.client.node_addr, 30080));
+        let answers = topo.client.ns.run(move || {
+            (0..NODE_PORT_REQUESTS)
+                .map(|_| {
+                    let mut s = TcpSession::connect(node_port, CLIENT_TIMEOUT)?;
+                    let seen = s.peer_seen()?;
+                    Ok::<_, std::io::Error>((s.name().to_owned(), seen))
+                })
+                .collect::<Vec<_>>()
+        })?;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok((name, seen)) => {
+                    println!(
+                        "  request {} -> answered by {name}, which saw it come from {seen}",
+                        i + 1
+                    )
+                }
+                Err(e) => {
+                    println!("  request {} -> FAILED: {e}", i + 1);
+                    failures += 1;
+                }
+            }
+        }
+
+        step(&format!(
+            "8. the pinned maps: lb-agent dump --bpffs {}",
             bpffs.display()
         ));
         match agent.dump() {
@@ -208,7 +242,7 @@ mod driver {
             println!("  (bpftool not installed: skipping the raw map dumps)");
         }
 
-        step("8. tearing down");
+        step("9. tearing down");
         let status = agent.stop()?;
         println!("  lb-agent stopped ({status}); its last log lines:");
         let log = agent.log();
