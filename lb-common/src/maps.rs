@@ -212,9 +212,11 @@ pub struct Affinity {
     pub last_used_ns: u64,
 }
 
-/// Key of `VIPS`: an address that is the frontend of at least one service. The datapath uses
-/// it for packets it cannot key by port (non-first fragments, truncated L4 headers) so that it
-/// drops those when they are meant for a service instead of letting them through untranslated.
+/// Key of `VIPS`: a cluster address (ClusterIP) that is the frontend of at least one service.
+/// The datapath uses it for packets it cannot key by port (non-first fragments, truncated L4
+/// headers) so that it drops those when they are meant for a service instead of letting them
+/// through untranslated. Node-facing frontends are left out: their addresses are often the
+/// host's own, whose other traffic must pass.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {

@@ -663,6 +663,23 @@ fn traffic_not_for_a_service_passes_untouched() {
             stats::PASS_NOT_SERVICE,
         ),
         (
+            "later fragment to a node address that serves NodePorts (the host's own traffic)",
+            Frame {
+                frag_off: 0x0010,
+                ip_id: 0x7778,
+                ..Frame::new(
+                    CLIENT,
+                    NODE_IP,
+                    L4::Raw {
+                        proto: proto::UDP,
+                        bytes: vec![0xab; 16],
+                    },
+                )
+            }
+            .build(),
+            stats::PASS_OTHER,
+        ),
+        (
             "later fragment to a non-service address",
             Frame {
                 frag_off: 0x0010,

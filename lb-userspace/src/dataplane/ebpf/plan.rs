@@ -499,7 +499,12 @@ impl Programmed {
                 if old.and_then(|o| o.frontends.get(&key)) != Some(&value) {
                     puts_service.push(Op::PutService(key, value));
                 }
-                *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
+                // Only cluster addresses: packets to them that cannot be translated are
+                // dropped, which for a node or LoadBalancer address (also the host's own)
+                // would drop the host's fragments and other protocols too.
+                if flags & SVC_F_EXTERNAL == 0 {
+                    *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
+                }
                 frontends.insert(key, value);
             }
             next.ports.insert(
@@ -842,7 +847,12 @@ mod tests {
                 maglev_users,
                 "a table exactly for each service using Maglev"
             );
-            let vips: BTreeSet<[u8; 4]> = self.services.keys().map(|k| k.addr).collect();
+            let vips: BTreeSet<[u8; 4]> = self
+                .services
+                .iter()
+                .filter(|(_, s)| s.flags & SVC_F_EXTERNAL == 0)
+                .map(|(k, _)| k.addr)
+                .collect();
             assert_eq!(
                 self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(),
                 vips
