@@ -9,41 +9,14 @@
 //! counterpart (`CtEntry::other_key`) is exactly the quoted packet before translation.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{
-    proto, stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey,
-};
-
-/// IPv4's EtherType as it lies in the frame (network byte order, read natively).
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+use lb_common::{stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey};
 
 use crate::{
     action,
     maps::CONNTRACK,
-    parse::{self, ptr_at, IcmpError, Parsed, ETH_HLEN, IP_CHECK_OFF, IP_DADDR_OFF},
+    parse::{IcmpError, IP_CHECK_OFF, IP_DADDR_OFF},
     Verdict,
 };
-
-/// At egress: translates the packet if it is an ICMP error about a tracked flow; `None` for
-/// everything else, which passes uncounted.
-#[inline(always)]
-pub fn try_egress(ctx: &TcContext) -> Option<Result<Verdict, u32>> {
-    // Most egress packets are a local socket's segments, often clones with little linear
-    // data: parsing (which may pull, and so copy, the head) only once the always-linear IPv4
-    // header says ICMP.
-    // SAFETY: `ptr_at` checks bounds; plain loads.
-    let ether_type = unsafe { *ptr_at::<u16>(ctx, 12)? };
-    let ip_proto = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + 9)? };
-    if ether_type != ETH_P_IP_BE || ip_proto != proto::ICMP {
-        return None;
-    }
-    match parse::parse(ctx) {
-        Parsed::IcmpError(err) => match translate_error(ctx, &err) {
-            Ok(v) if v.reason == PASS_OTHER => None,
-            other => Some(other),
-        },
-        _ => None,
-    }
-}
 
 /// Translates `err` if it is about a tracked flow; passes it untouched otherwise.
 #[inline(always)]

@@ -12,6 +12,7 @@
 
 mod affinity;
 mod conntrack;
+mod egress;
 mod fragment;
 mod icmp;
 mod maps;
@@ -63,13 +64,13 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
     action
 }
 
-/// tc egress on the same interfaces: the ICMP errors the node itself sends about translated
-/// flows (a "fragmentation needed" from forwarding into a link with a smaller MTU) are
-/// translated like those arriving from elsewhere. Everything else passes, uncounted.
+/// tc egress on the same interfaces: what the node itself sends about translated flows (its
+/// ICMP errors, its hostNetwork backends' replies) is translated (`egress.rs`). Everything
+/// else passes, uncounted.
 #[classifier]
 pub fn lb_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let (action, reason) = match icmp::try_egress(&ctx) {
+    let (action, reason) = match egress::try_egress(&ctx) {
         None => return action::OK,
         Some(Ok(v)) => (v.action, v.reason),
         Some(Err(reason)) => (action::SHOT, reason),

@@ -3,8 +3,8 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key, programs::TcContext};
 use lb_common::{
     maglev, snat, stats::*, Backend, CtEntry, CtKey, FrontendKey, Service, SlotKey, SourceRange,
-    VipKey, ALG_MAGLEV, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
-    SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
+    VipKey, ALG_MAGLEV, BACKEND_HOST, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, SCOPE_ALL,
+    SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -130,14 +130,19 @@ pub fn start_flow(pkt: &Packet, replace: bool) -> Result<Start, u32> {
     };
     // A backend reaching its own service through the frontend (hairpin) would receive a
     // packet from itself; source-NAT it so the answer comes back here to be reverse-translated.
-    let source = if backend.addr == pkt.tuple.saddr {
+    let host = backend.state == BACKEND_HOST;
+    let source = if host {
+        // A process on this node: delivered locally, it answers through this node anyway.
+        Source::Client
+    } else if backend.addr == pkt.tuple.saddr {
         Source::Snat(hairpin_addr())
     } else if svc.flags & SVC_F_SNAT != 0 {
         Source::Snat(svc.snat_addr)
     } else {
         Source::Client
     };
-    let route = svc.flags & SVC_F_EXTERNAL != 0 || matches!(source, Source::Snat(_));
+    // Local delivery goes through the stack: a FIB lookup would only say "not forwarded".
+    let route = !host && (svc.flags & SVC_F_EXTERNAL != 0 || matches!(source, Source::Snat(_)));
     let entry = conntrack::create(
         pkt, svc.svc_id, backend_id, &backend, source, route, replace,
     )?;
@@ -168,7 +173,7 @@ fn hairpin_addr() -> [u8; 4] {
 /// Rewrites `pkt` as its tracking entry `e` says and sends it on: into the stack, or, for
 /// flows the datapath routes itself, straight out of the egress interface.
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, e: &CtEntry, reason: u32) -> Result<Verdict, u32> {
+pub fn translate(ctx: &TcContext, pkt: &Packet, e: &CtEntry, reason: u32) -> Result<Verdict, u32> {
     let snat = e.flags & CT_F_SNAT != 0;
     let (saddr, daddr) = if e.direction == CT_FORWARD {
         nat::rewrite(ctx, pkt, End::Destination, e.nat_addr, e.nat_port_be)?;

@@ -126,6 +126,9 @@ impl std::str::FromStr for Algorithm {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServicePortName, ServicePort>,
+    /// This node's addresses: endpoints at one of them are hostNetwork endpoints, reached by
+    /// local delivery.
+    pub node_addrs: BTreeSet<Ipv4Addr>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -318,7 +321,10 @@ pub fn build<'a>(
             .cmp(&(namespace_of(&b.metadata), &b.metadata.name))
     });
 
-    let mut state = DesiredState::default();
+    let mut state = DesiredState {
+        node_addrs: node.addrs.iter().copied().collect(),
+        ..DesiredState::default()
+    };
     let mut owners: HashMap<Frontend, ServicePortName> = HashMap::new();
     for service in services {
         add_service(

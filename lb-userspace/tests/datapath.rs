@@ -190,9 +190,33 @@ fn desired(b: &Backends) -> DesiredState {
             node_port("local", Ipv4Addr::new(10, 96, 0, 17), 30081, true, &[1]),
             node_port("nolocal", Ipv4Addr::new(10, 96, 0, 18), 30082, true, &[]),
             ranged_load_balancer(),
+            host_network_service(),
         ]
         .into(),
+        node_addrs: [NODE_IP].into(),
     }
+}
+
+/// A NodePort service (30083, ClusterIP 10.96.0.20) whose one endpoint is a process on the
+/// node itself (hostNetwork), at `NODE_IP`:9090.
+fn host_network_service() -> (ServicePortName, ServicePort) {
+    let endpoint = Endpoint {
+        addr: NODE_IP,
+        port: 9090,
+    };
+    let vip = Ipv4Addr::new(10, 96, 0, 20);
+    let (name, mut port) = service_port("hostnet", "", Protocol::Tcp, vip, 80, [endpoint].into());
+    let frontend = Frontend {
+        addr: NODE_IP,
+        port: 30083,
+        protocol: Protocol::Tcp,
+    };
+    let external = External {
+        snat_addr: NODE_IP,
+        load_balancer: false,
+    };
+    port.external_frontends = [(frontend, external)].into();
+    (name, port)
 }
 
 /// A LoadBalancer IP accepting only 10.0.1.0/25 (CLIENT is in it, 10.0.1.200 is not), over
@@ -1703,18 +1727,8 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
     // The node's own error, leaving through egress, is translated the same way.
     let before = f.counters();
     let error = frag_needed(NODE_IP, CLIENT, &sent);
-    let mut out = vec![0u8; error.len() + 64];
-    let res =
-        f.dp.egress_program()
-            .expect("egress program")
-            .test_run(TestRunOptions {
-                data_in: Some(&error),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    assert_eq!(res.return_value, TC_ACT_OK);
+    let (action, out) = f.run_egress(&error);
+    assert_eq!(action, TC_ACT_OK);
     let q = quoted(&verified(&out).l4_payload);
     assert_eq!((q.daddr, q.dport), (VIP, 80));
     let after = f.counters();
@@ -1979,4 +1993,56 @@ fn xdp_translates_and_redirects_node_port_flows_and_leaves_the_rest_to_tc() {
         run.action, TC_ACT_REDIRECT,
         "tc resolves the neighbour itself"
     );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_host_network_backend_gets_its_flows_delivered_locally_and_its_replies_translated_at_egress() {
+    let mut f = fixture();
+    let syn = Frame::tcp(CLIENT, 40900, NODE_IP, 30083, tcp::SYN).build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(run.action, TC_ACT_OK, "delivered by the stack, not routed");
+    let out = verified(&run.out);
+    assert_eq!((out.saddr, out.sport), (CLIENT, 40900), "no source NAT");
+    assert_eq!((out.daddr, out.dport), (NODE_IP, 9090));
+
+    // The local process answers; its segment leaves through egress.
+    let reply = Frame::tcp(NODE_IP, 9090, CLIENT, 40900, tcp::SYN | tcp::ACK).build();
+    let before = f.counters();
+    let (action, out) = f.run_egress(&reply);
+    assert_eq!(action, TC_ACT_OK);
+    let back = verified(&out);
+    assert_eq!(
+        (back.saddr, back.sport),
+        (NODE_IP, 30083),
+        "from the NodePort"
+    );
+    assert_eq!((back.daddr, back.dport), (CLIENT, 40900));
+    let after = f.counters();
+    let replies = after[stats::XLATE_REPLY as usize] - before[stats::XLATE_REPLY as usize];
+    assert_eq!(replies, 1);
+
+    // Other traffic of the same local process (no tracked flow) leaves untouched.
+    let other = Frame::tcp(NODE_IP, 9090, OTHER, 41000, tcp::ACK).build();
+    assert_eq!(f.run_egress(&other), (TC_ACT_OK, other));
+}
+
+impl Fixture {
+    /// Runs the egress program on `frame`: its action and output.
+    fn run_egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 64];
+        let res = self
+            .dp
+            .egress_program()
+            .expect("egress program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
 }

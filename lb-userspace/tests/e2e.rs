@@ -954,3 +954,45 @@ fn xdp_carries_node_port_traffic_and_a_failed_attach_falls_back_to_tc() {
     );
     assert!(tracked > 0, "their later packets too:\n{dump}");
 }
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn a_host_network_backend_answers_through_its_node_port_and_cluster_ip() {
+    let node_ip = NODE_IP.to_string();
+    // A hostNetwork pod: a server in the node's own namespace, at a node address.
+    let manifest = format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata: {{name: hostnet, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 9090, nodePort: 30090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: hostnet-1, namespace: default, labels: {{kubernetes.io/service-name: hostnet}}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 9090}}]
+endpoints:
+  - {{addresses: [\"{node_ip}\"], nodeName: {NODE_NAME}}}
+"
+    );
+    let bed = Bed::start_with(1, &manifest, &["--node-ip", &node_ip]);
+    let _server = lb_userspace::testbed::servers::TcpServer::start(
+        &bed.topo.node,
+        SocketAddr::from((NODE_IP, 9090)),
+        "host",
+    )
+    .expect("a server in the node namespace");
+    for frontend in [
+        SocketAddr::from((NODE_IP, 30090)),
+        SocketAddr::from(([10, 96, 0, 30], 80)),
+    ] {
+        for (name, peer) in names_and_peers(&bed, frontend, 10) {
+            assert_eq!(name, "host", "{frontend}");
+            assert_eq!(peer.to_string(), "10.0.1.2", "{frontend}: no source NAT");
+        }
+    }
+}

@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
-    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL,
-    SVC_F_SNAT, SVC_F_SOURCE_RANGES,
+    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, BACKEND_HOST, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
+    SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
 };
 use log::warn;
 
@@ -35,6 +35,9 @@ pub enum Op {
     PutService(FrontendKey, Service),
     PutVip(VipKey, Vip),
     DeleteVip(VipKey),
+    /// A node address that is a backend (`BACKEND_HOST`), with how many backends use it.
+    PutHostBackend(VipKey, Vip),
+    DeleteHostBackend(VipKey),
     DeleteService(FrontendKey),
     DeleteSlot(SlotKey),
     DeleteMaglev(u32),
@@ -48,6 +51,7 @@ impl Op {
         matches!(
             self,
             Op::DeleteVip(_)
+                | Op::DeleteHostBackend(_)
                 | Op::DeleteService(_)
                 | Op::DeleteSlot(_)
                 | Op::DeleteMaglev(_)
@@ -172,6 +176,7 @@ pub struct Pinned {
     pub maglev: Vec<u32>,
     pub backends: Vec<(u32, Backend)>,
     pub vips: Vec<(VipKey, Vip)>,
+    pub host_backends: Vec<(VipKey, Vip)>,
     /// loadBalancerSourceRanges entries: (service id, range start, prefix length).
     pub source_ranges: Vec<(u32, Ipv4Addr, u8)>,
 }
@@ -194,6 +199,7 @@ pub struct Programmed {
     /// Backend -> (id, number of service ports using it).
     backends: BTreeMap<Backend, (u32, u32)>,
     vips: BTreeMap<VipKey, u32>,
+    host_backends: BTreeMap<VipKey, u32>,
     next_svc_id: u32,
     next_backend_id: u32,
     /// Service ports found pinned, by service id. A desired port that one of them serves a
@@ -291,6 +297,9 @@ impl Programmed {
             }
         }
         p.vips = pinned.vips.iter().map(|(k, v)| (*k, v.frontends)).collect();
+        p.host_backends = (pinned.host_backends.iter())
+            .map(|(k, v)| (*k, v.frontends))
+            .collect();
         let svc_ids = pinned
             .services
             .iter()
@@ -378,7 +387,11 @@ impl Programmed {
                     addr: ep.addr.octets(),
                     port_be: ep.port.to_be(),
                     proto: name.protocol.number(),
-                    state: BACKEND_ACTIVE,
+                    state: if desired.node_addrs.contains(&ep.addr) {
+                        BACKEND_HOST
+                    } else {
+                        BACKEND_ACTIVE
+                    },
                 };
                 let id = match next.backends.get_mut(&backend) {
                     Some((id, refs)) => {
@@ -521,7 +534,21 @@ impl Programmed {
             );
         }
 
-        let mut ops = puts_backend;
+        // Host backends are known to egress before any flow can reach them, and forgotten
+        // after the last backend entry naming them goes.
+        for backend in next.backends.keys().filter(|b| b.state == BACKEND_HOST) {
+            *next
+                .host_backends
+                .entry(VipKey { addr: backend.addr })
+                .or_default() += 1;
+        }
+        let mut ops = Vec::new();
+        for (key, &frontends) in &next.host_backends {
+            if self.host_backends.get(key) != Some(&frontends) {
+                ops.push(Op::PutHostBackend(*key, Vip { frontends }));
+            }
+        }
+        ops.extend(puts_backend);
         ops.extend(puts_member);
         ops.extend(puts_maglev);
         ops.extend(puts_range);
@@ -602,6 +629,11 @@ impl Programmed {
                 .iter()
                 .map(|id| Op::DeleteBackend(*id)),
         );
+        for key in self.host_backends.keys() {
+            if !next.host_backends.contains_key(key) {
+                ops.push(Op::DeleteHostBackend(*key));
+            }
+        }
         Plan { ops, next }
     }
 }
@@ -676,6 +708,7 @@ mod tests {
         maglev: BTreeMap<u32, Vec<u32>>,
         backends: BTreeMap<u32, Backend>,
         vips: BTreeMap<VipKey, Vip>,
+        host_backends: BTreeMap<VipKey, Vip>,
         source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
     }
 
@@ -698,6 +731,8 @@ mod tests {
                 Op::PutService(k, v) => drop(self.services.insert(k, v)),
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
                 Op::DeleteVip(k) => drop(self.vips.remove(&k)),
+                Op::PutHostBackend(k, v) => drop(self.host_backends.insert(k, v)),
+                Op::DeleteHostBackend(k) => drop(self.host_backends.remove(&k)),
                 Op::DeleteService(k) => drop(self.services.remove(&k)),
                 Op::DeleteSlot(k) => drop(self.slots.remove(&k)),
                 Op::DeleteMember(k) => drop(self.members.remove(&k)),
@@ -894,6 +929,7 @@ mod tests {
                 .iter()
                 .map(|(n, p)| (name(n, Protocol::Tcp), p.clone()))
                 .collect(),
+            ..DesiredState::default()
         }
     }
 
@@ -922,6 +958,8 @@ mod tests {
                 Op::PutService(..) => "put-service",
                 Op::PutVip(..) => "put-vip",
                 Op::DeleteVip(..) => "del-vip",
+                Op::PutHostBackend(..) => "put-host-backend",
+                Op::DeleteHostBackend(..) => "del-host-backend",
                 Op::DeleteService(..) => "del-service",
                 Op::DeleteSlot(..) => "del-slot",
                 Op::DeleteMember(..) => "del-member",
@@ -1091,6 +1129,32 @@ mod tests {
     }
 
     #[test]
+    fn host_network_endpoints_are_marked_and_known_to_egress_first() {
+        let mut maps = Maps::default();
+        // Endpoints 10.1.0.1 and 10.1.0.2; the first is an address of this node.
+        let mut desired = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]);
+        let node = Ipv4Addr::new(10, 1, 0, 1);
+        desired.node_addrs.insert(node);
+        let (p, ops) = step(Programmed::default(), &mut maps, &desired);
+        assert_eq!(
+            kinds(&ops)[0],
+            "put-host-backend",
+            "before any backend: {ops:?}"
+        );
+        let states: BTreeMap<[u8; 4], u8> =
+            maps.backends.values().map(|b| (b.addr, b.state)).collect();
+        assert_eq!(states[&node.octets()], BACKEND_HOST);
+        assert_eq!(states[&[10, 1, 0, 2]], BACKEND_ACTIVE);
+        assert_eq!(maps.host_backends.len(), 1);
+
+        // The endpoint goes: so does the node address's entry, after the backend.
+        let desired = state(&[("a", port([10, 96, 0, 1], 80, &[2]))]);
+        let (_, ops) = step(p, &mut maps, &desired);
+        assert_eq!(kinds(&ops).last(), Some(&"del-host-backend"), "{ops:?}");
+        assert!(maps.host_backends.is_empty());
+    }
+
+    #[test]
     fn unchanged_state_writes_nothing() {
         let mut maps = Maps::default();
         let s = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]);
@@ -1182,6 +1246,7 @@ mod tests {
                 maglev: self.maglev.keys().copied().collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+                host_backends: self.host_backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 source_ranges: self.source_ranges.iter().copied().collect(),
             }
         }
