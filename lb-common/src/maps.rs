@@ -370,6 +370,9 @@ pub mod snat {
     pub const PORT_COUNT: u32 = 65_536 - PORT_MIN as u32;
     /// Ports probed for a free one before a new flow is refused.
     pub const TRIES: u32 = 8;
+    /// How long a source-NATed flow's port stays taken after its last packet, however it
+    /// ended: the backend may hold the tuple in TIME_WAIT for 60 s.
+    pub const HOLD_NS: u64 = 60 * 1_000_000_000;
     /// Default address hairpin flows (a backend reaching its own service) are source-NATed to:
     /// link-local, never a real peer, as cilium's.
     pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];

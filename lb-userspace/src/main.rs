@@ -217,6 +217,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         hairpin_addr: args.hairpin_ip,
         ..LoadOptions::default()
     };
+    warn_if_ephemeral_ports_overlap_snat();
     let mut dataplane = EbpfDataplane::load_with(&args.bpffs, &options)?;
     dataplane.set_default_algorithm(args.lb_algorithm);
     for iface in &args.ifaces {
@@ -291,6 +292,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Says so when the node's own sockets may pick ports the datapath allocates for source NAT:
+/// a reply to such a socket would be taken for a NATed flow's and sent to a client.
+fn warn_if_ephemeral_ports_overlap_snat() {
+    let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let high: Option<u16> = range.split_whitespace().nth(1).and_then(|h| h.parse().ok());
+    if high.is_some_and(|h| h >= lb_common::snat::PORT_MIN) {
+        warn!(
+            "net.ipv4.ip_local_port_range is {:?}: it reaches into the ports used for source NAT ({}-65535); lower its upper end below {}, or reserve them with net.ipv4.ip_local_reserved_ports",
+            range.trim(),
+            lb_common::snat::PORT_MIN,
+            lb_common::snat::PORT_MIN
+        );
+    }
+}
+
 /// `$NODE_NAME` (what a DaemonSet passes from `spec.nodeName`), else the host name.
 fn node_name_from_environment() -> Option<String> {
     if let Ok(name) = std::env::var("NODE_NAME") {
@@ -303,9 +321,13 @@ fn node_name_from_environment() -> Option<String> {
 }
 
 /// The IPv4 addresses of this network namespace's interfaces that are up, except loopback
-/// and link-local ones: where a NodePort can be reached from outside.
+/// and link-local ones: where a NodePort can be reached from outside. Those of the interface
+/// the default route leaves by come first: the first is the source-NAT address for externalIP
+/// and LoadBalancer flows, and a bridge's (docker0, cni0) would not be routable from other
+/// nodes.
 fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
-    let mut addrs = Vec::new();
+    let default_iface = default_route_interface();
+    let mut addrs: Vec<(bool, Ipv4Addr)> = Vec::new();
     let mut ifaddrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we walk read-only and free once below.
     if unsafe { libc::getifaddrs(&mut ifaddrs) } != 0 {
@@ -327,11 +349,26 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
         // SAFETY: AF_INET addresses are sockaddr_in.
         let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
         let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        if !addr.is_loopback() && !addr.is_link_local() && !addrs.contains(&addr) {
-            addrs.push(addr);
+        // SAFETY: getifaddrs gives every entry a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        let on_default_route = default_iface.as_deref() == Some(&*name);
+        if !addr.is_loopback() && !addr.is_link_local() && !addrs.iter().any(|a| a.1 == addr) {
+            addrs.push((!on_default_route, addr));
         }
     }
     // SAFETY: freeing the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifaddrs) };
-    Ok(addrs)
+    // Stable: otherwise in interface order.
+    addrs.sort_by_key(|a| a.0);
+    Ok(addrs.into_iter().map(|a| a.1).collect())
+}
+
+/// The interface of the IPv4 default route, from /proc/net/route.
+fn default_route_interface() -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let iface = fields.next()?;
+        (fields.next()? == "00000000").then(|| iface.to_owned())
+    })
 }

@@ -1181,6 +1181,22 @@ fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
         ct.insert(key, e, 0).expect("stamping ahead");
     }
 
+    // A closed source-NATed flow keeps its port for a minute (the backend's TIME_WAIT).
+    let mut routed = vec![CLIENT];
+    routed.extend(backends(3).iter().map(|e| e.addr));
+    let net = RoutedNetns::enter(&routed);
+    let run = f.run(&Frame::tcp(CLIENT, 55103, NODE_IP, 30080, tcp::SYN).build());
+    let snat = verified(&run.out);
+    f.run(&Frame::tcp(CLIENT, 55103, NODE_IP, 30080, tcp::RST).build());
+    drop(net);
+    let held = [
+        tuple(CLIENT, 55103, NODE_IP, 30080, proto::TCP),
+        tuple(snat.daddr, 8080, NODE_IP, snat.sport, proto::TCP),
+    ];
+    for key in &held {
+        f.age(key, CLOSING_LIFETIME_NS + SEC);
+    }
+
     let deleted = f.dp.collect_garbage().expect("garbage collection");
     assert!(deleted >= 2, "deleted {deleted}");
     let ct = f.dp.conntrack().expect("conntrack map");
@@ -1189,6 +1205,20 @@ fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
     }
     for key in live.iter().chain(&ahead) {
         assert!(ct.get(key, 0).is_ok(), "live flow's {key:?} kept");
+    }
+    for key in &held {
+        assert!(ct.get(key, 0).is_ok(), "SNAT port of {key:?} still held");
+    }
+    for key in &held {
+        f.age(key, lb_common::snat::HOLD_NS + SEC);
+    }
+    f.dp.collect_garbage().expect("garbage collection");
+    let ct = f.dp.conntrack().expect("conntrack map");
+    for key in &held {
+        assert!(
+            ct.get(key, 0).is_err(),
+            "SNAT port of {key:?} freed after the hold"
+        );
     }
 }
 
