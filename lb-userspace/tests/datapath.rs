@@ -343,17 +343,35 @@ impl Fixture {
         counters.iter().map(|c| c.packets).collect()
     }
 
+    /// Runs the tc ingress program on `frame`.
     fn run(&mut self, frame: &[u8]) -> Run {
+        self.run_on(Program::Ingress, frame)
+    }
+
+    /// Runs the tc egress program on `frame`.
+    fn run_egress(&mut self, frame: &[u8]) -> Run {
+        self.run_on(Program::Egress, frame)
+    }
+
+    /// Runs the XDP program on `frame`.
+    fn run_xdp(&mut self, frame: &[u8]) -> Run {
+        self.run_on(Program::Xdp, frame)
+    }
+
+    fn run_on(&mut self, program: Program, frame: &[u8]) -> Run {
         let before = self.counters();
         let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.dp.program().expect("program");
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let res = match program {
+            Program::Ingress => self.dp.program().expect("program").test_run(options),
+            Program::Egress => self.dp.egress_program().expect("program").test_run(options),
+            Program::Xdp => self.dp.xdp_program().expect("program").test_run(options),
+        }
+        .expect("BPF_PROG_TEST_RUN");
         out.truncate(res.data_size_out as usize);
         let after = self.counters();
         Run {
@@ -362,6 +380,13 @@ impl Fixture {
             counted: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
         }
     }
+}
+
+/// Which of the datapath's packet programs a fixture runs.
+enum Program {
+    Ingress,
+    Egress,
+    Xdp,
 }
 
 impl Run {
@@ -1757,7 +1782,7 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
     // The node's own error, leaving through egress, is translated the same way.
     let before = f.counters();
     let error = frag_needed(NODE_IP, CLIENT, &sent);
-    let (action, out) = f.run_egress(&error);
+    let Run { action, out, .. } = f.run_egress(&error);
     assert_eq!(action, TC_ACT_OK);
     let q = quoted(&verified(&out).l4_payload);
     assert_eq!((q.daddr, q.dport), (VIP, 80));
@@ -1914,31 +1939,6 @@ fn fragmented_datagrams_are_translated_whole_in_both_directions() {
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
-impl Fixture {
-    /// Runs the XDP program on `frame`, like `run` does the tc one.
-    fn run_xdp(&mut self, frame: &[u8]) -> Run {
-        let before = self.counters();
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = self
-            .dp
-            .xdp_program()
-            .expect("xdp program")
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        let after = self.counters();
-        Run {
-            action: res.return_value,
-            out,
-            counted: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn xdp_translates_and_redirects_node_port_flows_and_leaves_the_rest_to_tc() {
@@ -2040,7 +2040,7 @@ fn a_host_network_backend_gets_its_flows_delivered_locally_and_its_replies_trans
     // The local process answers; its segment leaves through egress.
     let reply = Frame::tcp(NODE_IP, 9090, CLIENT, 40900, tcp::SYN | tcp::ACK).build();
     let before = f.counters();
-    let (action, out) = f.run_egress(&reply);
+    let Run { action, out, .. } = f.run_egress(&reply);
     assert_eq!(action, TC_ACT_OK);
     let back = verified(&out);
     assert_eq!(
@@ -2055,24 +2055,5 @@ fn a_host_network_backend_gets_its_flows_delivered_locally_and_its_replies_trans
 
     // Other traffic of the same local process (no tracked flow) leaves untouched.
     let other = Frame::tcp(NODE_IP, 9090, OTHER, 41000, tcp::ACK).build();
-    assert_eq!(f.run_egress(&other), (TC_ACT_OK, other));
-}
-
-impl Fixture {
-    /// Runs the egress program on `frame`: its action and output.
-    fn run_egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 64];
-        let res = self
-            .dp
-            .egress_program()
-            .expect("egress program")
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }
+    f.run_egress(&other).untouched(&other);
 }

@@ -15,18 +15,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lb_userspace::testbed::agent::{Agent, SyncInfo};
+use lb_userspace::testbed::manifest::{
+    demo as demo_manifest, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP,
+};
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
 use lb_userspace::testbed::topology::{Topology, NODE_IP, NODE_NAME};
 use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
-
-/// The service's ClusterIP and ports.
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const TCP_PORT: u16 = 80;
-const TCP_TARGET: u16 = 8080;
-const UDP_PORT: u16 = 53;
-const UDP_TARGET: u16 = 5353;
 
 /// The manifest file the service lives in.
 const MANIFEST: &str = "demo.yaml";
@@ -44,59 +40,9 @@ fn udp_vip() -> SocketAddr {
     SocketAddr::from((VIP, UDP_PORT))
 }
 
-/// Service `demo` (ClusterIP 10.96.0.10: TCP 80 -> 8080, UDP 53 -> 5353) and one
-/// EndpointSlice listing the given backends (1-based) as ready; `&[]` gives an empty slice.
+/// Service `demo` with the given backends (see `testbed::manifest::demo`).
 fn manifest(backends: &[usize]) -> String {
-    let mut yaml = format!(
-        "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: demo
-  namespace: default
-spec:
-  type: ClusterIP
-  clusterIP: {VIP}
-  clusterIPs: [\"{VIP}\"]
-  ports:
-    - name: http
-      protocol: TCP
-      port: {TCP_PORT}
-      targetPort: {TCP_TARGET}
-    - name: dns
-      protocol: UDP
-      port: {UDP_PORT}
-      targetPort: {UDP_TARGET}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: demo-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: demo
-addressType: IPv4
-ports:
-  - name: http
-    protocol: TCP
-    port: {TCP_TARGET}
-  - name: dns
-    protocol: UDP
-    port: {UDP_TARGET}
-"
-    );
-    if backends.is_empty() {
-        yaml.push_str("endpoints: []\n");
-    } else {
-        yaml.push_str("endpoints:\n");
-        for &i in backends {
-            yaml.push_str(&format!(
-                "  - addresses: [\"10.0.{}.2\"]\n    conditions:\n      ready: true\n",
-                10 + i
-            ));
-        }
-    }
-    yaml
+    demo_manifest(backends, None)
 }
 
 fn require_root_or_panic() {
@@ -574,13 +520,7 @@ fn a_bad_manifest_is_named_and_everything_else_keeps_working() {
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn client_ip_affinity_holds_and_expires() {
     const TIMEOUT_S: u64 = 2;
-    let sticky = manifest(&[1, 2, 3]).replacen(
-        "  type: ClusterIP\n",
-        &format!(
-            "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {TIMEOUT_S}\n"
-        ),
-        1,
-    );
+    let sticky = demo_manifest(&[1, 2, 3], Some(TIMEOUT_S));
     let bed = Bed::start(3, &sticky);
     let answers = tally("TCP with ClientIP affinity", bed.tcp_names(15));
     assert_eq!(

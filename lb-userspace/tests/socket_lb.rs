@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +23,9 @@ use lb_common::sock::stats as sock_stats;
 use lb_common::stats;
 use lb_userspace::dataplane::ebpf::{inspect, socket_lb};
 use lb_userspace::testbed::agent::Agent;
+use lb_userspace::testbed::manifest::{
+    demo as demo_manifest, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP,
+};
 use lb_userspace::testbed::netns::NetNs;
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_name, BackendServers, CLIENT_TIMEOUT,
@@ -30,11 +33,6 @@ use lb_userspace::testbed::servers::{
 use lb_userspace::testbed::topology::Topology;
 use lb_userspace::testbed::{require_root, unique_bpffs_dir, unique_name, TempDir};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const TCP_PORT: u16 = 80;
-const TCP_TARGET: u16 = 8080;
-const UDP_PORT: u16 = 53;
-const UDP_TARGET: u16 = 5353;
 const MANIFEST: &str = "svc.yaml";
 const FIRST_SYNC: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(10);
@@ -51,60 +49,9 @@ fn udp_vip() -> SocketAddr {
     SocketAddr::from((VIP, UDP_PORT))
 }
 
-/// Service `demo` (10.96.0.10: TCP 80 -> 8080, UDP 53 -> 5353) with the given backends
-/// (1-based) ready, and ClientIP affinity of `affinity_s` seconds if given.
+/// Service `demo` with the given backends and affinity (see `testbed::manifest::demo`).
 fn manifest(backends: &[usize], affinity_s: Option<u32>) -> String {
-    let affinity = affinity_s.map_or(String::new(), |t| {
-        format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n")
-    });
-    let endpoints = if backends.is_empty() {
-        "endpoints: []\n".to_owned()
-    } else {
-        backends.iter().fold("endpoints:\n".to_owned(), |y, i| {
-            y + &format!(
-                "  - addresses: [\"10.0.{}.2\"]\n    conditions:\n      ready: true\n",
-                10 + i
-            )
-        })
-    };
-    format!(
-        "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: demo
-  namespace: default
-spec:
-  type: ClusterIP
-  clusterIP: {VIP}
-  clusterIPs: [\"{VIP}\"]
-{affinity}  ports:
-    - name: http
-      protocol: TCP
-      port: {TCP_PORT}
-      targetPort: {TCP_TARGET}
-    - name: dns
-      protocol: UDP
-      port: {UDP_PORT}
-      targetPort: {UDP_TARGET}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: demo-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: demo
-addressType: IPv4
-ports:
-  - name: http
-    protocol: TCP
-    port: {TCP_TARGET}
-  - name: dns
-    protocol: UDP
-    port: {UDP_TARGET}
-{endpoints}"
-    )
+    demo_manifest(backends, affinity_s.map(u64::from))
 }
 
 /// Fails loudly unless this machine can run these tests at all.
