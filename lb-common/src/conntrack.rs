@@ -9,8 +9,11 @@
 pub const TCP_SYN_SENT: u8 = 1;
 /// Packets past the SYN have been seen.
 pub const TCP_ESTABLISHED: u8 = 2;
-/// A FIN or RST was seen: the 5-tuple may be reused by a new connection.
+/// This direction sent a FIN: the 5-tuple may be reused by a new connection once the flow is
+/// over, but the other direction may still be sending (a half-close).
 pub const TCP_CLOSING: u8 = 3;
+/// This direction sent an RST: the connection is over both ways.
+pub const TCP_RESET: u8 = 4;
 
 const SEC: u64 = 1_000_000_000;
 /// How long an entry lives without traffic, by state (cilium's defaults): a connection being
@@ -18,6 +21,8 @@ const SEC: u64 = 1_000_000_000;
 pub const SYN_LIFETIME_NS: u64 = 60 * SEC;
 pub const ESTABLISHED_LIFETIME_NS: u64 = 6 * 3600 * SEC;
 pub const CLOSING_LIFETIME_NS: u64 = 10 * SEC;
+/// A flow one side closed while the other may still send (Linux conntrack's FIN_WAIT).
+pub const HALF_CLOSED_LIFETIME_NS: u64 = 120 * SEC;
 pub const NON_TCP_LIFETIME_NS: u64 = 60 * SEC;
 
 /// How far ahead of a reader's clock an entry's stamp may be and still count as fresh.
@@ -31,9 +36,27 @@ pub const fn lifetime_ns(proto: u8, tcp_state: u8) -> u64 {
     }
     match tcp_state {
         TCP_ESTABLISHED => ESTABLISHED_LIFETIME_NS,
-        TCP_CLOSING => CLOSING_LIFETIME_NS,
+        TCP_CLOSING | TCP_RESET => CLOSING_LIFETIME_NS,
         _ => SYN_LIFETIME_NS,
     }
+}
+
+/// How long a flow lives after its last packet, from the states its two directions' entries
+/// reached (each sees only its own direction's flags): over at once on an RST or a FIN both
+/// ways, kept for a while when only one side closed (the other may still be sending), else as
+/// its most advanced direction.
+#[inline(always)]
+pub const fn flow_lifetime_ns(proto: u8, a: u8, b: u8) -> u64 {
+    if proto != crate::proto::TCP {
+        return NON_TCP_LIFETIME_NS;
+    }
+    if a == TCP_RESET || b == TCP_RESET || (a == TCP_CLOSING && b == TCP_CLOSING) {
+        return CLOSING_LIFETIME_NS;
+    }
+    if a == TCP_CLOSING || b == TCP_CLOSING {
+        return HALF_CLOSED_LIFETIME_NS;
+    }
+    lifetime_ns(proto, if a > b { a } else { b })
 }
 
 /// True when an entry last used at `last_seen_ns` has outlived its lifetime at `now_ns`.
@@ -43,14 +66,20 @@ pub const fn lifetime_ns(proto: u8, tcp_state: u8) -> u64 {
 /// packet that stamped the entry. Reading it as expired would end a flow that just started.
 #[inline(always)]
 pub const fn expired(proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    older_than(last_seen_ns, now_ns, lifetime_ns(proto, tcp_state))
+}
+
+/// True when a stamp `last_seen_ns` is more than `lifetime_ns` before `now_ns` (see `expired`
+/// for how ages are taken).
+#[inline(always)]
+pub const fn older_than(last_seen_ns: u64, now_ns: u64, lifetime_ns: u64) -> bool {
     let age = now_ns.wrapping_sub(last_seen_ns);
-    age <= u64::MAX - AHEAD_NS && age > lifetime_ns(proto, tcp_state)
+    age <= u64::MAX - AHEAD_NS && age > lifetime_ns
 }
 
 /// True when a tracked flow is over and both its entries may be deleted (the agent's garbage
 /// collection): its entry last used at `last_seen_ns`, and its other direction's, if any,
-/// `(tcp_state, last_seen_ns)`, have both outlived the lifetime of the flow's most advanced
-/// state (each entry only sees its own direction's FIN or RST).
+/// `(tcp_state, last_seen_ns)`, have both outlived the flow's lifetime (`flow_lifetime_ns`).
 pub fn flow_over(
     proto: u8,
     tcp_state: u8,
@@ -61,13 +90,9 @@ pub fn flow_over(
     match other {
         None => expired(proto, tcp_state, last_seen_ns, now_ns),
         Some((other_state, other_seen_ns)) => {
-            let state = if other_state > tcp_state {
-                other_state
-            } else {
-                tcp_state
-            };
-            expired(proto, state, last_seen_ns, now_ns)
-                && expired(proto, state, other_seen_ns, now_ns)
+            let lifetime = flow_lifetime_ns(proto, tcp_state, other_state);
+            older_than(last_seen_ns, now_ns, lifetime)
+                && older_than(other_seen_ns, now_ns, lifetime)
         }
     }
 }
@@ -85,13 +110,19 @@ pub mod flags {
 /// (0 for an entry being created).
 #[inline(always)]
 pub const fn next_tcp_state(state: u8, tcp_flags: u8) -> u8 {
-    if tcp_flags & (flags::FIN | flags::RST) != 0 {
-        TCP_CLOSING
+    if tcp_flags & flags::RST != 0 {
+        TCP_RESET
+    } else if tcp_flags & flags::FIN != 0 {
+        if state == TCP_RESET {
+            TCP_RESET
+        } else {
+            TCP_CLOSING
+        }
     } else if tcp_flags & flags::SYN != 0 && tcp_flags & flags::ACK == 0 {
         TCP_SYN_SENT
-    } else if state == TCP_CLOSING {
+    } else if state >= TCP_CLOSING {
         // Trailing ACKs of a closed connection do not reopen it.
-        TCP_CLOSING
+        state
     } else {
         TCP_ESTABLISHED
     }
@@ -102,7 +133,7 @@ pub const fn next_tcp_state(state: u8, tcp_flags: u8) -> u8 {
 /// backend afresh instead of reusing the closed connection's.
 #[inline(always)]
 pub const fn starts_new_connection(state: u8, tcp_flags: u8) -> bool {
-    state == TCP_CLOSING && tcp_flags & (flags::SYN | flags::ACK) == flags::SYN
+    state >= TCP_CLOSING && tcp_flags & (flags::SYN | flags::ACK) == flags::SYN
 }
 
 #[cfg(test)]
@@ -117,8 +148,12 @@ mod tests {
             (TCP_SYN_SENT, ACK, TCP_ESTABLISHED),
             (TCP_ESTABLISHED, ACK | PSH, TCP_ESTABLISHED),
             (TCP_ESTABLISHED, FIN | ACK, TCP_CLOSING),
-            (TCP_ESTABLISHED, RST, TCP_CLOSING),
+            (TCP_ESTABLISHED, RST, TCP_RESET),
+            (TCP_CLOSING, RST, TCP_RESET),
+            (TCP_RESET, FIN | ACK, TCP_RESET),
             (TCP_CLOSING, ACK, TCP_CLOSING),
+            (TCP_RESET, ACK, TCP_RESET),
+            (TCP_RESET, SYN, TCP_SYN_SENT),
             (TCP_CLOSING, SYN, TCP_SYN_SENT),
             (0, ACK, TCP_ESTABLISHED),
         ];
@@ -160,12 +195,35 @@ mod tests {
         use crate::proto::{TCP, UDP};
         let now = 1_000_000 * SEC;
         let ago = |s: u64| now - s * SEC;
-        // Closed by the other side 11 s ago: over, although this side was established.
+        // Reset by the other side 11 s ago: over, although this side was established.
         assert!(flow_over(
             TCP,
             TCP_ESTABLISHED,
             ago(11),
+            Some((TCP_RESET, ago(11))),
+            now
+        ));
+        // FIN both ways 11 s ago: over.
+        assert!(flow_over(
+            TCP,
+            TCP_CLOSING,
+            ago(11),
             Some((TCP_CLOSING, ago(11))),
+            now
+        ));
+        // Half-closed: the other side may still send, for two minutes.
+        assert!(!flow_over(
+            TCP,
+            TCP_ESTABLISHED,
+            ago(60),
+            Some((TCP_CLOSING, ago(60))),
+            now
+        ));
+        assert!(flow_over(
+            TCP,
+            TCP_ESTABLISHED,
+            ago(121),
+            Some((TCP_CLOSING, ago(121))),
             now
         ));
         // One direction still recent: not over.
@@ -186,6 +244,7 @@ mod tests {
     #[test]
     fn only_a_bare_syn_on_a_closed_tuple_reopens() {
         assert!(starts_new_connection(TCP_CLOSING, SYN));
+        assert!(starts_new_connection(TCP_RESET, SYN));
         assert!(!starts_new_connection(TCP_CLOSING, SYN | ACK));
         assert!(!starts_new_connection(TCP_ESTABLISHED, SYN));
         assert!(!starts_new_connection(TCP_CLOSING, ACK));

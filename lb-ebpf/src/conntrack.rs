@@ -71,8 +71,8 @@ fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
     match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(o) => unsafe {
-            let state = entry.tcp_state.max((*o).tcp_state);
-            !conntrack::expired(key.proto, state, (*o).last_seen_ns, now)
+            let lifetime = conntrack::flow_lifetime_ns(key.proto, entry.tcp_state, (*o).tcp_state);
+            !conntrack::older_than((*o).last_seen_ns, now, lifetime)
         },
         None => false,
     }
@@ -91,7 +91,7 @@ fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
     }
     match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
-        Some(o) => unsafe { (*o).tcp_state == TCP_CLOSING },
+        Some(o) => unsafe { (*o).tcp_state >= TCP_CLOSING },
         None => false,
     }
 }

@@ -1120,7 +1120,9 @@ fn tuple(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) ->
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn expired_entries_are_replaced_unless_the_other_direction_is_live() {
-    use lb_common::conntrack::{CLOSING_LIFETIME_NS, ESTABLISHED_LIFETIME_NS, NON_TCP_LIFETIME_NS};
+    use lb_common::conntrack::{
+        CLOSING_LIFETIME_NS, ESTABLISHED_LIFETIME_NS, HALF_CLOSED_LIFETIME_NS, NON_TCP_LIFETIME_NS,
+    };
     const SEC: u64 = 1_000_000_000;
     let mut f = fixture();
     let (backend, _) = new_flow(&mut f, CLIENT, 55000, VIP);
@@ -1145,10 +1147,12 @@ fn expired_entries_are_replaced_unless_the_other_direction_is_live() {
     f.run(&Frame::tcp(CLIENT, 55000, VIP, 80, tcp::ACK).build())
         .counted_as(stats::XLATE_NEW_FLOW);
 
-    // A closed connection goes after 10 seconds, not 6 hours.
+    // A connection closed both ways goes after 10 seconds, not 6 hours.
     let (backend, _) = new_flow(&mut f, CLIENT, 55001, VIP);
     f.run(&Frame::tcp(CLIENT, 55001, VIP, 80, tcp::FIN | tcp::ACK).build())
         .counted_as(stats::XLATE_FORWARD);
+    f.run(&Frame::tcp(backend, 8080, CLIENT, 55001, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_REPLY);
     let forward = tuple(CLIENT, 55001, VIP, 80, proto::TCP);
     let reverse = tuple(backend, 8080, CLIENT, 55001, proto::TCP);
     f.age(&forward, CLOSING_LIFETIME_NS - SEC);
@@ -1159,6 +1163,25 @@ fn expired_entries_are_replaced_unless_the_other_direction_is_live() {
     f.age(&reverse, CLOSING_LIFETIME_NS + SEC);
     f.run(&Frame::tcp(CLIENT, 55001, VIP, 80, tcp::ACK).build())
         .counted_as(stats::XLATE_NEW_FLOW);
+
+    // Half-closed (the client sent FIN, the backend is still sending): kept two minutes.
+    let (backend, _) = new_flow(&mut f, CLIENT, 55003, VIP);
+    f.run(&Frame::tcp(CLIENT, 55003, VIP, 80, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    let forward = tuple(CLIENT, 55003, VIP, 80, proto::TCP);
+    let reverse = tuple(backend, 8080, CLIENT, 55003, proto::TCP);
+    f.age(&forward, 60 * SEC);
+    f.age(&reverse, 60 * SEC);
+    let data = Frame::tcp(backend, 8080, CLIENT, 55003, tcp::ACK)
+        .payload(b"late")
+        .build();
+    f.run(&data).counted_as(stats::XLATE_REPLY);
+    // Then the flow is over: the agent's collection deletes it (the datapath itself judges
+    // an entry by its own direction's state, which here is still established).
+    f.age(&forward, HALF_CLOSED_LIFETIME_NS + SEC);
+    f.age(&reverse, HALF_CLOSED_LIFETIME_NS + SEC);
+    f.dp.collect_garbage().expect("garbage collection");
+    f.run(&data).counted_as(stats::PASS_NOT_SERVICE);
 
     // UDP lives a minute.
     f.run(&Frame::udp(CLIENT, 55002, VIP, 53).build())
@@ -1180,6 +1203,8 @@ fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
     let (closed_backend, _) = new_flow(&mut f, CLIENT, 55100, VIP);
     f.run(&Frame::tcp(CLIENT, 55100, VIP, 80, tcp::FIN | tcp::ACK).build())
         .counted_as(stats::XLATE_FORWARD);
+    f.run(&Frame::tcp(closed_backend, 8080, CLIENT, 55100, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_REPLY);
     let (live_backend, _) = new_flow(&mut f, CLIENT, 55101, VIP);
     let closed = [
         tuple(CLIENT, 55100, VIP, 80, proto::TCP),
