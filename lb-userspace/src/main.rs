@@ -5,12 +5,12 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
     dataplane::{
-        ebpf::{inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
+        ebpf::{conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
         Dataplane,
     },
     model,
@@ -114,9 +114,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// How often finished flows' connection-tracking entries are deleted. Shorter than the
-/// shortest lifetime (10 s for closing TCP), so a closed flow's SNAT port is free again soon.
-const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(5);
+/// How often finished flows' connection-tracking entries are deleted: the shortest lifetime
+/// (10 s for closed TCP), so a closed flow is gone within twice that.
+const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(10);
 
 /// Attaches the socket programs, or says why not: the tc datapath works without them.
 fn attach_socket_lb(dataplane: &mut EbpfDataplane, cgroup: Option<&std::path::Path>) {
@@ -252,7 +252,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
     resync.tick().await;
-    let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC_EVERY);
+    let conntrack_gc = conntrack_gc::Collector::spawn(&args.bpffs, CONNTRACK_GC_EVERY)
+        .context("starting conntrack garbage collection")?;
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
@@ -262,11 +263,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 syncer.sync();
             }
             _ = resync.tick() => syncer.sync(),
-            _ = conntrack_gc.tick() => match syncer.dataplane.collect_garbage() {
-                Ok(0) => {}
-                Ok(n) => debug!("conntrack: deleted {n} entries of finished flows"),
-                Err(e) => warn!("conntrack garbage collection failed: {e:#}"),
-            },
             // A failed apply (a full map, say) is retried soon, not only at the next resync.
             _ = tokio::time::sleep(RETRY_AFTER), if syncer.dataplane.needs_retry() => syncer.sync(),
             _ = sigterm.recv() => break,
@@ -275,6 +271,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // Dropping the dataplane releases the program links, which detaches the datapath.
+    drop(conntrack_gc);
     drop(syncer);
     if args.cleanup {
         EbpfDataplane::remove_pins(&args.bpffs)

@@ -1,6 +1,7 @@
 //! The eBPF dataplane: loads the embedded datapath, pins its maps, attaches it at tc ingress,
 //! and keeps the maps equal to the desired state by executing `plan::Plan`s.
 
+pub mod conntrack_gc;
 pub mod inspect;
 pub mod plan;
 pub mod socket_lb;
@@ -17,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    conntrack, maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey,
-    SourceRange, Vip, VipKey,
+    maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange,
+    Vip, VipKey,
 };
 use log::{info, warn};
 
@@ -331,60 +332,11 @@ impl EbpfDataplane {
         HashMap::try_from(map).map_err(|source| map_err(names::CONNTRACK, source))
     }
 
-    /// Deletes the connection-tracking entries of flows that are over
-    /// (`lb_common::conntrack::flow_over`), and returns how many. The datapath only ever
-    /// ignores or overwrites expired entries; deleting them is what frees the source ports of
-    /// source-NATed flows and keeps the LRU from evicting live flows in favour of dead ones.
+    /// Deletes the connection-tracking entries of flows that are over, and returns how many
+    /// (see `conntrack_gc`; the agent runs that on a thread of its own).
     pub fn collect_garbage(&mut self) -> Result<usize, LoadError> {
-        use lb_common::{CtEntry, CtKey};
-        /// Over, and (for a source-NATed flow) its port held long enough: a backend that
-        /// closed first keeps the tuple in TIME_WAIT for 60 s, and a new flow on the same
-        /// port would meet it.
-        fn finished(key: &CtKey, e: &CtEntry, other: Option<&CtEntry>, now: u64) -> bool {
-            let other_seen = other.map(|o| (o.tcp_state, o.last_seen_ns));
-            if !conntrack::flow_over(key.proto, e.tcp_state, e.last_seen_ns, other_seen, now) {
-                return false;
-            }
-            let held = |seen: u64| now.wrapping_sub(seen) <= lb_common::snat::HOLD_NS;
-            e.flags & lb_common::CT_F_SNAT == 0
-                || !(held(e.last_seen_ns) || other.is_some_and(|o| held(o.last_seen_ns)))
-        }
-
         let mut ct = self.conntrack()?;
-        let entries: std::collections::HashMap<CtKey, CtEntry> =
-            ct.iter().filter_map(Result::ok).collect();
-        // Read after the pass, so no entry in it was stamped later than `now`.
-        let now = monotonic_ns();
-        let over: Vec<CtKey> = entries
-            .iter()
-            .filter(|(key, e)| finished(key, e, entries.get(&e.other_key(key.proto)), now))
-            .map(|(key, _)| *key)
-            .collect();
-        let mut deleted = 0;
-        let mut gone = std::collections::HashSet::new();
-        for key in &over {
-            if gone.contains(key) {
-                continue;
-            }
-            // Looked at again just before deleting: a new flow may have taken the tuple since
-            // the pass read it (the datapath overwrites stale entries). A flow goes with both
-            // its entries at once: alone, the other might not look over by its own state.
-            // (A packet can still refresh an entry between this look and the delete; the
-            // window is a syscall long, and the flow's next packet then starts it afresh.)
-            let Ok(e) = ct.get(key, 0) else { continue };
-            let other_key = e.other_key(key.proto);
-            let other = ct.get(&other_key, 0).ok();
-            if !finished(key, &e, other.as_ref(), monotonic_ns()) {
-                continue;
-            }
-            for k in std::iter::once(*key).chain(other.map(|_| other_key)) {
-                if ct.remove(&k).is_ok() {
-                    deleted += 1;
-                    gone.insert(k);
-                }
-            }
-        }
-        Ok(deleted)
+        conntrack_gc::collect(&mut ct).map_err(|source| map_err(names::CONNTRACK, source))
     }
 
     /// Where the maps are pinned.
