@@ -159,9 +159,32 @@ struct Syncer {
     generation: u64,
     /// The manifest errors last reported: a standing error is logged once, not every scan.
     reported_errors: Vec<ManifestError>,
+    /// Whether the "no endpoint is on this node" warning was given.
+    warned_node_name: bool,
 }
 
 impl Syncer {
+    /// Warns, once, when endpoints are placed on nodes but none on this one by name: the
+    /// likeliest cause is a wrong node name, under which externalTrafficPolicy Local finds no
+    /// local endpoints and drops every external packet.
+    fn check_node_name(&mut self, slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]) {
+        let Some(name) = self.node.name.as_deref() else {
+            return;
+        };
+        let placed: Vec<&str> = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter_map(|e| e.node_name.as_deref())
+            .collect();
+        if !self.warned_node_name && !placed.is_empty() && !placed.contains(&name) {
+            warn!(
+                "no endpoint is on node {name:?} (they name nodes such as {:?}); if this node is one of them, set --node-name or NODE_NAME, or externalTrafficPolicy: Local services drop all their external traffic here",
+                placed[0]
+            );
+            self.warned_node_name = true;
+        }
+    }
+
     /// Rescans the source and, if anything changed, applies the new desired state.
     fn sync(&mut self) {
         let started = std::time::Instant::now();
@@ -179,6 +202,7 @@ impl Syncer {
         for w in &warnings {
             warn!("{w}");
         }
+        self.check_node_name(&scan.endpoint_slices);
         match self.dataplane.apply(&desired) {
             Ok(r) => {
                 self.generation += 1;
@@ -244,6 +268,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dataplane,
         node,
         generation: 0,
+        warned_node_name: false,
         reported_errors: Vec::new(),
     };
     syncer.sync();
