@@ -50,13 +50,20 @@ pub const fn flow_lifetime_ns(proto: u8, a: u8, b: u8) -> u64 {
     if proto != crate::proto::TCP {
         return NON_TCP_LIFETIME_NS;
     }
-    if a == TCP_RESET || b == TCP_RESET || (a == TCP_CLOSING && b == TCP_CLOSING) {
+    if flow_closed(a, b) {
         return CLOSING_LIFETIME_NS;
     }
     if a == TCP_CLOSING || b == TCP_CLOSING {
         return HALF_CLOSED_LIFETIME_NS;
     }
     lifetime_ns(proto, if a > b { a } else { b })
+}
+
+/// True when a TCP flow whose directions reached states `a` and `b` is over: reset, or closed
+/// both ways. A half-closed flow is not: the other side may still be sending.
+#[inline(always)]
+pub const fn flow_closed(a: u8, b: u8) -> bool {
+    a == TCP_RESET || b == TCP_RESET || (a >= TCP_CLOSING && b >= TCP_CLOSING)
 }
 
 /// True when an entry last used at `last_seen_ns` has outlived its lifetime at `now_ns`.
@@ -118,11 +125,13 @@ pub const fn next_tcp_state(state: u8, tcp_flags: u8) -> u8 {
         } else {
             TCP_CLOSING
         }
+    } else if state >= TCP_CLOSING {
+        // Trailing ACKs of a closing connection do not reopen it, nor does a SYN: whether a
+        // SYN starts a new connection on the tuple is decided before (`flow_closed`), and a
+        // new connection gets an entry of its own.
+        state
     } else if tcp_flags & flags::SYN != 0 && tcp_flags & flags::ACK == 0 {
         TCP_SYN_SENT
-    } else if state >= TCP_CLOSING {
-        // Trailing ACKs of a closed connection do not reopen it.
-        state
     } else {
         TCP_ESTABLISHED
     }
@@ -153,8 +162,8 @@ mod tests {
             (TCP_RESET, FIN | ACK, TCP_RESET),
             (TCP_CLOSING, ACK, TCP_CLOSING),
             (TCP_RESET, ACK, TCP_RESET),
-            (TCP_RESET, SYN, TCP_SYN_SENT),
-            (TCP_CLOSING, SYN, TCP_SYN_SENT),
+            (TCP_RESET, SYN, TCP_RESET),
+            (TCP_CLOSING, SYN, TCP_CLOSING),
             (0, ACK, TCP_ESTABLISHED),
         ];
         for (state, f, want) in cases {

@@ -17,7 +17,7 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const XDP_TARGETS: &str = "XDP_TARGETS";
-    pub const HOST_BACKENDS: &str = "HOST_BACKENDS";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const STATS: &str = "STATS";
     /// Every map the agent pins, in the order it creates and adopts them.
     pub const ALL: [&str; 16] = [
@@ -31,7 +31,7 @@ pub mod names {
         CONNTRACK,
         FRAGMENTS,
         XDP_TARGETS,
-        HOST_BACKENDS,
+        NODE_ADDRS,
         AFFINITY,
         STATS,
         // Socket-level load balancing (`crate::sock`).
@@ -65,8 +65,8 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 8_192;
     /// Interfaces the XDP fast path may redirect to.
     pub const XDP_TARGETS: u32 = 256;
-    /// Node addresses that are backends (hostNetwork endpoints).
-    pub const HOST_BACKENDS: u32 = 1_024;
+    /// This node's addresses.
+    pub const NODE_ADDRS: u32 = 1_024;
 }
 
 /// Key of `SERVICES`: a frontend the datapath answers for.
@@ -173,7 +173,7 @@ pub struct Backend {
 pub const BACKEND_ACTIVE: u8 = 0;
 /// `Backend::state`: ready, and an address of this node (a hostNetwork endpoint). Flows to
 /// it are delivered locally, neither routed nor source-NATed, and its replies, which leave
-/// through egress, are reverse-translated there (`HOST_BACKENDS`).
+/// through egress, are reverse-translated there (`NODE_ADDRS`).
 pub const BACKEND_HOST: u8 = 1;
 
 /// Key of `MEMBERS`: a backend of a service. The datapath checks it before reusing a backend

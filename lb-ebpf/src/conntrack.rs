@@ -78,21 +78,20 @@ fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
     }
 }
 
-/// True for a bare SYN on a flow that either side has closed (each entry only sees its own
-/// direction's FIN or RST): a new connection reusing the tuple, to be balanced afresh.
+/// True for a bare SYN on a flow that is over (`conntrack::flow_closed`; each entry only sees
+/// its own direction's FIN or RST): a new connection reusing the tuple, to be balanced afresh.
+/// A SYN on a half-closed flow is not one: the flow stays on its backend.
 #[inline(always)]
 fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
-    if starts_new_connection(entry.tcp_state, tcp_flags) {
-        return true;
-    }
     // Only a bare SYN pays for the second lookup.
     if !starts_new_connection(TCP_CLOSING, tcp_flags) {
         return false;
     }
     match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
-        Some(o) => unsafe { (*o).tcp_state >= TCP_CLOSING },
-        None => false,
+        Some(o) => conntrack::flow_closed(entry.tcp_state, unsafe { (*o).tcp_state }),
+        // The other entry is gone: judged by this one alone.
+        None => starts_new_connection(entry.tcp_state, tcp_flags),
     }
 }
 

@@ -64,11 +64,11 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { capacity::FRAGMENTS as us
 #[btf_map]
 pub static XDP_TARGETS: HashMap<u32, u32, { capacity::XDP_TARGETS as usize }> = HashMap::new();
 
-/// Node addresses that are backends (`BACKEND_HOST`), keyed like `VIPS`: the egress program
-/// reverse-translates the replies those local processes send.
+/// This node's addresses (value unused, 1), keyed like `VIPS`: the egress program looks up
+/// conntrack only for packets from them, the replies of hostNetwork endpoints
+/// (`BACKEND_HOST`).
 #[btf_map]
-pub static HOST_BACKENDS: HashMap<VipKey, Vip, { capacity::HOST_BACKENDS as usize }> =
-    HashMap::new();
+pub static NODE_ADDRS: HashMap<VipKey, Vip, { capacity::NODE_ADDRS as usize }> = HashMap::new();
 
 /// ClientIP session affinity: (client, service) -> the backend its connections go to.
 #[btf_map]

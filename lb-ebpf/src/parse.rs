@@ -19,7 +19,7 @@ const MAX_HEADERS: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 8) as u32;
 
 /// IPv4 flag and fragment-offset bits of `frag_off` (host order).
 const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// Offsets of the IPv4 fields the datapath rewrites, from the start of the frame.
 pub const IP_TTL_OFF: usize = ETH_HLEN + 8;

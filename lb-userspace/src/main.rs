@@ -321,7 +321,9 @@ fn warn_if_ephemeral_ports_overlap_snat() {
         return;
     };
     let high: Option<u16> = range.split_whitespace().nth(1).and_then(|h| h.parse().ok());
-    if high.is_some_and(|h| h >= lb_common::snat::PORT_MIN) {
+    let reserved =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+    if high.is_some_and(|h| h >= lb_common::snat::PORT_MIN) && !snat_ports_reserved(&reserved) {
         warn!(
             "net.ipv4.ip_local_port_range is {:?}: it reaches into the ports used for source NAT ({}-65535); lower its upper end below {}, or reserve them with net.ipv4.ip_local_reserved_ports",
             range.trim(),
@@ -329,6 +331,19 @@ fn warn_if_ephemeral_ports_overlap_snat() {
             lb_common::snat::PORT_MIN
         );
     }
+}
+
+/// True when `reserved` (`ip_local_reserved_ports`: `a,b-c,...`) covers every SNAT port.
+fn snat_ports_reserved(reserved: &str) -> bool {
+    let ranges: Vec<(u16, u16)> = reserved
+        .trim()
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
+    (lb_common::snat::PORT_MIN..=u16::MAX).all(|p| ranges.iter().any(|&(a, b)| a <= p && p <= b))
 }
 
 /// `$NODE_NAME` (what a DaemonSet passes from `spec.nodeName`), else the host name.
@@ -388,9 +403,31 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
 /// The interface of the IPv4 default route, from /proc/net/route.
 fn default_route_interface() -> Option<String> {
     let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let iface = fields.next()?;
-        (fields.next()? == "00000000").then(|| iface.to_owned())
-    })
+    // Columns: Iface Destination Gateway Flags RefCnt Use Metric Mask ...; a default route
+    // has destination and mask 0 (a VPN's 0.0.0.0/1 does not count); the lowest metric wins.
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let default = f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000");
+            let metric: u32 = f.get(6)?.parse().ok()?;
+            default.then(|| (metric, f[0].to_owned()))
+        })
+        .min()
+        .map(|(_, iface)| iface)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snat_ports_reserved;
+
+    #[test]
+    fn reserved_ports_must_cover_the_whole_snat_range() {
+        assert!(snat_ports_reserved("61000-65535\n"));
+        assert!(snat_ports_reserved("8080,60000-63000,63001-65535"));
+        assert!(!snat_ports_reserved(""));
+        assert!(!snat_ports_reserved("61000-65534"));
+        assert!(!snat_ports_reserved("30000-32767"));
+    }
 }

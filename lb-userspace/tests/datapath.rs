@@ -602,9 +602,14 @@ fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn closed_tuple_reused_by_a_new_syn_chooses_afresh() {
     let mut f = fixture();
-    f.run(&Frame::tcp(CLIENT, 43000, VIP, 80, tcp::SYN).build());
+    let (backend, _) = new_flow(&mut f, CLIENT, 43000, VIP);
     f.run(&Frame::tcp(CLIENT, 43000, VIP, 80, tcp::FIN | tcp::ACK).build())
         .counted_as(stats::XLATE_FORWARD);
+    // Half-closed: a SYN does not move the flow.
+    f.run(&Frame::tcp(CLIENT, 43000, VIP, 80, tcp::SYN).build())
+        .counted_as(stats::XLATE_FORWARD);
+    f.run(&Frame::tcp(backend, 8080, CLIENT, 43000, tcp::FIN | tcp::ACK).build())
+        .counted_as(stats::XLATE_REPLY);
     // Only backend 1 remains: a new SYN on the closed tuple must go there, whichever backend
     // the closed connection used.
     let only = backends(1);
@@ -1040,7 +1045,7 @@ fn affinity_expires_after_its_timeout() {
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() {
     let mut f = fixture();
-    // 2000 flows: SYN (choose), FIN (close), so that a later SYN on the same tuple chooses
+    // 2000 flows: SYN (choose), RST (close), so that a later SYN on the same tuple chooses
     // again, by the table, without the old connection's state.
     let tuples: Vec<(Ipv4Addr, u16)> = (0..2000u16)
         .map(|i| {
@@ -1053,7 +1058,7 @@ fn maglev_maps_a_flow_by_its_tuple_and_removing_one_of_ten_backends_moves_few() 
     let choose = |f: &mut Fixture, (client, sport): (Ipv4Addr, u16)| {
         let (b, reason) = new_flow(f, client, sport, MAGLEV_VIP);
         assert_eq!(reason, stats::XLATE_NEW_FLOW);
-        f.run(&Frame::tcp(client, sport, MAGLEV_VIP, 80, tcp::FIN | tcp::ACK).build())
+        f.run(&Frame::tcp(client, sport, MAGLEV_VIP, 80, tcp::RST).build())
             .counted_as(stats::XLATE_FORWARD);
         b
     };
@@ -2081,4 +2086,53 @@ fn a_host_network_backend_gets_its_flows_delivered_locally_and_its_replies_trans
     // Other traffic of the same local process (no tracked flow) leaves untouched.
     let other = Frame::tcp(NODE_IP, 9090, OTHER, 41000, tcp::ACK).build();
     f.run_egress(&other).untouched(&other);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn garbage_collection_keeps_a_new_flow_on_a_reused_tuple_apart_from_the_old_ones_leftover() {
+    use lb_common::conntrack::CLOSING_LIFETIME_NS;
+    const SEC: u64 = 1_000_000_000;
+    let mut f = fixture();
+    let (old_backend, _) = new_flow(&mut f, CLIENT, 43100, VIP);
+    f.run(&Frame::tcp(old_backend, 8080, CLIENT, 43100, tcp::RST).build())
+        .counted_as(stats::XLATE_REPLY);
+    // The tuple is reused and, the old backend gone, lands elsewhere: the old reverse entry is
+    // left behind, naming the new flow's forward entry as its partner.
+    let others: BTreeSet<Endpoint> = backends(3)
+        .into_iter()
+        .filter(|e| e.addr != old_backend)
+        .collect();
+    f.dp.apply(&desired(&Backends {
+        web: others,
+        ..Default::default()
+    }))
+    .expect("apply");
+    let (new_backend, reason) = new_flow(&mut f, CLIENT, 43100, VIP);
+    assert_eq!(reason, stats::XLATE_NEW_FLOW);
+    assert_ne!(new_backend, old_backend);
+    f.run(&Frame::tcp(CLIENT, 43100, VIP, 80, tcp::ACK).build())
+        .counted_as(stats::XLATE_FORWARD);
+    f.dp.apply(&desired(&Backends::default())).expect("restore");
+
+    let orphan = tuple(old_backend, 8080, CLIENT, 43100, proto::TCP);
+    let live = [
+        tuple(CLIENT, 43100, VIP, 80, proto::TCP),
+        tuple(new_backend, 8080, CLIENT, 43100, proto::TCP),
+    ];
+    for key in live.iter().chain([&orphan]) {
+        f.age(key, CLOSING_LIFETIME_NS + SEC);
+    }
+    f.dp.collect_garbage().expect("garbage collection");
+    let ct = f.dp.conntrack().expect("conntrack map");
+    assert!(
+        ct.get(&orphan, 0).is_err(),
+        "the reset flow's leftover goes"
+    );
+    for key in &live {
+        assert!(
+            ct.get(key, 0).is_ok(),
+            "the new, established flow's {key:?} stays"
+        );
+    }
 }

@@ -31,7 +31,14 @@ pub fn collect<T: BorrowMut<MapData>>(
     let now = monotonic_ns();
     let over: Vec<CtKey> = entries
         .iter()
-        .filter(|(key, e)| finished(key, e, entries.get(&e.other_key(key.proto)), now))
+        .filter(|(key, e)| {
+            finished(
+                key,
+                e,
+                partner(key, e, |k| entries.get(k).copied()).as_ref(),
+                now,
+            )
+        })
         .map(|(key, _)| *key)
         .collect();
     let mut deleted = 0;
@@ -47,7 +54,7 @@ pub fn collect<T: BorrowMut<MapData>>(
         // syscall long, and the flow's next packet then starts it afresh.)
         let Ok(e) = ct.get(key, 0) else { continue };
         let other_key = e.other_key(key.proto);
-        let other = ct.get(&other_key, 0).ok();
+        let other = partner(key, &e, |k| ct.get(k, 0).ok());
         if !finished(key, &e, other.as_ref(), monotonic_ns()) {
             continue;
         }
@@ -59,6 +66,13 @@ pub fn collect<T: BorrowMut<MapData>>(
         }
     }
     Ok(deleted)
+}
+
+/// The entry of `e`'s other direction, if it is really `e`'s: a tuple reused by a new flow
+/// overwrites the forward entry and leaves the old reverse one behind, naming an entry that
+/// now belongs to someone else. Judged together, the orphan would take the new flow down.
+fn partner(key: &CtKey, e: &CtEntry, get: impl Fn(&CtKey) -> Option<CtEntry>) -> Option<CtEntry> {
+    get(&e.other_key(key.proto)).filter(|o| o.other_key(key.proto) == *key)
 }
 
 /// Over, and (for a source-NATed flow) its port held long enough: a backend that closed

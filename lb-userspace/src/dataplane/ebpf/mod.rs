@@ -80,7 +80,7 @@ struct Maps {
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, VipKey, Vip>,
-    host_backends: HashMap<MapData, VipKey, Vip>,
+    node_addr_entries: HashMap<MapData, VipKey, Vip>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
     xdp_targets: HashMap<MapData, u32, u32>,
 }
@@ -194,7 +194,7 @@ impl EbpfDataplane {
             },
             backends: take_map(&mut ebpf, names::BACKENDS)?,
             vips: take_map(&mut ebpf, names::VIPS)?,
-            host_backends: take_map(&mut ebpf, names::HOST_BACKENDS)?,
+            node_addr_entries: take_map(&mut ebpf, names::NODE_ADDRS)?,
             source_ranges: {
                 let map = ebpf
                     .take_map(names::SOURCE_RANGES)
@@ -384,7 +384,7 @@ impl EbpfDataplane {
                 .map_err(|source| map_err(names::MAGLEV, source))?,
             backends: all(names::BACKENDS, m.backends.iter())?,
             vips: all(names::VIPS, m.vips.iter())?,
-            host_backends: all(names::HOST_BACKENDS, m.host_backends.iter())?,
+            node_addr_entries: all(names::NODE_ADDRS, m.node_addr_entries.iter())?,
             source_ranges: m
                 .source_ranges
                 .keys()
@@ -437,8 +437,8 @@ impl EbpfDataplane {
             Op::PutService(k, v) => m.services.insert(k, v, 0),
             Op::PutVip(k, v) => m.vips.insert(k, v, 0),
             Op::DeleteVip(k) => m.vips.remove(&k),
-            Op::PutHostBackend(k, v) => m.host_backends.insert(k, v, 0),
-            Op::DeleteHostBackend(k) => m.host_backends.remove(&k),
+            Op::PutNodeAddr(k, v) => m.node_addr_entries.insert(k, v, 0),
+            Op::DeleteNodeAddr(k) => m.node_addr_entries.remove(&k),
             Op::DeleteService(k) => m.services.remove(&k),
             Op::DeleteSlot(k) => m.slots.remove(&k),
             Op::DeleteMember(k) => m.members.remove(&k),

@@ -36,8 +36,8 @@ pub enum Op {
     PutVip(VipKey, Vip),
     DeleteVip(VipKey),
     /// A node address that is a backend (`BACKEND_HOST`), with how many backends use it.
-    PutHostBackend(VipKey, Vip),
-    DeleteHostBackend(VipKey),
+    PutNodeAddr(VipKey, Vip),
+    DeleteNodeAddr(VipKey),
     DeleteService(FrontendKey),
     DeleteSlot(SlotKey),
     DeleteMaglev(u32),
@@ -51,7 +51,7 @@ impl Op {
         matches!(
             self,
             Op::DeleteVip(_)
-                | Op::DeleteHostBackend(_)
+                | Op::DeleteNodeAddr(_)
                 | Op::DeleteService(_)
                 | Op::DeleteSlot(_)
                 | Op::DeleteMaglev(_)
@@ -176,7 +176,7 @@ pub struct Pinned {
     pub maglev: Vec<u32>,
     pub backends: Vec<(u32, Backend)>,
     pub vips: Vec<(VipKey, Vip)>,
-    pub host_backends: Vec<(VipKey, Vip)>,
+    pub node_addr_entries: Vec<(VipKey, Vip)>,
     /// loadBalancerSourceRanges entries: (service id, range start, prefix length).
     pub source_ranges: Vec<(u32, Ipv4Addr, u8)>,
 }
@@ -199,7 +199,7 @@ pub struct Programmed {
     /// Backend -> (id, number of service ports using it).
     backends: BTreeMap<Backend, (u32, u32)>,
     vips: BTreeMap<VipKey, u32>,
-    host_backends: BTreeMap<VipKey, u32>,
+    node_addr_entries: BTreeMap<VipKey, u32>,
     next_svc_id: u32,
     next_backend_id: u32,
     /// Service ports found pinned, by service id. A desired port that one of them serves a
@@ -297,7 +297,7 @@ impl Programmed {
             }
         }
         p.vips = pinned.vips.iter().map(|(k, v)| (*k, v.frontends)).collect();
-        p.host_backends = (pinned.host_backends.iter())
+        p.node_addr_entries = (pinned.node_addr_entries.iter())
             .map(|(k, v)| (*k, v.frontends))
             .collect();
         let svc_ids = pinned
@@ -512,10 +512,10 @@ impl Programmed {
                 if old.and_then(|o| o.frontends.get(&key)) != Some(&value) {
                     puts_service.push(Op::PutService(key, value));
                 }
-                // Only cluster addresses: packets to them that cannot be translated are
-                // dropped, which for a node or LoadBalancer address (also the host's own)
-                // would drop the host's fragments and other protocols too.
-                if flags & SVC_F_EXTERNAL == 0 {
+                // Not the node's own addresses: packets to a VIP that cannot be translated are
+                // dropped, which for a node address would drop the host's own fragments and
+                // other protocols too.
+                if !desired.node_addrs.contains(&Ipv4Addr::from(key.addr)) {
                     *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
                 }
                 frontends.insert(key, value);
@@ -534,18 +534,21 @@ impl Programmed {
             );
         }
 
-        // Host backends are known to egress before any flow can reach them, and forgotten
-        // after the last backend entry naming them goes.
-        for backend in next.backends.keys().filter(|b| b.state == BACKEND_HOST) {
-            *next
-                .host_backends
-                .entry(VipKey { addr: backend.addr })
-                .or_default() += 1;
+        // Every node address, whether or not it is a backend now: a hostNetwork endpoint that
+        // left its services still has open connections whose replies egress must translate.
+        // Written before any backend, deleted after.
+        for addr in &desired.node_addrs {
+            next.node_addr_entries.insert(
+                VipKey {
+                    addr: addr.octets(),
+                },
+                1,
+            );
         }
         let mut ops = Vec::new();
-        for (key, &frontends) in &next.host_backends {
-            if self.host_backends.get(key) != Some(&frontends) {
-                ops.push(Op::PutHostBackend(*key, Vip { frontends }));
+        for (key, &frontends) in &next.node_addr_entries {
+            if self.node_addr_entries.get(key) != Some(&frontends) {
+                ops.push(Op::PutNodeAddr(*key, Vip { frontends }));
             }
         }
         ops.extend(puts_backend);
@@ -629,9 +632,9 @@ impl Programmed {
                 .iter()
                 .map(|id| Op::DeleteBackend(*id)),
         );
-        for key in self.host_backends.keys() {
-            if !next.host_backends.contains_key(key) {
-                ops.push(Op::DeleteHostBackend(*key));
+        for key in self.node_addr_entries.keys() {
+            if !next.node_addr_entries.contains_key(key) {
+                ops.push(Op::DeleteNodeAddr(*key));
             }
         }
         Plan { ops, next }
@@ -708,7 +711,7 @@ mod tests {
         maglev: BTreeMap<u32, Vec<u32>>,
         backends: BTreeMap<u32, Backend>,
         vips: BTreeMap<VipKey, Vip>,
-        host_backends: BTreeMap<VipKey, Vip>,
+        node_addr_entries: BTreeMap<VipKey, Vip>,
         source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
     }
 
@@ -731,8 +734,8 @@ mod tests {
                 Op::PutService(k, v) => drop(self.services.insert(k, v)),
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
                 Op::DeleteVip(k) => drop(self.vips.remove(&k)),
-                Op::PutHostBackend(k, v) => drop(self.host_backends.insert(k, v)),
-                Op::DeleteHostBackend(k) => drop(self.host_backends.remove(&k)),
+                Op::PutNodeAddr(k, v) => drop(self.node_addr_entries.insert(k, v)),
+                Op::DeleteNodeAddr(k) => drop(self.node_addr_entries.remove(&k)),
                 Op::DeleteService(k) => drop(self.services.remove(&k)),
                 Op::DeleteSlot(k) => drop(self.slots.remove(&k)),
                 Op::DeleteMember(k) => drop(self.members.remove(&k)),
@@ -884,9 +887,9 @@ mod tests {
             );
             let vips: BTreeSet<[u8; 4]> = self
                 .services
-                .iter()
-                .filter(|(_, s)| s.flags & SVC_F_EXTERNAL == 0)
-                .map(|(k, _)| k.addr)
+                .keys()
+                .map(|k| k.addr)
+                .filter(|a| !desired.node_addrs.contains(&Ipv4Addr::from(*a)))
                 .collect();
             assert_eq!(
                 self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(),
@@ -958,8 +961,8 @@ mod tests {
                 Op::PutService(..) => "put-service",
                 Op::PutVip(..) => "put-vip",
                 Op::DeleteVip(..) => "del-vip",
-                Op::PutHostBackend(..) => "put-host-backend",
-                Op::DeleteHostBackend(..) => "del-host-backend",
+                Op::PutNodeAddr(..) => "put-node-addr",
+                Op::DeleteNodeAddr(..) => "del-node-addr",
                 Op::DeleteService(..) => "del-service",
                 Op::DeleteSlot(..) => "del-slot",
                 Op::DeleteMember(..) => "del-member",
@@ -1129,7 +1132,7 @@ mod tests {
     }
 
     #[test]
-    fn host_network_endpoints_are_marked_and_known_to_egress_first() {
+    fn host_network_endpoints_are_marked_and_node_addresses_known_to_egress_first() {
         let mut maps = Maps::default();
         // Endpoints 10.1.0.1 and 10.1.0.2; the first is an address of this node.
         let mut desired = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]);
@@ -1138,20 +1141,28 @@ mod tests {
         let (p, ops) = step(Programmed::default(), &mut maps, &desired);
         assert_eq!(
             kinds(&ops)[0],
-            "put-host-backend",
+            "put-node-addr",
             "before any backend: {ops:?}"
         );
         let states: BTreeMap<[u8; 4], u8> =
             maps.backends.values().map(|b| (b.addr, b.state)).collect();
         assert_eq!(states[&node.octets()], BACKEND_HOST);
         assert_eq!(states[&[10, 1, 0, 2]], BACKEND_ACTIVE);
-        assert_eq!(maps.host_backends.len(), 1);
+        assert_eq!(maps.node_addr_entries.len(), 1);
 
-        // The endpoint goes: so does the node address's entry, after the backend.
+        // The endpoint leaves the service: the node address stays known to egress (its open
+        // connections still need their replies translated).
+        let mut desired = state(&[("a", port([10, 96, 0, 1], 80, &[2]))]);
+        desired.node_addrs.insert(node);
+        let (p, ops) = step(p, &mut maps, &desired);
+        assert!(!kinds(&ops).contains(&"del-node-addr"), "{ops:?}");
+        assert_eq!(maps.node_addr_entries.len(), 1);
+
+        // The address is no longer the node's: its entry goes, last.
         let desired = state(&[("a", port([10, 96, 0, 1], 80, &[2]))]);
         let (_, ops) = step(p, &mut maps, &desired);
-        assert_eq!(kinds(&ops).last(), Some(&"del-host-backend"), "{ops:?}");
-        assert!(maps.host_backends.is_empty());
+        assert_eq!(kinds(&ops).last(), Some(&"del-node-addr"), "{ops:?}");
+        assert!(maps.node_addr_entries.is_empty());
     }
 
     #[test]
@@ -1246,7 +1257,11 @@ mod tests {
                 maglev: self.maglev.keys().copied().collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
-                host_backends: self.host_backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                node_addr_entries: self
+                    .node_addr_entries
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect(),
                 source_ranges: self.source_ranges.iter().copied().collect(),
             }
         }
