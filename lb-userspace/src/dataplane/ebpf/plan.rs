@@ -833,6 +833,20 @@ mod tests {
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
+            let node_addrs: BTreeSet<[u8; 4]> =
+                desired.node_addrs.iter().map(|a| a.octets()).collect();
+            assert_eq!(
+                self.node_addr_entries
+                    .keys()
+                    .map(|k| k.addr)
+                    .collect::<BTreeSet<_>>(),
+                node_addrs,
+                "node addresses"
+            );
+            for b in self.backends.values() {
+                let host = node_addrs.contains(&b.addr);
+                assert_eq!(b.state == BACKEND_HOST, host, "backend {:?} state", b.addr);
+            }
             // Exactly the ranges of the services whose LoadBalancer frontends check them.
             let mut want_ranges = BTreeSet::new();
             for svc in self.services.values() {
@@ -1414,6 +1428,30 @@ mod tests {
                 let mut sp = port(vip, 80 + next(2) as u16, &eps);
                 sp.algorithm =
                     [None, Some(Algorithm::Random), Some(Algorithm::Maglev)][next(3) as usize];
+                // Sometimes node-facing too: a NodePort or LoadBalancer IP, under either
+                // traffic policy, with or without source ranges.
+                if next(2) == 0 {
+                    let frontend = Frontend {
+                        addr: Ipv4Addr::new(192, 168, 0, 10 + next(2) as u8),
+                        port: 30000 + s as u16,
+                        protocol: Protocol::Tcp,
+                    };
+                    let external = External {
+                        snat_addr: Ipv4Addr::new(192, 168, 0, 10),
+                        load_balancer: next(2) == 0,
+                    };
+                    sp.external_frontends = [(frontend, external)].into();
+                    sp.external_local = next(2) == 0;
+                    sp.local_endpoints = sp
+                        .endpoints
+                        .iter()
+                        .filter(|_| next(2) == 0)
+                        .copied()
+                        .collect();
+                    sp.source_ranges = (0..next(3))
+                        .map(|i| (Ipv4Addr::new(10, i as u8, 0, 0), 16))
+                        .collect();
+                }
                 services.push((format!("svc{s}"), sp));
             }
             // Frontend clashes are resolved (first wins); keep the walk to unambiguous states.
@@ -1423,7 +1461,13 @@ mod tests {
                 .iter()
                 .map(|(n, sp)| (n.as_str(), sp.clone()))
                 .collect();
-            p = step(p, &mut maps, &state(&refs)).0;
+            let mut desired = state(&refs);
+            // Some endpoints are at node addresses (hostNetwork), which come and go.
+            desired.node_addrs = (1..=3)
+                .filter(|_| next(2) == 0)
+                .map(|i| Ipv4Addr::new(10, 1, 0, i))
+                .collect();
+            p = step(p, &mut maps, &desired).0;
             walked += 1;
             if walked % 25 == 0 {
                 // A restart: start again from what the maps hold.
