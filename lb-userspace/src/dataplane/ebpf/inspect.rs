@@ -24,6 +24,12 @@ pub struct Snapshot {
     pub sock_counters: Vec<u64>,
     /// Reverse entries of sockets balanced by the socket programs.
     pub sock_revnat: usize,
+    /// loadBalancerSourceRanges by service id: (range start, prefix length).
+    pub source_ranges: BTreeMap<u32, Vec<(Ipv4Addr, u8)>>,
+    /// The node's addresses, as egress knows them.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Interface indexes the XDP fast path redirects to.
+    pub xdp_targets: Vec<u32>,
 }
 
 impl Snapshot {
@@ -69,10 +75,15 @@ impl Snapshot {
                     Some(b) => {
                         let _ = writeln!(
                             out,
-                            "    slot {}: {}:{}",
+                            "    slot {}: {}:{}{}",
                             i + 1,
                             Ipv4Addr::from(b.addr),
-                            u16::from_be(b.port_be)
+                            u16::from_be(b.port_be),
+                            if b.state == lb_common::BACKEND_HOST {
+                                " (this node)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     None => {
@@ -81,6 +92,20 @@ impl Snapshot {
                 }
             }
         }
+        for (svc_id, ranges) in &self.source_ranges {
+            let shown: Vec<String> = ranges.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+            let _ = writeln!(
+                out,
+                "source ranges of svc_id={svc_id}: {}",
+                shown.join(", ")
+            );
+        }
+        let _ = writeln!(out, "node addresses: {:?}", self.node_addrs);
+        let _ = writeln!(
+            out,
+            "XDP redirect targets (ifindex): {:?}",
+            self.xdp_targets
+        );
         let _ = writeln!(out, "conntrack entries: {}", self.conntrack.len());
         let _ = writeln!(out, "affinity entries: {}", self.affinity.len());
         let _ = writeln!(out, "socket reverse entries: {}", self.sock_revnat);
@@ -184,6 +209,26 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
         .map(|reason| Ok(counters_sum(&sock_counters.get(&reason, 0)?)))
         .collect::<Result<_, MapError>>()?;
     snap.sock_revnat = sock_revnat.keys().count();
+    let ranges: aya::maps::LpmTrie<_, lb_common::SourceRange, u32> =
+        open(dir, names::SOURCE_RANGES)?.try_into()?;
+    for key in ranges.keys() {
+        let key = key?;
+        let (d, len) = (key.data(), key.prefix_len().saturating_sub(32) as u8);
+        let list = snap
+            .source_ranges
+            .entry(u32::from_be(d.svc_id_be))
+            .or_default();
+        list.push((Ipv4Addr::from(d.addr), len));
+    }
+    let node_addrs: HashMap<_, lb_common::VipKey, lb_common::Vip> =
+        open(dir, names::NODE_ADDRS)?.try_into()?;
+    for key in node_addrs.keys() {
+        snap.node_addrs.push(Ipv4Addr::from(key?.addr));
+    }
+    let xdp_targets: HashMap<_, u32, u32> = open(dir, names::XDP_TARGETS)?.try_into()?;
+    for key in xdp_targets.keys() {
+        snap.xdp_targets.push(key?);
+    }
     Ok(snap)
 }
 
