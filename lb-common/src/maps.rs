@@ -79,12 +79,16 @@ pub struct FrontendKey {
     pub port_be: u16,
     /// IP protocol number (`proto::TCP`, `proto::UDP`).
     pub proto: u8,
-    /// Which clients the frontend serves; always `SCOPE_ALL` until traffic policies exist.
+    /// Which clients the entry is for: `SCOPE_ALL`, or `SCOPE_HOST` for the node's own.
     pub scope: u8,
 }
 
 /// `FrontendKey::scope`: the frontend serves every client.
 pub const SCOPE_ALL: u8 = 0;
+/// `FrontendKey::scope`: the entry processes on the node itself (the socket programs) use,
+/// where it differs from `SCOPE_ALL`'s: an externalTrafficPolicy Local frontend, which the
+/// node's own connections reach through every endpoint, as kube-proxy sends them.
+pub const SCOPE_HOST: u8 = 1;
 
 /// Value of `SERVICES`: the service port behind a frontend and how to choose its backend.
 #[repr(C)]

@@ -21,7 +21,7 @@ use lb_common::{
     proto,
     sock::{mix64, stats::*, RevNatEntry, RevNatKey},
     stats::DROP_NO_BACKEND_ENTRY,
-    Backend, CtKey, FrontendKey, Service, SlotKey, ALG_MAGLEV, SCOPE_ALL,
+    Backend, CtKey, FrontendKey, Service, SlotKey, ALG_MAGLEV, SCOPE_ALL, SCOPE_HOST,
 };
 
 use crate::{
@@ -103,17 +103,9 @@ pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
         // Ping, raw and SCTP sockets: not balanced here.
         _ => return Ok(NOT_SERVICE),
     };
-    let key = FrontendKey {
-        addr: vip,
-        port_be: vport_be,
-        proto,
-        scope: SCOPE_ALL,
-    };
-    let Some(svc) = SERVICES.get_ptr(key) else {
+    let Some(svc) = frontend(vip, vport_be, proto) else {
         return Ok(NOT_SERVICE);
     };
-    // SAFETY: pointer from a successful lookup, copied out before any other map operation.
-    let svc = unsafe { *svc };
     // kube-proxy REJECTs these with ICMP port unreachable, which a TCP client sees as
     // ECONNREFUSED; failing the call with it directly is the same answer, only faster.
     if svc.backend_count == 0 {
@@ -176,17 +168,10 @@ pub fn reverse(ctx: &SockAddrContext) -> u32 {
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
     let entry = unsafe { *entry };
-    let frontend = FrontendKey {
-        addr: entry.vip,
-        port_be: entry.vport_be,
-        proto: protocol as u8,
-        scope: SCOPE_ALL,
-    };
     // Only while the frontend still belongs to the same service port: otherwise the socket
     // may now be talking to that address for its own sake, and must see it as it is.
-    match SERVICES.get_ptr(frontend) {
-        // SAFETY: pointer from a successful lookup, read at once.
-        Some(svc) if unsafe { (*svc).svc_id } == entry.svc_id => {}
+    match frontend(entry.vip, entry.vport_be, protocol as u8) {
+        Some(svc) if svc.svc_id == entry.svc_id => {}
         _ => {
             let _ = SOCK_REVNAT.remove(key);
             return REVNAT_STALE;
@@ -272,4 +257,21 @@ fn remember_frontend(
         }
     }
     SOCK_REVNAT.insert(key, entry, BPF_ANY as u64)
+}
+
+/// The service entry a node process's connection to `addr:port_be` uses: its own
+/// (`SCOPE_HOST`) where there is one, else everyone's.
+#[inline(always)]
+fn frontend(addr: [u8; 4], port_be: u16, proto: u8) -> Option<Service> {
+    let key = |scope| FrontendKey {
+        addr,
+        port_be,
+        proto,
+        scope,
+    };
+    let svc = SERVICES
+        .get_ptr(key(SCOPE_HOST))
+        .or_else(|| SERVICES.get_ptr(key(SCOPE_ALL)))?;
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    Some(unsafe { *svc })
 }

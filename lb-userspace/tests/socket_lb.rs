@@ -623,3 +623,40 @@ fn cgroup_option_limits_balancing_to_that_subtree() {
     assert!(bed.agent.stop().expect("stopping the agent").success());
     assert_eq!(attached(), 0, "detached once the agent stopped");
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and Linux 5.18+: run through `cargo xtask test`"]
+fn node_connections_to_a_local_policy_node_port_use_every_endpoint() {
+    // externalTrafficPolicy Local, and no endpoint on this node: external clients are dropped
+    // here, but the node's own connections go to the endpoints elsewhere, as with kube-proxy.
+    let manifest = "\
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.40
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30400}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [\"10.0.11.2\"], nodeName: elsewhere}
+  - {addresses: [\"10.0.12.2\"], nodeName: elsewhere}
+";
+    let bed = Bed::start(2, manifest, &["--node-ip", "10.0.1.1"]);
+    let node_port = SocketAddr::from(([10, 0, 1, 1], 30400));
+    let counts = tally(
+        "TCP from the node to its own Local-policy NodePort",
+        bed.in_node(|| {
+            (0..20)
+                .map(|_| tcp_name(node_port, CLIENT_TIMEOUT))
+                .collect()
+        }),
+    );
+    assert_backends("the node's own connections", &counts, &[1, 2]);
+}

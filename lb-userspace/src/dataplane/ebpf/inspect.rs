@@ -69,6 +69,11 @@ impl Snapshot {
                 svc.backend_count,
                 svc.affinity_timeout_s,
                 flags(svc)
+                    + if k.scope == lb_common::SCOPE_HOST {
+                        " (the node's own connections)"
+                    } else {
+                        ""
+                    }
             );
             for (i, b) in backends.iter().enumerate() {
                 match b {

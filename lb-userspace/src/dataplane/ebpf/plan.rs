@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
-    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, BACKEND_HOST, SCOPE_ALL, SVC_F_DROP_WHEN_EMPTY,
-    SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
+    ALG_MAGLEV, ALG_RANDOM, BACKEND_ACTIVE, BACKEND_HOST, SCOPE_ALL, SCOPE_HOST,
+    SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL, SVC_F_SNAT, SVC_F_SOURCE_RANGES,
 };
 use log::warn;
 
@@ -116,6 +116,15 @@ fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
             let frontends: Vec<_> = external
                 .map(|(fe, e)| (frontend_key(fe), flags(e, SVC_F_EXTERNAL), [0; 4]))
                 .collect();
+            // The node's own connections to these frontends use every endpoint, as
+            // kube-proxy sends them (the socket programs look `SCOPE_HOST` up first).
+            cluster.extend(frontends.iter().map(|(key, _, _)| {
+                let host = FrontendKey {
+                    scope: SCOPE_HOST,
+                    ..*key
+                };
+                (host, SVC_F_EXTERNAL, [0; 4])
+            }));
             if !frontends.is_empty() {
                 units.push(Unit {
                     name,
@@ -515,7 +524,8 @@ impl Programmed {
                 // Not the node's own addresses: packets to a VIP that cannot be translated are
                 // dropped, which for a node address would drop the host's own fragments and
                 // other protocols too.
-                if !desired.node_addrs.contains(&Ipv4Addr::from(key.addr)) {
+                if key.scope == SCOPE_ALL && !desired.node_addrs.contains(&Ipv4Addr::from(key.addr))
+                {
                     *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
                 }
                 frontends.insert(key, value);
@@ -799,18 +809,27 @@ mod tests {
                 } else {
                     &port.endpoints
                 };
-                let cluster = port.frontends.iter().map(|fe| (fe, &port.endpoints));
+                let cluster = port
+                    .frontends
+                    .iter()
+                    .map(|fe| (fe, SCOPE_ALL, &port.endpoints));
                 let external = port
                     .external_frontends
                     .keys()
-                    .map(|fe| (fe, external_endpoints));
-                for (fe, endpoints) in cluster.chain(external) {
+                    .map(|fe| (fe, SCOPE_ALL, external_endpoints));
+                // Under policy Local, the node's own connections use every endpoint.
+                let host = port
+                    .external_frontends
+                    .keys()
+                    .filter(|_| port.external_local)
+                    .map(|fe| (fe, SCOPE_HOST, &port.endpoints));
+                for (fe, scope, endpoints) in cluster.chain(external).chain(host) {
                     want_frontends += 1;
                     let key = FrontendKey {
                         addr: fe.addr.octets(),
                         port_be: fe.port.to_be(),
                         proto: fe.protocol.number(),
-                        scope: SCOPE_ALL,
+                        scope,
                     };
                     let svc = self
                         .services
@@ -902,6 +921,7 @@ mod tests {
             let vips: BTreeSet<[u8; 4]> = self
                 .services
                 .keys()
+                .filter(|k| k.scope == SCOPE_ALL)
                 .map(|k| k.addr)
                 .filter(|a| !desired.node_addrs.contains(&Ipv4Addr::from(*a)))
                 .collect();
