@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lb_userspace::testbed::agent::{Agent, SyncInfo};
+use lb_userspace::testbed::bed::{self, FIRST_SYNC, MANIFEST, RESYNC};
 use lb_userspace::testbed::manifest::{
     demo as demo_manifest, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP,
 };
@@ -23,14 +24,6 @@ use lb_userspace::testbed::servers::{
 };
 use lb_userspace::testbed::topology::{Topology, NODE_IP, NODE_NAME};
 use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
-
-/// The manifest file the service lives in.
-const MANIFEST: &str = "demo.yaml";
-
-/// How long the agent may take to load, attach and apply its first sync.
-const FIRST_SYNC: Duration = Duration::from_secs(30);
-/// How long one manifest edit may take to be applied.
-const RESYNC: Duration = Duration::from_secs(10);
 
 fn tcp_vip() -> SocketAddr {
     SocketAddr::from((VIP, TCP_PORT))
@@ -51,14 +44,20 @@ fn require_root_or_panic() {
     }
 }
 
-/// One test's world. Field order is drop order: the agent stops first, then the servers,
-/// then the namespaces go, then the manifest directory.
-struct Bed {
-    agent: Agent,
-    _servers: BackendServers,
-    topo: Topology,
-    manifests: PathBuf,
-    _dir: TempDir,
+/// One test's world (`testbed::bed::Bed`), with what these tests ask of it.
+struct Bed(bed::Bed);
+
+impl std::ops::Deref for Bed {
+    type Target = bed::Bed;
+    fn deref(&self) -> &bed::Bed {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut bed::Bed {
+        &mut self.0
+    }
 }
 
 impl Bed {
@@ -70,58 +69,26 @@ impl Bed {
 
     /// As `start`, with more agent arguments.
     fn start_with(n_backends: usize, initial: &str, agent_args: &[&str]) -> Bed {
-        require_root_or_panic();
-        let dir = TempDir::new("e2e").expect("temporary directory");
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir(&manifests).expect("manifest directory");
-        TempDir::write_atomic(&manifests, MANIFEST, initial).expect("writing the manifest");
-        let topo = Topology::build(n_backends).expect("building the topology");
-        let servers = BackendServers::start(&topo, TCP_TARGET, UDP_TARGET).expect("servers");
-        let bpffs = unique_bpffs_dir().expect("bpffs");
-        let mut agent = Agent::start_with(
-            &topo.node,
-            &manifests,
-            &topo.node_ifaces(),
-            &bpffs,
-            Path::new(env!("CARGO_BIN_EXE_lb-agent")),
-            agent_args,
-        )
-        .expect("starting lb-agent");
-        let first = agent
-            .wait_synced(0, FIRST_SYNC)
-            .unwrap_or_else(|e| panic!("{e}"));
-        println!("agent synced: {first:?}");
-        Bed {
-            agent,
-            _servers: servers,
-            topo,
-            manifests,
-            _dir: dir,
+        let binary = Path::new(env!("CARGO_BIN_EXE_lb-agent"));
+        match bed::Bed::start("e2e", n_backends, initial, binary, agent_args) {
+            Ok(b) => Bed(b),
+            Err(e) => panic!("{e}: these tests must not pass silently without it"),
         }
     }
 
     /// Applies `change` to the manifest directory and waits for the agent's next sync.
     fn resync(&mut self, change: impl FnOnce(&Path)) -> SyncInfo {
-        let before = self.agent.last_sync().map_or(0, |s| s.generation);
-        change(&self.manifests);
-        let after = self
-            .agent
-            .wait_synced(before + 1, RESYNC)
-            .unwrap_or_else(|e| panic!("{e}"));
-        println!("agent synced: {after:?}");
-        after
+        self.0.resync(change).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn rewrite(&mut self, contents: String) -> SyncInfo {
-        self.resync(|dir| TempDir::write_atomic(dir, MANIFEST, &contents).expect("rewriting"))
+        self.0.rewrite(&contents).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `f` in the client namespace (its sockets are the client's).
     fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.topo
-            .client
-            .ns
-            .run(f)
+        self.0
+            .in_client(f)
             .expect("running in the client namespace")
     }
 
@@ -405,14 +372,15 @@ fn lb_programs_attached(ns: &lb_userspace::testbed::netns::NetNs, iface: &str) -
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn sigterm_detaches_and_pins_stay_unless_cleanup_is_given() {
     let mut bed = Bed::start(2, &manifest(&[1, 2]));
-    let node = &bed.topo.node;
+    // Through the wrapper's field: its agent is stopped while its topology is in use.
+    let node = &bed.0.topo.node;
     assert_eq!(
         lb_programs_attached(node, "to-client"),
         1,
         "attached while running"
     );
     let pins = bed.agent.bpffs_dir().to_owned();
-    let status = bed.agent.stop().expect("stopping the agent");
+    let status = bed.0.agent.stop().expect("stopping the agent");
     assert!(
         status.success(),
         "agent exit status {status:?}\n{}",

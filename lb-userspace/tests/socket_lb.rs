@@ -22,20 +22,11 @@ use std::time::{Duration, Instant};
 use lb_common::sock::stats as sock_stats;
 use lb_common::stats;
 use lb_userspace::dataplane::ebpf::{inspect, socket_lb};
-use lb_userspace::testbed::agent::Agent;
-use lb_userspace::testbed::manifest::{
-    demo as demo_manifest, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP,
-};
+use lb_userspace::testbed::bed;
+use lb_userspace::testbed::manifest::{demo as demo_manifest, TCP_PORT, UDP_PORT, VIP};
 use lb_userspace::testbed::netns::NetNs;
-use lb_userspace::testbed::servers::{
-    backend_name, tcp_name, udp_name, BackendServers, CLIENT_TIMEOUT,
-};
-use lb_userspace::testbed::topology::Topology;
-use lb_userspace::testbed::{require_root, unique_bpffs_dir, unique_name, TempDir};
-
-const MANIFEST: &str = "svc.yaml";
-const FIRST_SYNC: Duration = Duration::from_secs(30);
-const RESYNC: Duration = Duration::from_secs(10);
+use lb_userspace::testbed::servers::{backend_name, tcp_name, udp_name, CLIENT_TIMEOUT};
+use lb_userspace::testbed::{require_root, unique_name};
 
 /// What the agent logs when the socket programs are attached, and when they are not.
 const SOCKET_LB_ON: &str = "socket-level load balancing on";
@@ -67,13 +58,20 @@ fn require_everything() {
     }
 }
 
-/// One test's world; field order is drop order (agent, servers, namespaces, manifests).
-struct Bed {
-    agent: Agent,
-    _servers: BackendServers,
-    topo: Topology,
-    manifests: PathBuf,
-    _dir: TempDir,
+/// One test's world (`testbed::bed::Bed`), with what these tests ask of it.
+struct Bed(bed::Bed);
+
+impl std::ops::Deref for Bed {
+    type Target = bed::Bed;
+    fn deref(&self) -> &bed::Bed {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut bed::Bed {
+        &mut self.0
+    }
 }
 
 impl Bed {
@@ -82,26 +80,10 @@ impl Bed {
     /// among them (or `--cgroup`, which the caller checks).
     fn start(n: usize, initial: &str, extra: &[&str]) -> Bed {
         require_everything();
-        let dir = TempDir::new("sock").expect("temporary directory");
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir(&manifests).expect("manifest directory");
-        TempDir::write_atomic(&manifests, MANIFEST, initial).expect("writing the manifest");
-        let topo = Topology::build(n).expect("building the topology");
-        let servers = BackendServers::start(&topo, TCP_TARGET, UDP_TARGET).expect("servers");
-        let bpffs = unique_bpffs_dir().expect("bpffs");
-        let mut agent = Agent::start_with(
-            &topo.node,
-            &manifests,
-            &topo.node_ifaces(),
-            &bpffs,
-            Path::new(env!("CARGO_BIN_EXE_lb-agent")),
-            extra,
-        )
-        .expect("starting lb-agent");
-        agent
-            .wait_synced(0, FIRST_SYNC)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let log = agent.log();
+        let binary = Path::new(env!("CARGO_BIN_EXE_lb-agent"));
+        let bed =
+            bed::Bed::start("sock", n, initial, binary, extra).unwrap_or_else(|e| panic!("{e}"));
+        let log = bed.agent.log();
         let want = if extra.contains(&"--no-socket-lb") {
             SOCKET_LB_OFF
         } else {
@@ -111,36 +93,21 @@ impl Bed {
             panic!("the agent never logged {want:?} (socket programs not attached?):\n{log}")
         });
         println!("agent: {line}");
-        Bed {
-            agent,
-            _servers: servers,
-            topo,
-            manifests,
-            _dir: dir,
-        }
+        Bed(bed)
     }
 
     fn rewrite(&mut self, contents: String) {
-        let before = self.agent.last_sync().map_or(0, |s| s.generation);
-        TempDir::write_atomic(&self.manifests, MANIFEST, &contents).expect("rewriting");
-        self.agent
-            .wait_synced(before + 1, RESYNC)
-            .unwrap_or_else(|e| panic!("{e}"));
+        self.0.rewrite(&contents).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs `f` on a thread inside the node namespace: its sockets are the node's.
     fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.topo
-            .node
-            .run(f)
-            .expect("running in the node namespace")
+        self.0.in_node(f).expect("running in the node namespace")
     }
 
     fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.topo
-            .client
-            .ns
-            .run(f)
+        self.0
+            .in_client(f)
             .expect("running in the client namespace")
     }
 

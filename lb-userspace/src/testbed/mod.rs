@@ -8,6 +8,7 @@
 //! process id, so parallel runs never collide and leftovers can be traced to their owner.
 
 pub mod agent;
+pub mod bed;
 pub mod manifest;
 pub mod netns;
 pub mod packet;
