@@ -11,6 +11,22 @@
 //! - No `bool`, `Option` or Rust enums in map types: a `u8` plus named constants.
 #![no_std]
 
+/// Implements the userspace traits that let a map type cross the kernel boundary as bytes
+/// (`aya::Pod`, `bytemuck::Pod`). Only for types that are `repr(C)`, made only of integers and
+/// byte arrays, with no implicit padding: each module's size assertions prove the last; the
+/// module calling it says so in its comment, which the `SAFETY` lines refer to.
+#[cfg(feature = "user")]
+macro_rules! plain_old_data {
+    ($($t:ty),* $(,)?) => {$(
+        // SAFETY: see the calling module's comment.
+        unsafe impl aya::Pod for $t {}
+        // SAFETY: see the calling module's comment.
+        unsafe impl bytemuck::Zeroable for $t {}
+        // SAFETY: see the calling module's comment.
+        unsafe impl bytemuck::Pod for $t {}
+    )*};
+}
+
 pub mod checksum;
 pub mod conntrack;
 pub mod maglev;

@@ -137,16 +137,6 @@ mod user {
     //! byte arrays only, no implicit padding (the size assertions prove it).
     use super::*;
 
-    macro_rules! plain_old_data {
-        ($($t:ty),* $(,)?) => {$(
-            // SAFETY: see the module comment.
-            unsafe impl aya::Pod for $t {}
-            // SAFETY: see the module comment.
-            unsafe impl bytemuck::Zeroable for $t {}
-            // SAFETY: see the module comment.
-            unsafe impl bytemuck::Pod for $t {}
-        )*};
-    }
     plain_old_data!(RevNatKey, RevNatEntry, NetnsAffinityKey);
 }
 
