@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use lb_common::{
     stats::{DROP_FRAGMENT, PASS_OTHER, XLATE_FRAGMENT},
-    CtKey, FragKey, FragPorts, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT,
+    CtKey, FragKey, FragPorts, CT_F_ROUTE,
 };
 
 use crate::{
@@ -73,26 +73,13 @@ pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
     };
     // SAFETY: as above.
     let e = unsafe { *e };
-    let snat = e.flags & CT_F_SNAT != 0;
-    let (saddr, daddr) = if e.direction == CT_FORWARD {
-        nat::rewrite_addr(ctx, End::Destination, k.daddr, e.nat_addr)?;
-        if snat {
-            nat::rewrite_addr(ctx, End::Source, k.saddr, e.peer_addr)?;
-            (e.peer_addr, e.nat_addr)
-        } else {
-            (k.saddr, e.nat_addr)
-        }
-    } else {
-        nat::rewrite_addr(ctx, End::Source, k.saddr, e.nat_addr)?;
-        if snat {
-            nat::rewrite_addr(ctx, End::Destination, k.daddr, e.peer_addr)?;
-            (e.nat_addr, e.peer_addr)
-        } else {
-            (e.nat_addr, k.daddr)
-        }
-    };
+    // The entry decides, as for the first fragment (`CtEntry::translated`); an address that
+    // does not change is rewritten to itself, which changes nothing.
+    let to = e.translated(&tuple);
+    nat::rewrite_addr(ctx, End::Destination, k.daddr, to.daddr)?;
+    nat::rewrite_addr(ctx, End::Source, k.saddr, to.saddr)?;
     let action = if e.flags & CT_F_ROUTE != 0 {
-        route::forward(ctx, k.proto, frag.ttl, saddr, daddr)?
+        route::forward(ctx, k.proto, frag.ttl, to.saddr, to.daddr)?
     } else {
         action::OK
     };

@@ -174,26 +174,20 @@ fn hairpin_addr() -> [u8; 4] {
 /// flows the datapath routes itself, straight out of the egress interface.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, pkt: &Packet, e: &CtEntry, reason: u32) -> Result<Verdict, u32> {
+    // What the packet becomes is the entry's to say (`CtEntry::translated`); here only the
+    // ends that change are rewritten: the destination of a forward packet, the source of a
+    // reply, and the other end too when the flow is source-NATed.
+    let to = e.translated(&pkt.tuple);
     let snat = e.flags & CT_F_SNAT != 0;
-    let (saddr, daddr) = if e.direction == CT_FORWARD {
-        nat::rewrite(ctx, pkt, End::Destination, e.nat_addr, e.nat_port_be)?;
-        if snat {
-            nat::rewrite(ctx, pkt, End::Source, e.peer_addr, e.peer_port_be)?;
-            (e.peer_addr, e.nat_addr)
-        } else {
-            (pkt.tuple.saddr, e.nat_addr)
-        }
-    } else {
-        nat::rewrite(ctx, pkt, End::Source, e.nat_addr, e.nat_port_be)?;
-        if snat {
-            nat::rewrite(ctx, pkt, End::Destination, e.peer_addr, e.peer_port_be)?;
-            (e.nat_addr, e.peer_addr)
-        } else {
-            (e.nat_addr, pkt.tuple.daddr)
-        }
-    };
+    let forward = e.direction == CT_FORWARD;
+    if forward || snat {
+        nat::rewrite(ctx, pkt, End::Destination, to.daddr, to.dport_be)?;
+    }
+    if !forward || snat {
+        nat::rewrite(ctx, pkt, End::Source, to.saddr, to.sport_be)?;
+    }
     let action = if e.flags & CT_F_ROUTE != 0 {
-        route::forward(ctx, pkt.tuple.proto, pkt.ttl, saddr, daddr)?
+        route::forward(ctx, pkt.tuple.proto, pkt.ttl, to.saddr, to.daddr)?
     } else {
         action::OK
     };
