@@ -174,7 +174,7 @@ impl EbpfDataplane {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
-            program_mut(&mut ebpf, name)?
+            program_mut::<SchedClassifier>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoadError::Program { source })?;
         }
@@ -236,7 +236,7 @@ impl EbpfDataplane {
             (INGRESS_PROGRAM, TcAttachType::Ingress),
             (EGRESS_PROGRAM, TcAttachType::Egress),
         ] {
-            program_mut(&mut self.ebpf, name)?
+            program_mut::<SchedClassifier>(&mut self.ebpf, name)?
                 .attach(iface, at)
                 .map_err(|source| LoadError::Attach {
                     iface: iface.to_owned(),
@@ -548,18 +548,14 @@ fn is_bpffs(dir: &Path) -> bool {
 }
 
 fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    let program = ebpf
-        .program_mut(XDP_PROGRAM)
-        .ok_or(LoadError::MissingProgram { name: XDP_PROGRAM })?;
-    program
-        .try_into()
-        .map_err(|source| LoadError::Program { source })
+    program_mut(ebpf, XDP_PROGRAM)
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, LoadError> {
+/// The datapath's program `name`, as the program type `P` it is.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram { name })?;
