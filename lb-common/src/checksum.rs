@@ -33,10 +33,12 @@ pub const fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// The IPv4 pseudo-header sum TCP and UDP checksums start from.
-pub fn pseudo_header_v4(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16) -> u32 {
-    let mut sum = sum_bytes(0, &saddr);
-    sum = sum_bytes(sum, &daddr);
+/// The pseudo-header sum TCP, UDP (and for IPv6, ICMPv6) checksums start from. IPv4's
+/// (RFC 793) and IPv6's (RFC 8200 8.1) hold the same words for lengths below 64 KiB: both
+/// addresses, the protocol and the upper-layer length.
+pub fn pseudo_header<A: crate::Addr>(saddr: A, daddr: A, proto: u8, l4_len: u16) -> u32 {
+    let mut sum = sum_bytes(0, saddr.bytes());
+    sum = sum_bytes(sum, daddr.bytes());
     sum = add(sum, proto as u32);
     add(sum, l4_len as u32)
 }

@@ -5,7 +5,7 @@
 //! set, so a flow maps to the same backend wherever it lands and whatever connection-tracking
 //! state was lost, and removing one of N backends remaps only about 1/N of the flows.
 
-use crate::CtKey;
+use crate::{Addr, CtKey};
 
 /// Entries in every service's table: prime, and about 100x the backends a service is expected
 /// to have, which the paper finds keeps each backend's share within about 1% of even. 16 KiB
@@ -84,11 +84,11 @@ fn candidate(p: &Permutation, j: u32) -> u32 {
 /// The table index of a flow: a hash of its 5-tuple (murmur3's mixing), stateless so it is the
 /// same on every node and after any restart.
 #[inline(always)]
-pub fn flow_index(t: &CtKey) -> u32 {
+pub fn flow_index<A: Addr>(t: &CtKey<A>) -> u32 {
     let ports = ((t.sport_be as u32) << 16) | t.dport_be as u32;
     let mut h = 0x5bd1_e995u32;
-    h = mix(h, u32::from_ne_bytes(t.saddr));
-    h = mix(h, u32::from_ne_bytes(t.daddr));
+    h = t.saddr.mix_into(h, mix);
+    h = t.daddr.mix_into(h, mix);
     h = mix(h, ports);
     h = mix(h, t.proto as u32);
     fmix(h) % TABLE_SIZE

@@ -3,6 +3,56 @@
 //! The datapath looks a packet up in this order: `CONNTRACK` (is this a known flow, either
 //! direction?), then `SERVICES` (is the destination a frontend?), then `BACKEND_SLOTS` and
 //! `BACKENDS` to pick and resolve a backend for a new flow.
+//!
+//! IPv4 and IPv6 share one datapath and one layout: every type holding an address is generic
+//! over it (`A = V4` or `V6`), and each family has its own instance of the maps keyed or valued
+//! by one (`SERVICES` and `SERVICES6`, ...). Maps of ids only (`BACKEND_SLOTS`, `MEMBERS`,
+//! `MAGLEV`) are shared: service and backend ids are unique across families.
+
+/// An IPv4 address, network byte order.
+pub type V4 = [u8; 4];
+/// An IPv6 address, network byte order.
+pub type V6 = [u8; 16];
+
+/// What the datapath needs of an address type, whichever the family.
+pub trait Addr:
+    Copy + Default + PartialEq + Eq + core::hash::Hash + PartialOrd + Ord + core::fmt::Debug + 'static
+{
+    /// The address as bytes, network order.
+    fn bytes(&self) -> &[u8];
+    /// Mixes the address into a running hash word by word (`maglev::flow_index`).
+    fn mix_into(&self, h: u32, mix: fn(u32, u32) -> u32) -> u32;
+}
+
+impl Addr for V4 {
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    #[inline(always)]
+    fn mix_into(&self, h: u32, mix: fn(u32, u32) -> u32) -> u32 {
+        mix(h, u32::from_ne_bytes(*self))
+    }
+}
+
+impl Addr for V6 {
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    #[inline(always)]
+    fn mix_into(&self, mut h: u32, mix: fn(u32, u32) -> u32) -> u32 {
+        let mut i = 0;
+        while i < 16 {
+            h = mix(
+                h,
+                u32::from_ne_bytes([self[i], self[i + 1], self[i + 2], self[i + 3]]),
+            );
+            i += 4;
+        }
+        h
+    }
+}
 
 /// Names the maps are declared and pinned under (`<bpffs dir>/<NAME>`).
 pub mod names {
@@ -19,8 +69,17 @@ pub mod names {
     pub const XDP_TARGETS: &str = "XDP_TARGETS";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const STATS: &str = "STATS";
+    // The IPv6 twins of the maps keyed or valued by an address.
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const BACKENDS6: &str = "BACKENDS6";
+    pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+    pub const VIPS6: &str = "VIPS6";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const FRAGMENTS6: &str = "FRAGMENTS6";
+    pub const NODE_ADDRS6: &str = "NODE_ADDRS6";
+    pub const AFFINITY6: &str = "AFFINITY6";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -34,6 +93,14 @@ pub mod names {
         NODE_ADDRS,
         AFFINITY,
         STATS,
+        SERVICES6,
+        BACKENDS6,
+        SOURCE_RANGES6,
+        VIPS6,
+        CONNTRACK6,
+        FRAGMENTS6,
+        NODE_ADDRS6,
+        AFFINITY6,
         // Socket-level load balancing (`crate::sock`).
         crate::sock::names::SOCK_REVNAT,
         crate::sock::names::SOCK_AFFINITY,
@@ -72,9 +139,9 @@ pub mod capacity {
 /// Key of `SERVICES`: a frontend the datapath answers for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FrontendKey {
+pub struct FrontendKey<A = V4> {
     /// Frontend address (a ClusterIP), network byte order.
-    pub addr: [u8; 4],
+    pub addr: A,
     /// Frontend port, network byte order.
     pub port_be: u16,
     /// IP protocol number (`proto::TCP`, `proto::UDP`).
@@ -93,7 +160,7 @@ pub const SCOPE_HOST: u8 = 1;
 /// Value of `SERVICES`: the service port behind a frontend and how to choose its backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Service {
+pub struct Service<A = V4> {
     /// Stable id of the service port; keys its `BACKEND_SLOTS`.
     pub svc_id: u32,
     /// Backends in slots `1..=backend_count`; 0 means reject (no endpoints).
@@ -105,7 +172,7 @@ pub struct Service {
     /// ClientIP session-affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
     /// With `SVC_F_SNAT`: the node address new flows' source is rewritten to.
-    pub snat_addr: [u8; 4],
+    pub snat_addr: A,
 }
 
 /// `Service::flags`: the frontend is a node or external address (NodePort, externalIP,
@@ -128,11 +195,11 @@ pub const SVC_F_SOURCE_RANGES: u8 = 8;
 /// `32 + len`, and a client is allowed when `(svc_id, client)` at length 64 finds an entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange {
+pub struct SourceRange<A = V4> {
     /// `Service::svc_id`, network byte order (the trie matches bits from the first byte).
     pub svc_id_be: u32,
     /// Client address or range start, network byte order.
-    pub addr: [u8; 4],
+    pub addr: A,
 }
 
 /// `Service::algorithm`: uniform random slot per new flow.
@@ -162,9 +229,9 @@ pub struct Slot {
 /// so a connection-tracking entry's `backend_id` keeps meaning the same endpoint).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
+pub struct Backend<A = V4> {
     /// Endpoint address, network byte order.
-    pub addr: [u8; 4],
+    pub addr: A,
     /// Endpoint (target) port, network byte order.
     pub port_be: u16,
     /// IP protocol number.
@@ -204,9 +271,9 @@ pub struct Member {
 /// Key of `AFFINITY`: a client of a service with ClientIP session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityKey {
+pub struct AffinityKey<A = V4> {
     /// Client address, network byte order.
-    pub client: [u8; 4],
+    pub client: A,
     /// `Service::svc_id`.
     pub svc_id: u32,
 }
@@ -231,9 +298,9 @@ pub struct Affinity {
 /// host's own, whose other traffic must pass.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VipKey {
+pub struct VipKey<A = V4> {
     /// Frontend address, network byte order.
-    pub addr: [u8; 4],
+    pub addr: A,
 }
 
 /// Value of `VIPS`.
@@ -247,11 +314,11 @@ pub struct Vip {
 /// Key of `CONNTRACK`: a packet's 5-tuple as it arrives, in either direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
+pub struct CtKey<A = V4> {
     /// Source address, network byte order.
-    pub saddr: [u8; 4],
+    pub saddr: A,
     /// Destination address, network byte order.
-    pub daddr: [u8; 4],
+    pub daddr: A,
     /// Source port, network byte order.
     pub sport_be: u16,
     /// Destination port, network byte order.
@@ -261,9 +328,9 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-impl CtKey {
+impl<A: Copy> CtKey<A> {
     /// The key the other direction of the same packet's flow would carry.
-    pub const fn reversed(&self) -> CtKey {
+    pub const fn reversed(&self) -> CtKey<A> {
         CtKey {
             saddr: self.daddr,
             daddr: self.saddr,
@@ -282,13 +349,13 @@ impl CtKey {
 /// backend it was given even after the service's backend set changes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtEntry {
+pub struct CtEntry<A = V4> {
     /// Backend chosen for the connection (`BACKENDS` key).
     pub backend_id: u32,
     /// Service port the connection was made to (`Service::svc_id`).
     pub svc_id: u32,
     /// Address to write: destination (backend) for forward, source (VIP) for reverse entries.
-    pub nat_addr: [u8; 4],
+    pub nat_addr: A,
     /// Port to write, network byte order; paired with `nat_addr`.
     pub nat_port_be: u16,
     /// `conntrack::TCP_*` state (0 for UDP).
@@ -298,7 +365,7 @@ pub struct CtEntry {
     /// The other end after translation: the source for forward entries (the SNAT address, or
     /// the client itself), the destination (the client) for reverse entries. Written into the
     /// packet only with `CT_F_SNAT`; always filled, so either entry names its counterpart.
-    pub peer_addr: [u8; 4],
+    pub peer_addr: A,
     /// Port of `peer_addr`, network byte order.
     pub peer_port_be: u16,
     /// `CT_F_*` bits.
@@ -308,9 +375,9 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
-impl CtEntry {
+impl<A: Copy> CtEntry<A> {
     /// The key of the flow's other direction: what the translated packet looks like.
-    pub const fn other_key(&self, proto: u8) -> CtKey {
+    pub const fn other_key(&self, proto: u8) -> CtKey<A> {
         let (saddr, sport_be, daddr, dport_be) = if self.direction == CT_FORWARD {
             (
                 self.nat_addr,
@@ -337,9 +404,9 @@ impl CtEntry {
     }
 }
 
-impl CtEntry {
+impl<A: Copy> CtEntry<A> {
     /// What a packet with tuple `key` (this entry's key) becomes once translated.
-    pub const fn translated(&self, key: &CtKey) -> CtKey {
+    pub const fn translated(&self, key: &CtKey<A>) -> CtKey<A> {
         let snat = self.flags & CT_F_SNAT != 0;
         let mut out = *key;
         if self.direction == CT_FORWARD {
@@ -380,6 +447,11 @@ pub mod snat {
     /// Default address hairpin flows (a backend reaching its own service) are source-NATed to:
     /// link-local, never a real peer, as cilium's.
     pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+    /// The IPv6 one: `fd00:a9fe:2a01::1`, in a unique-local prefix no cluster is likely to
+    /// use (it spells the IPv4 default's octets).
+    pub const HAIRPIN_ADDR6: [u8; 16] = [
+        0xfd, 0x00, 0xa9, 0xfe, 0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    ];
 }
 
 /// `CtEntry::direction`: client -> VIP, rewrite the destination.
@@ -390,13 +462,14 @@ pub const CT_REVERSE: u8 = 1;
 /// Key of `FRAGMENTS`: one fragmented datagram, as RFC 791 identifies it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FragKey {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    /// IPv4 identification, network byte order.
-    pub id_be: u16,
+pub struct FragKey<A = V4> {
+    pub saddr: A,
+    pub daddr: A,
+    /// The datagram's identification, network byte order: IPv4's 16 bits (in the first
+    /// two bytes), or the IPv6 fragment header's 32.
+    pub id_be: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Value of `FRAGMENTS`: the ports the datagram's first fragment carried, so its later
@@ -419,6 +492,15 @@ pub struct Counter {
 // Sizes are part of the contract: a change here is a change to the pinned maps' layout.
 const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 8);
+    assert!(core::mem::size_of::<FrontendKey<V6>>() == 20);
+    assert!(core::mem::size_of::<Service<V6>>() == 28);
+    assert!(core::mem::size_of::<Backend<V6>>() == 20);
+    assert!(core::mem::size_of::<AffinityKey<V6>>() == 20);
+    assert!(core::mem::size_of::<VipKey<V6>>() == 16);
+    assert!(core::mem::size_of::<CtKey<V6>>() == 40);
+    assert!(core::mem::size_of::<CtEntry<V6>>() == 56);
+    assert!(core::mem::size_of::<SourceRange<V6>>() == 20);
+    assert!(core::mem::size_of::<FragKey<V6>>() == 40);
     assert!(core::mem::size_of::<Service>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Slot>() == 4);
@@ -433,7 +515,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<SourceRange>() == 8);
-    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragKey>() == 16);
     assert!(core::mem::size_of::<FragPorts>() == 4);
 };
 
@@ -443,24 +525,26 @@ mod user {
     //! and byte arrays, and has no implicit padding (the size assertions prove it).
     use super::*;
 
+    plain_old_data!(SlotKey, Slot, MemberKey, Member, Affinity, Vip, Counter, FragPorts);
     plain_old_data!(
-        FrontendKey,
-        Service,
-        SlotKey,
-        Slot,
-        Backend,
-        MemberKey,
-        Member,
-        AffinityKey,
-        Affinity,
-        VipKey,
-        Vip,
-        CtKey,
-        CtEntry,
-        Counter,
-        SourceRange,
-        FragKey,
-        FragPorts
+        FrontendKey<V4>,
+        Service<V4>,
+        Backend<V4>,
+        AffinityKey<V4>,
+        VipKey<V4>,
+        CtKey<V4>,
+        CtEntry<V4>,
+        SourceRange<V4>,
+        FragKey<V4>,
+        FrontendKey<V6>,
+        Service<V6>,
+        Backend<V6>,
+        AffinityKey<V6>,
+        VipKey<V6>,
+        CtKey<V6>,
+        CtEntry<V6>,
+        SourceRange<V6>,
+        FragKey<V6>
     );
 }
 

@@ -31,7 +31,7 @@ pub fn remember(pkt: &Packet) {
         daddr: pkt.tuple.daddr,
         id_be: pkt.ip_id_be,
         proto: pkt.tuple.proto,
-        _pad: 0,
+        _pad: [0; 3],
     };
     let ports = FragPorts {
         sport_be: pkt.tuple.sport_be,

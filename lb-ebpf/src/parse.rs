@@ -151,7 +151,7 @@ pub struct Packet {
     /// walk every later path twice, once per value.
     pub first_fragment: u8,
     /// IPv4 identification, network byte order (names the datagram of a fragment).
-    pub ip_id_be: u16,
+    pub ip_id_be: u32,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     /// TCP sequence and acknowledgement numbers, host order (0 for UDP).
@@ -262,9 +262,9 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
             key: FragKey {
                 saddr: ip.saddr,
                 daddr: ip.daddr,
-                id_be: ip.id_be,
+                id_be: ip.id_be as u32,
                 proto: ip.proto,
-                _pad: 0,
+                _pad: [0; 3],
             },
             ttl: ip.ttl,
         });
@@ -295,7 +295,7 @@ pub fn parse<F: Frame>(ctx: &F) -> Parsed {
         has_ip_options: ihl > IPV4_HLEN,
         ttl: ip.ttl,
         first_fragment: first_fragment as u8,
-        ip_id_be: ip.id_be,
+        ip_id_be: ip.id_be as u32,
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_ack: 0,

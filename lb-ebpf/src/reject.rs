@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    checksum::{fold, pseudo_header_v4, sum_bytes},
+    checksum::{fold, pseudo_header, sum_bytes},
     conntrack::flags as tcpf,
     proto,
     stats::{DROP_NO_BACKEND, DROP_REWRITE_FAILED, REJECT_ICMP_UNREACH, REJECT_TCP_RST},
@@ -123,7 +123,7 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
     tcp[12] = ((TCP_HLEN / 4) as u8) << 4;
     tcp[13] = flags;
     // window, checksum and urgent pointer stay zero until the checksum is known.
-    let sum = pseudo_header_v4(t.daddr, t.saddr, proto::TCP, TCP_HLEN as u16);
+    let sum = pseudo_header(t.daddr, t.saddr, proto::TCP, TCP_HLEN as u16);
     let check = if arrived_needing_checksum(ctx, pkt)? {
         // The skb still says CHECKSUM_PARTIAL (its header offsets are unchanged), so whatever
         // completes the checksum on the way out adds the segment's sum to this field: give it
@@ -144,7 +144,7 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
 fn arrived_needing_checksum(ctx: &TcContext, pkt: &Packet) -> Result<bool, u32> {
     let field: [u8; 2] = ctx.load(pkt.l4_off + 16).map_err(|_| DROP_REWRITE_FAILED)?;
     let t = &pkt.tuple;
-    let seed = !fold(pseudo_header_v4(t.saddr, t.daddr, proto::TCP, pkt.l4_len));
+    let seed = !fold(pseudo_header(t.saddr, t.daddr, proto::TCP, pkt.l4_len));
     Ok(u16::from_be_bytes(field) == seed)
 }
 

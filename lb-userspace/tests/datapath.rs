@@ -1379,12 +1379,12 @@ fn a_syn_after_the_backend_reset_the_connection_chooses_afresh() {
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
 fn the_rst_for_a_segment_awaiting_its_checksum_carries_the_seed() {
-    use lb_common::checksum::{fold, pseudo_header_v4, sum_bytes};
+    use lb_common::checksum::{fold, pseudo_header, sum_bytes};
     let mut f = fixture();
     // What a local socket's SYN looks like before checksum offload: the field holds the
     // folded pseudo-header sum.
     let mut syn = Frame::tcp(CLIENT, 59000, EMPTY_VIP, 80, tcp::SYN).build();
-    let seed_in = !fold(pseudo_header_v4(
+    let seed_in = !fold(pseudo_header(
         CLIENT.octets(),
         EMPTY_VIP.octets(),
         proto::TCP,
@@ -1394,7 +1394,7 @@ fn the_rst_for_a_segment_awaiting_its_checksum_carries_the_seed() {
     let run = f.run(&syn);
     run.counted_as(stats::REJECT_TCP_RST);
     let mut out = run.out.clone();
-    let seed_out = !fold(pseudo_header_v4(
+    let seed_out = !fold(pseudo_header(
         EMPTY_VIP.octets(),
         CLIENT.octets(),
         proto::TCP,
@@ -1917,7 +1917,7 @@ fn reassembled_udp(first: &[u8], later: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16)
         <[u8; 4]>::try_from(&ip1[12..16]).unwrap(),
         <[u8; 4]>::try_from(&ip1[16..20]).unwrap(),
     );
-    let sum = lb_common::checksum::pseudo_header_v4(saddr, daddr, proto::UDP, udp.len() as u16);
+    let sum = lb_common::checksum::pseudo_header(saddr, daddr, proto::UDP, udp.len() as u16);
     assert!(
         lb_common::checksum::verifies(sum, &udp),
         "reassembled UDP checksum"

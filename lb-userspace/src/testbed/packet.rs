@@ -159,7 +159,7 @@ impl Frame {
             L4::Raw { proto, bytes } => (*proto, bytes.clone()),
         };
         l4.extend_from_slice(&self.payload);
-        let sum = checksum::pseudo_header_v4(
+        let sum = checksum::pseudo_header(
             self.saddr.octets(),
             self.daddr.octets(),
             l4_proto,
@@ -234,7 +234,7 @@ mod tests {
             let ihl = (f[14] & 0x0f) as usize * 4;
             assert!(checksum::verifies(0, &f[14..14 + ihl]));
             let l4 = &f[14 + ihl..];
-            let sum = checksum::pseudo_header_v4(c.octets(), v.octets(), f[23], l4.len() as u16);
+            let sum = checksum::pseudo_header(c.octets(), v.octets(), f[23], l4.len() as u16);
             assert!(checksum::verifies(sum, l4));
         }
     }
