@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::{
     capacity, maglev, stats::REASONS, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey,
     FragKey, FragPorts, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange, Vip,
-    VipKey,
+    VipKey, V6,
 };
 
 /// Frontend (VIP, port, protocol) -> service port: the first lookup for a new flow.
@@ -73,6 +73,38 @@ pub static NODE_ADDRS: HashMap<VipKey, Vip, { capacity::NODE_ADDRS as usize }> =
 /// ClientIP session affinity: (client, service) -> the backend its connections go to.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
+
+// The IPv6 twins of the maps above that hold addresses: the same contract, `V6` addresses.
+
+#[btf_map]
+pub static SERVICES6: HashMap<FrontendKey<V6>, Service<V6>, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static BACKENDS6: HashMap<u32, Backend<V6>, { capacity::BACKENDS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static SOURCE_RANGES6: LpmTrie<SourceRange<V6>, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+pub static VIPS6: HashMap<VipKey<V6>, Vip, { capacity::VIPS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static CONNTRACK6: LruHashMap<CtKey<V6>, CtEntry<V6>, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static FRAGMENTS6: LruHashMap<FragKey<V6>, FragPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static NODE_ADDRS6: HashMap<VipKey<V6>, Vip, { capacity::NODE_ADDRS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static AFFINITY6: LruHashMap<AffinityKey<V6>, Affinity, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
 /// Per-CPU packet and byte counters by `lb_common::stats` reason.

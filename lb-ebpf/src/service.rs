@@ -164,6 +164,10 @@ fn source_allowed(svc: &Service, client: [u8; 4]) -> bool {
 #[unsafe(no_mangle)]
 static HAIRPIN_ADDR_BE: u32 = u32::from_ne_bytes(snat::HAIRPIN_ADDR);
 
+/// The IPv6 one (`lb-agent --hairpin-ip` given an IPv6 address), set the same way.
+#[unsafe(no_mangle)]
+static HAIRPIN_ADDR6: [u8; 16] = snat::HAIRPIN_ADDR6;
+
 #[inline(always)]
 fn hairpin_addr() -> [u8; 4] {
     // SAFETY: a plain read of a global the program never writes.
