@@ -4,11 +4,13 @@
 //! untouched, `XLATE_*` are translated and continue, `REJECT_*` are answered on the service's
 //! behalf, `DROP_*` are dropped.
 
-/// Not IPv4 (ARP, IPv6, ...): not ours to look at.
-pub const PASS_NOT_IPV4: u32 = 0;
-/// An IPv4 header the kernel itself will refuse (bad version, IHL, length): left to it.
-pub const PASS_MALFORMED_IPV4: u32 = 1;
-/// IPv4 TCP/UDP that is neither a tracked flow nor addressed to a frontend.
+/// Neither IPv4 nor IPv6 (ARP, LLDP, ...): not ours to look at.
+pub const PASS_NOT_IP: u32 = 0;
+/// An IP header the kernel itself will refuse (bad version, IHL, length), or an IPv6 header
+/// chain the datapath does not walk (jumbograms, more than `parse::MAX_EXT_HEADERS`
+/// extension headers): left to the kernel.
+pub const PASS_MALFORMED_IP: u32 = 1;
+/// TCP/UDP that is neither a tracked flow nor addressed to a frontend.
 pub const PASS_NOT_SERVICE: u32 = 2;
 /// Another L4 protocol, or a fragment, not addressed to a frontend address.
 pub const PASS_OTHER: u32 = 3;
@@ -81,8 +83,8 @@ pub const REASONS: u32 = 27;
 
 /// Stable names for metrics and the CLI, indexed by reason.
 pub const NAMES: [&str; REASONS as usize] = [
-    "pass_not_ipv4",
-    "pass_malformed_ipv4",
+    "pass_not_ip",
+    "pass_malformed_ip",
     "pass_not_service",
     "pass_other",
     "xlate_new_flow",
@@ -116,7 +118,7 @@ mod tests {
 
     #[test]
     fn names_match_indices() {
-        assert_eq!(NAMES[PASS_NOT_IPV4 as usize], "pass_not_ipv4");
+        assert_eq!(NAMES[PASS_NOT_IP as usize], "pass_not_ip");
         assert_eq!(NAMES[XLATE_REPLY as usize], "xlate_reply");
         assert_eq!(NAMES[DROP_NO_BACKEND as usize], "drop_no_backend");
         assert_eq!(

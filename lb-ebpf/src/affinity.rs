@@ -8,7 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MEMBERS, SOCK_AFFINITY},
+    family::{Family, V4Family},
+    maps::{MEMBERS, SOCK_AFFINITY},
     service::select_backend,
 };
 
@@ -17,19 +18,22 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// The backend for a new flow `tuple` to `svc` (which has affinity on), and whether it is the
 /// one remembered for the client. Either way the choice is remembered from now on.
 #[inline(always)]
-pub fn select(tuple: &CtKey, svc: &Service) -> Result<(u32, Backend, bool), u32> {
+pub fn select<F: Family>(
+    tuple: &CtKey<F::Addr>,
+    svc: &Service<F::Addr>,
+) -> Result<(u32, Backend<F::Addr>, bool), u32> {
     let key = AffinityKey {
         client: tuple.saddr,
         svc_id: svc.svc_id,
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some((id, backend)) = remembered(&key, svc, now) {
-        remember(&key, id, now);
+    if let Some((id, backend)) = remembered::<F>(&key, svc, now) {
+        remember::<F>(&key, id, now);
         return Ok((id, backend, true));
     }
-    let (id, backend) = select_backend(svc, tuple)?;
-    remember(&key, id, now);
+    let (id, backend) = select_backend::<F>(svc, tuple)?;
+    remember::<F>(&key, id, now);
     Ok((id, backend, false))
 }
 
@@ -51,7 +55,7 @@ pub fn select_for_netns(
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: pointer from a successful lookup, copied out at once.
     let previous = SOCK_AFFINITY.get_ptr(key).map(|a| unsafe { *a });
-    let (id, backend, reused) = match previous.and_then(|a| still_valid(a, svc, now)) {
+    let (id, backend, reused) = match previous.and_then(|a| still_valid::<V4Family>(a, svc, now)) {
         Some((id, backend)) => (id, backend, true),
         None => {
             let (id, backend) = choose()?;
@@ -65,15 +69,23 @@ pub fn select_for_netns(
 }
 
 #[inline(always)]
-fn remembered(key: &AffinityKey, svc: &Service, now: u64) -> Option<(u32, Backend)> {
+fn remembered<F: Family>(
+    key: &AffinityKey<F::Addr>,
+    svc: &Service<F::Addr>,
+    now: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
     // SAFETY: pointer from a successful lookup, copied out at once.
-    still_valid(unsafe { *AFFINITY.get_ptr(key)? }, svc, now)
+    still_valid::<F>(unsafe { *F::affinity().get_ptr(key)? }, svc, now)
 }
 
 /// The remembered backend of `a`, if the memory is within the service's timeout and the
 /// backend still serves the service.
 #[inline(always)]
-fn still_valid(a: Affinity, svc: &Service, now: u64) -> Option<(u32, Backend)> {
+fn still_valid<F: Family>(
+    a: Affinity,
+    svc: &Service<F::Addr>,
+    now: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
     // Wrapping: an entry written by a clock ahead of ours reads as expired, never as fresh.
     if now.wrapping_sub(a.last_used_ns) > svc.affinity_timeout_s as u64 * NS_PER_SEC {
         return None;
@@ -84,15 +96,15 @@ fn still_valid(a: Affinity, svc: &Service, now: u64) -> Option<(u32, Backend)> {
     };
     MEMBERS.get_ptr(member)?;
     // SAFETY: pointer from a successful lookup, copied out at once.
-    let backend = unsafe { *BACKENDS.get_ptr(a.backend_id)? };
+    let backend = unsafe { *F::backends().get_ptr(a.backend_id)? };
     Some((a.backend_id, backend))
 }
 
 #[inline(always)]
-fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
+fn remember<F: Family>(key: &AffinityKey<F::Addr>, backend_id: u32, now: u64) {
     // An LRU map makes room rather than fail; if it ever did, the client merely loses its
     // affinity for this connection, which is no reason to drop the packet.
-    let _ = AFFINITY.insert(key, remembering(backend_id, now), BPF_ANY as u64);
+    let _ = F::affinity().insert(key, remembering(backend_id, now), BPF_ANY as u64);
 }
 
 #[inline(always)]

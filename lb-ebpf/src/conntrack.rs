@@ -8,13 +8,10 @@ use lb_common::{
     conntrack::{self, next_tcp_state, starts_new_connection, TCP_CLOSING},
     proto, snat,
     stats::{DROP_CT_CLASH, DROP_CT_FULL, DROP_SNAT_EXHAUSTED},
-    Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, CT_REVERSE,
+    Addr, Backend, CtEntry, CtKey, MemberKey, CT_FORWARD, CT_F_ROUTE, CT_F_SNAT, CT_REVERSE,
 };
 
-use crate::{
-    maps::{CONNTRACK, MEMBERS},
-    parse::Packet,
-};
+use crate::{family::Family, maps::MEMBERS, parse::Packet};
 
 /// What connection tracking knows about a packet's tuple.
 pub enum Lookup {
@@ -25,14 +22,17 @@ pub enum Lookup {
     /// closed connection's tuple, or a UDP flow whose backend has left the service (the
     /// classic kube-proxy bug: a client with a fixed source port stuck on a dead backend).
     Stale,
-    /// A live entry, already updated with this packet (TCP state, last seen).
-    Hit(CtEntry),
+    /// A live entry, already updated with this packet (TCP state, last seen), and copied to
+    /// the caller's.
+    Hit,
 }
 
-/// Looks `pkt`'s own tuple up and, on a live hit, records the packet.
-#[inline(always)]
-pub fn lookup(pkt: &Packet) -> Lookup {
-    let Some(e) = CONNTRACK.get_ptr_mut(pkt.tuple) else {
+/// Looks `pkt`'s own tuple up and, on a live hit, records the packet and copies the entry to
+/// `out`.
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
+pub fn lookup<F: Family>(pkt: &Packet<F::Addr>, out: &mut CtEntry<F::Addr>) -> Lookup {
+    let Some(e) = F::conntrack().get_ptr_mut(pkt.tuple) else {
         return Lookup::Miss;
     };
     // SAFETY: pointer from a successful lookup; copied before any other map operation.
@@ -40,11 +40,11 @@ pub fn lookup(pkt: &Packet) -> Lookup {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let proto = pkt.tuple.proto;
-    if proto == proto::TCP && opens_on_closed_flow(&pkt.tuple, &entry, pkt.tcp_flags) {
+    if proto == proto::TCP && opens_on_closed_flow::<F>(&pkt.tuple, &entry, pkt.tcp_flags) {
         return Lookup::Stale;
     }
     if conntrack::expired(proto, entry.tcp_state, entry.last_seen_ns, now)
-        && !other_direction_live(&pkt.tuple, &entry, now)
+        && !other_direction_live::<F>(&pkt.tuple, &entry, now)
     {
         return Lookup::Stale;
     }
@@ -58,7 +58,8 @@ pub fn lookup(pkt: &Packet) -> Lookup {
             (*e).tcp_state = next_tcp_state(entry.tcp_state, pkt.tcp_flags);
         }
         (*e).last_seen_ns = now;
-        Lookup::Hit(*e)
+        *out = *e;
+        Lookup::Hit
     }
 }
 
@@ -67,8 +68,12 @@ pub fn lookup(pkt: &Packet) -> Lookup {
 /// lifetime is that of the flow's most advanced TCP state, because each entry only sees its
 /// own direction's flags: once either side sent FIN or RST the whole flow ages as closing.
 #[inline(always)]
-fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
-    match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
+fn other_direction_live<F: Family>(
+    key: &CtKey<F::Addr>,
+    entry: &CtEntry<F::Addr>,
+    now: u64,
+) -> bool {
+    match F::conntrack().get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(o) => unsafe {
             let lifetime = conntrack::flow_lifetime_ns(key.proto, entry.tcp_state, (*o).tcp_state);
@@ -82,12 +87,16 @@ fn other_direction_live(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
 /// its own direction's FIN or RST): a new connection reusing the tuple, to be balanced afresh.
 /// A SYN on a half-closed flow is not one: the flow stays on its backend.
 #[inline(always)]
-fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
+fn opens_on_closed_flow<F: Family>(
+    key: &CtKey<F::Addr>,
+    entry: &CtEntry<F::Addr>,
+    tcp_flags: u8,
+) -> bool {
     // Only a bare SYN pays for the second lookup.
     if !starts_new_connection(TCP_CLOSING, tcp_flags) {
         return false;
     }
-    match CONNTRACK.get_ptr(entry.other_key(key.proto)) {
+    match F::conntrack().get_ptr(entry.other_key(key.proto)) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(o) => conntrack::flow_closed(entry.tcp_state, unsafe { (*o).tcp_state }),
         // The other entry is gone: judged by this one alone.
@@ -97,7 +106,7 @@ fn opens_on_closed_flow(key: &CtKey, entry: &CtEntry, tcp_flags: u8) -> bool {
 
 /// True while the entry's backend still serves the entry's service.
 #[inline(always)]
-fn is_member(entry: &CtEntry) -> bool {
+fn is_member<A>(entry: &CtEntry<A>) -> bool {
     let key = MemberKey {
         svc_id: entry.svc_id,
         backend_id: entry.backend_id,
@@ -105,17 +114,45 @@ fn is_member(entry: &CtEntry) -> bool {
     MEMBERS.get_ptr(key).is_some()
 }
 
-/// How a new flow's source is written.
+/// How a new flow's source is written: kept (the backend sees the client), or with `snat`
+/// rewritten to `addr` and a port allocated for the flow. A struct rather than an enum: it is
+/// copied into another BPF function's frame, and an enum's unused payload bytes would be
+/// copied uninitialised, which the verifier refuses.
 #[derive(Clone, Copy)]
-pub enum Source {
-    /// Kept: the backend sees the client.
-    Client,
-    /// Rewritten to this node address and a port allocated for the flow.
-    Snat([u8; 4]),
+pub struct Source<A> {
+    pub snat: bool,
+    pub addr: A,
 }
 
-/// Records a new flow of `pkt` (client -> frontend) to `backend`, both directions, and returns
-/// the entry actually in force: when another CPU created the same flow a moment earlier, its
+impl<A: Addr> Source<A> {
+    #[inline(always)]
+    pub fn client() -> Source<A> {
+        Source {
+            snat: false,
+            addr: A::default(),
+        }
+    }
+    #[inline(always)]
+    pub fn snat(addr: A) -> Source<A> {
+        Source { snat: true, addr }
+    }
+}
+
+/// A new flow's choices, for `create`.
+#[derive(Clone, Copy)]
+pub struct NewFlow<A> {
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub backend: Backend<A>,
+    pub source: Source<A>,
+    /// Route translated packets in the datapath (`CT_F_ROUTE`).
+    pub route: bool,
+    /// The tuple's entry is stale: overwrite it.
+    pub replace: bool,
+}
+
+/// Records a new flow of `pkt` (client -> frontend) to `backend`, both directions, and writes
+/// the forward entry actually in force to `out`: when another CPU created the same flow a moment earlier, its
 /// choice wins so every packet of the flow goes to one backend. With `replace` (the tuple's
 /// entry is stale) the old forward entry is overwritten.
 ///
@@ -125,15 +162,20 @@ pub enum Source {
 /// of one backend port) makes the new flow a clash, refused so the live flow's replies keep
 /// their translation. The client's retry chooses again.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    svc_id: u32,
-    backend_id: u32,
-    backend: &Backend,
-    source: Source,
-    route: bool,
-    replace: bool,
-) -> Result<CtEntry, u32> {
+pub fn create<F: Family>(
+    pkt: &Packet<F::Addr>,
+    flow: &NewFlow<F::Addr>,
+    out: &mut CtEntry<F::Addr>,
+) -> Result<(), u32> {
+    let ct = F::conntrack();
+    let NewFlow {
+        svc_id,
+        backend_id,
+        backend,
+        source,
+        route,
+        replace,
+    } = *flow;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let tuple = &pkt.tuple;
@@ -143,7 +185,7 @@ pub fn create(
         0
     };
     let mut flags = if route { CT_F_ROUTE } else { 0 };
-    if matches!(source, Source::Snat(_)) {
+    if source.snat {
         flags |= CT_F_SNAT;
     }
     let mut forward = CtEntry {
@@ -166,14 +208,14 @@ pub fn create(
         ..forward
     };
 
-    match source {
-        Source::Client => {
-            if !claim(&forward.other_key(tuple.proto), &reverse, now) {
+    match source.snat {
+        false => {
+            if !claim::<F>(&forward.other_key(tuple.proto), &reverse, now) {
                 return Err(DROP_CT_CLASH);
             }
         }
-        Source::Snat(addr) => {
-            forward.peer_addr = addr;
+        true => {
+            forward.peer_addr = source.addr;
             // Linear probing from a random port: only a free port is taken (the agent's
             // garbage collection frees the ports of expired flows), which keeps each probe to
             // one map operation.
@@ -184,7 +226,7 @@ pub fn create(
                 let port = snat::PORT_MIN + ((start + i) % snat::PORT_COUNT) as u16;
                 forward.peer_port_be = port.to_be();
                 let key = forward.other_key(tuple.proto);
-                if CONNTRACK.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
+                if ct.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
                     claimed = true;
                     break;
                 }
@@ -196,12 +238,13 @@ pub fn create(
     }
 
     let insert = if replace { BPF_ANY } else { BPF_NOEXIST } as u64;
-    if CONNTRACK.insert(tuple, forward, insert).is_ok() {
-        return Ok(forward);
+    if ct.insert(tuple, forward, insert).is_ok() {
+        *out = forward;
+        return Ok(());
     }
     // Lost a race with another CPU (EEXIST): use its entry, and give back the reverse entry
     // claimed above unless it is the winner's too.
-    let Some(winner) = CONNTRACK.get_ptr(tuple) else {
+    let Some(winner) = ct.get_ptr(tuple) else {
         return Err(DROP_CT_FULL);
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
@@ -209,30 +252,32 @@ pub fn create(
     let ours = forward.other_key(tuple.proto);
     let theirs = winner.other_key(tuple.proto);
     if ours != theirs {
-        let _ = CONNTRACK.remove(ours);
+        let _ = ct.remove(ours);
     }
-    Ok(winner)
+    *out = winner;
+    Ok(())
 }
 
 /// Writes `reverse` at `key` unless a live entry of another flow holds it. True when the key
 /// is now this flow's.
 #[inline(always)]
-fn claim(key: &CtKey, reverse: &CtEntry, now: u64) -> bool {
-    if let Some(existing) = CONNTRACK.get_ptr(key) {
+fn claim<F: Family>(key: &CtKey<F::Addr>, reverse: &CtEntry<F::Addr>, now: u64) -> bool {
+    let ct = F::conntrack();
+    if let Some(existing) = ct.get_ptr(key) {
         // SAFETY: pointer from a successful lookup, copied out at once.
         let existing = unsafe { *existing };
         let live = !conntrack::expired(key.proto, existing.tcp_state, existing.last_seen_ns, now)
-            || other_direction_live(key, &existing, now);
+            || other_direction_live::<F>(key, &existing, now);
         if live && !same_flow(&existing, reverse) {
             return false;
         }
-        return CONNTRACK.insert(key, reverse, BPF_ANY as u64).is_ok();
+        return ct.insert(key, reverse, BPF_ANY as u64).is_ok();
     }
-    if CONNTRACK.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
+    if ct.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
         return true;
     }
     // Another CPU wrote the key meanwhile: ours only if it is the same flow.
-    match CONNTRACK.get_ptr(key) {
+    match ct.get_ptr(key) {
         // SAFETY: pointer from a successful lookup, read at once.
         Some(e) => same_flow(unsafe { &*e }, reverse),
         None => false,
@@ -241,7 +286,7 @@ fn claim(key: &CtKey, reverse: &CtEntry, now: u64) -> bool {
 
 /// True when two reverse entries translate to the same frontend and client.
 #[inline(always)]
-fn same_flow(a: &CtEntry, b: &CtEntry) -> bool {
+fn same_flow<A: PartialEq>(a: &CtEntry<A>, b: &CtEntry<A>) -> bool {
     a.nat_addr == b.nat_addr
         && a.nat_port_be == b.nat_port_be
         && a.peer_addr == b.peer_addr

@@ -12,85 +12,107 @@
 //! before deciding, so they are never pulled (which would copy their head).
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{proto, stats::PASS_OTHER, stats::XLATE_REPLY, CtKey, VipKey, CT_REVERSE};
+use lb_common::{stats::PASS_OTHER, stats::XLATE_REPLY, CtEntry, CtKey, VipKey, CT_REVERSE};
 
 use crate::{
     conntrack::{self, Lookup},
+    family::{Family, V4Family},
     fragment, icmp,
-    maps::{CONNTRACK, NODE_ADDRS},
-    parse::{self, ptr_at, Parsed, ETH_HLEN, IP_OFFSET},
-    service, Verdict,
+    parse::{ptr_at, Head, Packet, Parsed},
+    service, Verdict, UNCOUNTED,
 };
 
-/// IPv4's EtherType as it lies in the frame (network byte order, read natively).
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// What egress does with what is not ours: passes it, uncounted.
+const NOT_OURS: Verdict = Verdict {
+    action: crate::action::OK,
+    reason: UNCOUNTED,
+};
 
-/// `None`: not ours; passes uncounted.
 #[inline(always)]
-pub fn try_egress(ctx: &TcContext) -> Option<Result<Verdict, u32>> {
-    // SAFETY: `ptr_at` checks bounds; plain loads.
-    let ether_type = unsafe { *ptr_at::<u16>(ctx, 12)? };
-    if ether_type != ETH_P_IP_BE {
-        return None;
-    }
-    // SAFETY: as above.
-    let ip_proto = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + 9)? };
-    if ip_proto == proto::ICMP {
-        return match parse::parse(ctx) {
-            Parsed::IcmpError(err) => match icmp::translate_error(ctx, &err) {
-                Ok(v) if v.reason == PASS_OTHER => None,
-                other => Some(other),
-            },
-            _ => None,
-        };
-    }
-    if ip_proto != proto::TCP && ip_proto != proto::UDP {
-        return None;
-    }
-    // SAFETY: as above.
-    let ip = unsafe { core::ptr::read_unaligned(ptr_at::<[u8; 20]>(ctx, ETH_HLEN)?) };
-    let saddr = [ip[12], ip[13], ip[14], ip[15]];
-    NODE_ADDRS.get_ptr(VipKey { addr: saddr })?;
-    if u16::from_be_bytes([ip[6], ip[7]]) & IP_OFFSET != 0 {
-        // A later fragment of a local reply: translated like its first fragment was.
-        let Parsed::LaterFragment(frag) = parse::parse(ctx) else {
-            return None;
-        };
-        return match fragment::translate(ctx, &frag) {
-            Ok(v) if v.reason == PASS_OTHER => None,
-            other => Some(other),
-        };
-    }
-    // Only a reply of a tracked flow is parsed (and maybe pulled): the tuple is peeked at in
-    // the linear head first, and most of the node's own traffic stops here.
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    // SAFETY: as above.
-    let ports = unsafe { core::ptr::read_unaligned(ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl)?) };
-    let key = CtKey {
-        saddr,
-        daddr: [ip[16], ip[17], ip[18], ip[19]],
-        sport_be: ports[0],
-        dport_be: ports[1],
-        proto: ip_proto,
-        _pad: [0; 3],
+pub fn try_egress(ctx: &TcContext) -> Verdict {
+    // SAFETY: `ptr_at` checks bounds; a plain load.
+    let Some(ether_type) = ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
+        return NOT_OURS;
     };
-    // SAFETY: pointer from a successful lookup, read at once.
-    if unsafe { (*CONNTRACK.get_ptr(key)?).direction } != CT_REVERSE {
-        return None;
+    // IPv6 is not handled here yet: its parse and translation together exceed one BPF
+    // frame's 512 bytes of stack in this program (README, "Known gaps").
+    if ether_type == V4Family::ETH_P_BE {
+        egress::<V4Family>(ctx)
+    } else {
+        NOT_OURS
     }
-    let Parsed::L4(pkt) = parse::parse(ctx) else {
-        return None;
-    };
-    match conntrack::lookup(&pkt) {
-        Lookup::Hit(e) if e.direction == CT_REVERSE => {
-            if pkt.first_fragment != 0 {
-                fragment::remember(&pkt);
+}
+
+// A BPF function per family (see `family`: the stack).
+#[inline(never)]
+fn egress<F: Family>(ctx: &TcContext) -> Verdict {
+    try_family::<F>(ctx).unwrap_or(NOT_OURS)
+}
+
+/// `None`: not ours.
+#[inline(always)]
+fn try_family<F: Family>(ctx: &TcContext) -> Option<Verdict> {
+    // What the head says is worth a parse (one call site: see `Family::parse`).
+    let icmp = match F::peek(ctx)? {
+        Head::Icmp => true,
+        Head::Other => return None,
+        // A later fragment of a local reply (translated like its first fragment was), or
+        // IPv6 extension headers: only for the node's addresses is it worth a parse.
+        Head::Deeper { saddr } => {
+            F::node_addrs().get_ptr(VipKey { addr: saddr })?;
+            false
+        }
+        Head::Ports {
+            saddr,
+            daddr,
+            proto,
+            l4_off,
+        } => {
+            F::node_addrs().get_ptr(VipKey { addr: saddr })?;
+            // Only a reply of a tracked flow is parsed (and maybe pulled): the tuple is peeked
+            // at in the linear head first, and most of the node's own traffic stops here.
+            // SAFETY: `ptr_at` checks bounds; a plain load.
+            let ports = unsafe { core::ptr::read_unaligned(ptr_at::<[u16; 2]>(ctx, l4_off)?) };
+            let key = CtKey {
+                saddr,
+                daddr,
+                sport_be: ports[0],
+                dport_be: ports[1],
+                proto,
+                _pad: [0; 3],
+            };
+            // SAFETY: pointer from a successful lookup, read at once.
+            if unsafe { (*F::conntrack().get_ptr(key)?).direction } != CT_REVERSE {
+                return None;
             }
-            Some(service::translate(ctx, &pkt, &e, XLATE_REPLY))
+            false
+        }
+    };
+    match F::parse(ctx) {
+        Parsed::IcmpError(err) if icmp => counted(icmp::translate_error::<F>(ctx, &err)),
+        Parsed::LaterFragment(frag) if !icmp => counted(fragment::translate::<F>(ctx, &frag)),
+        Parsed::L4(pkt) if !icmp => reply::<F>(ctx, &pkt),
+        _ => None,
+    }
+}
+
+/// A hostNetwork backend's reply of a tracked flow: translated back to its frontend.
+#[inline(always)]
+fn reply<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Option<Verdict> {
+    let mut e = CtEntry::default();
+    match conntrack::lookup::<F>(pkt, &mut e) {
+        Lookup::Hit if e.direction == CT_REVERSE => {
+            if pkt.first_fragment != 0 {
+                fragment::remember::<F>(pkt);
+            }
+            Some(service::translate::<F>(ctx, pkt, &e, XLATE_REPLY))
         }
         _ => None,
     }
+}
+
+/// A translation's verdict, or `None` (uncounted) when it found nothing to translate.
+#[inline(always)]
+fn counted(v: Verdict) -> Option<Verdict> {
+    (v.reason != PASS_OTHER).then_some(v)
 }

@@ -1,4 +1,4 @@
-//! IPv4 fragments of translated datagrams. Only the first fragment carries the ports that
+//! IPv4 and IPv6 fragments of translated datagrams. Only the first fragment carries the ports that
 //! name a flow, so when it is translated its ports are remembered under the datagram's
 //! identity (addresses, IP id, protocol), and the later fragments, found by the same identity,
 //! get the same address translation. Their L4 bytes are payload: nothing else changes (the
@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     action,
-    maps::{CONNTRACK, FRAGMENTS},
+    family::Family,
     nat::{self, End},
     parse::{Fragment, Packet},
     route,
@@ -25,7 +25,7 @@ use crate::{
 
 /// Records the ports of `pkt`, a translated first fragment, for its datagram's later ones.
 #[inline(always)]
-pub fn remember(pkt: &Packet) {
+pub fn remember<F: Family>(pkt: &Packet<F::Addr>) {
     let key = FragKey {
         saddr: pkt.tuple.saddr,
         daddr: pkt.tuple.daddr,
@@ -38,15 +38,21 @@ pub fn remember(pkt: &Packet) {
         dport_be: pkt.tuple.dport_be,
     };
     // LRU: makes room rather than fail; a lost entry only costs the later fragments.
-    let _ = FRAGMENTS.insert(key, ports, BPF_ANY as u64);
+    let _ = F::fragments().insert(key, ports, BPF_ANY as u64);
 }
 
 /// Translates a later fragment like its datagram's first one.
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
+pub fn translate<F: Family>(ctx: &TcContext, frag: &Fragment<F::Addr>) -> Verdict {
+    Verdict::of(try_translate::<F>(ctx, frag))
+}
+
 #[inline(always)]
-pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
+fn try_translate<F: Family>(ctx: &TcContext, frag: &Fragment<F::Addr>) -> Result<Verdict, u32> {
     let k = &frag.key;
     let not_ours = || {
-        if is_vip(k.daddr) {
+        if is_vip::<F>(k.daddr) {
             Err(DROP_FRAGMENT)
         } else {
             Ok(Verdict {
@@ -55,7 +61,7 @@ pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
             })
         }
     };
-    let Some(ports) = FRAGMENTS.get_ptr(k) else {
+    let Some(ports) = F::fragments().get_ptr(k) else {
         return not_ours();
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
@@ -68,7 +74,7 @@ pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
         proto: k.proto,
         _pad: [0; 3],
     };
-    let Some(e) = CONNTRACK.get_ptr(tuple) else {
+    let Some(e) = F::conntrack().get_ptr(tuple) else {
         return not_ours();
     };
     // SAFETY: as above.
@@ -76,10 +82,10 @@ pub fn translate(ctx: &TcContext, frag: &Fragment) -> Result<Verdict, u32> {
     // The entry decides, as for the first fragment (`CtEntry::translated`); an address that
     // does not change is rewritten to itself, which changes nothing.
     let to = e.translated(&tuple);
-    nat::rewrite_addr(ctx, End::Destination, k.daddr, to.daddr)?;
-    nat::rewrite_addr(ctx, End::Source, k.saddr, to.saddr)?;
+    nat::rewrite_addr::<F>(ctx, End::Destination, k.daddr, to.daddr)?;
+    nat::rewrite_addr::<F>(ctx, End::Source, k.saddr, to.saddr)?;
     let action = if e.flags & CT_F_ROUTE != 0 {
-        route::forward(ctx, k.proto, frag.ttl, to.saddr, to.daddr)?
+        route::forward::<F>(ctx, &to, frag.ttl)?
     } else {
         action::OK
     };

@@ -9,18 +9,30 @@
 //! counterpart (`CtEntry::other_key`) is exactly the quoted packet before translation.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey};
+use lb_common::{
+    stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey,
+};
 
 use crate::{
     action,
-    maps::CONNTRACK,
-    parse::{IcmpError, IP_CHECK_OFF, IP_DADDR_OFF},
+    family::{Family, PSEUDO_HDR},
+    nat::End,
+    parse::{IcmpError, IP_CHECK_OFF},
     Verdict,
 };
 
 /// Translates `err` if it is about a tracked flow; passes it untouched otherwise.
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
+pub fn translate_error<F: Family>(ctx: &TcContext, err: &IcmpError<F::Addr>) -> Verdict {
+    Verdict::of(try_translate_error::<F>(ctx, err))
+}
+
 #[inline(always)]
-pub fn translate_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, u32> {
+fn try_translate_error<F: Family>(
+    ctx: &TcContext,
+    err: &IcmpError<F::Addr>,
+) -> Result<Verdict, u32> {
     let q = &err.inner;
     let key = CtKey {
         saddr: q.daddr,
@@ -30,7 +42,7 @@ pub fn translate_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, u32>
         proto: q.proto,
         _pad: [0; 3],
     };
-    let Some(e) = CONNTRACK.get_ptr(key) else {
+    let Some(e) = F::conntrack().get_ptr(key) else {
         return Ok(Verdict {
             action: action::OK,
             reason: PASS_OTHER,
@@ -41,33 +53,34 @@ pub fn translate_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, u32>
     let orig = unsafe { (*e).other_key(q.proto) };
 
     let icmp_check = err.icmp_off + 2;
+    // The quoted IP header's addresses (and, for IPv4, its header checksum, which the ICMP
+    // checksum covers too: its change is folded in after). They are ICMP payload: no
+    // pseudo-header.
     let inner_check = err.inner_ip_off + 10;
-    let old_inner_check: u16 = ctx.load(inner_check).map_err(|_| DROP_REWRITE_FAILED)?;
-    // The quoted IPv4 header: its addresses and checksum. The ICMP checksum covers all of
-    // it, and has no pseudo-header.
-    for (off, old, new) in [
-        (err.inner_ip_off + 12, q.saddr, orig.saddr),
-        (err.inner_ip_off + 16, q.daddr, orig.daddr),
+    let old_inner_check: u16 = if F::HAS_L3_CSUM {
+        ctx.load(inner_check).map_err(|_| DROP_REWRITE_FAILED)?
+    } else {
+        0
+    };
+    for (end, old, new) in [
+        (End::Source, q.saddr, orig.saddr),
+        (End::Destination, q.daddr, orig.daddr),
     ] {
-        let (old, new) = (
-            u32::from_ne_bytes(old) as u64,
-            u32::from_ne_bytes(new) as u64,
-        );
-        ctx.l3_csum_replace(inner_check, old, new, 4)
-            .map_err(|_| DROP_REWRITE_FAILED)?;
-        ctx.l4_csum_replace(icmp_check, old, new, 4)
-            .map_err(|_| DROP_REWRITE_FAILED)?;
-        ctx.store(off, &(new as u32), 0)
-            .map_err(|_| DROP_REWRITE_FAILED)?;
+        F::l3_csum_replace(ctx, inner_check, old, new)?;
+        F::l4_csum_replace(ctx, icmp_check, old, new, 0)?;
+        let off = err.inner_ip_off - crate::parse::ETH_HLEN + end.addr_off::<F>();
+        ctx.store(off, &new, 0).map_err(|_| DROP_REWRITE_FAILED)?;
     }
-    let new_inner_check: u16 = ctx.load(inner_check).map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.l4_csum_replace(
-        icmp_check,
-        old_inner_check as u64,
-        new_inner_check as u64,
-        2,
-    )
-    .map_err(|_| DROP_REWRITE_FAILED)?;
+    if F::HAS_L3_CSUM {
+        let new_inner_check: u16 = ctx.load(inner_check).map_err(|_| DROP_REWRITE_FAILED)?;
+        ctx.l4_csum_replace(
+            icmp_check,
+            old_inner_check as u64,
+            new_inner_check as u64,
+            2,
+        )
+        .map_err(|_| DROP_REWRITE_FAILED)?;
+    }
     // The quoted ports. The quoted TCP/UDP checksum is left alone: the quote is usually cut
     // short of the payload it covers, and receivers do not check it.
     for (off, old, new) in [
@@ -78,14 +91,13 @@ pub fn translate_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, u32>
             .map_err(|_| DROP_REWRITE_FAILED)?;
         ctx.store(off, &new, 0).map_err(|_| DROP_REWRITE_FAILED)?;
     }
-    // The error goes to whoever sent the quoted packet, as that sender knows itself.
-    let (old, new) = (
-        u32::from_ne_bytes(err.daddr) as u64,
-        u32::from_ne_bytes(orig.saddr) as u64,
-    );
-    ctx.l3_csum_replace(IP_CHECK_OFF, old, new, 4)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.store(IP_DADDR_OFF, &(new as u32), 0)
+    // The error goes to whoever sent the quoted packet, as that sender knows itself. ICMPv6
+    // covers the address in its pseudo-header; ICMP does not, but IPv4's header checksum does.
+    F::l3_csum_replace(ctx, IP_CHECK_OFF, err.daddr, orig.saddr)?;
+    if F::ICMP_PSEUDO_HDR {
+        F::l4_csum_replace(ctx, icmp_check, err.daddr, orig.saddr, PSEUDO_HDR)?;
+    }
+    ctx.store(End::Destination.addr_off::<F>(), &orig.saddr, 0)
         .map_err(|_| DROP_REWRITE_FAILED)?;
     Ok(Verdict {
         action: action::OK,

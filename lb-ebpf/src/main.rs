@@ -13,6 +13,7 @@
 mod affinity;
 mod conntrack;
 mod egress;
+mod family;
 mod fragment;
 mod icmp;
 mod maps;
@@ -26,7 +27,6 @@ mod stats;
 mod xdp;
 
 use aya_ebpf::{
-    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -46,22 +46,43 @@ pub mod action {
 }
 
 /// What to do with a packet, and why (a `lb_common::stats` reason).
+///
+/// Functions that are BPF functions of their own (`#[inline(never)]`, see `family`) return a
+/// `Verdict`, not a `Result`: eight bytes come back in a register, while anything larger comes
+/// back through a pointer to the caller's stack, which the verifier refuses to return.
+#[derive(Clone, Copy)]
 pub struct Verdict {
-    /// tc action: `TC_ACT_OK`, or `TC_ACT_REDIRECT` for answers sent back out.
+    /// tc action: `TC_ACT_OK`, `TC_ACT_SHOT`, or `TC_ACT_REDIRECT` for answers sent back out
+    /// (or an XDP action, in `xdp`).
     pub action: i32,
     pub reason: u32,
+}
+
+/// `Verdict::reason` of a packet that is not counted (egress and XDP leave most packets
+/// alone without a word).
+pub const UNCOUNTED: u32 = u32::MAX;
+
+impl Verdict {
+    /// The verdict a `try_*` result stands for: an error drops the packet.
+    #[inline(always)]
+    pub fn of(result: Result<Verdict, u32>) -> Verdict {
+        match result {
+            Ok(v) => v,
+            Err(reason) => Verdict {
+                action: action::SHOT,
+                reason,
+            },
+        }
+    }
 }
 
 /// tc ingress on every interface that carries pod or client traffic.
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let (action, reason) = match service::try_ingress(&ctx) {
-        Ok(v) => (v.action, v.reason),
-        Err(reason) => (action::SHOT, reason),
-    };
-    stats::count(reason, len);
-    action
+    let v = service::try_ingress(&ctx);
+    stats::count(v.reason, len);
+    v.action
 }
 
 /// tc egress on the same interfaces: what the node itself sends about translated flows (its
@@ -70,13 +91,11 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let (action, reason) = match egress::try_egress(&ctx) {
-        None => return action::OK,
-        Some(Ok(v)) => (v.action, v.reason),
-        Some(Err(reason)) => (action::SHOT, reason),
-    };
-    stats::count(reason, len);
-    action
+    let v = egress::try_egress(&ctx);
+    if v.reason != UNCOUNTED {
+        stats::count(v.reason, len);
+    }
+    v.action
 }
 
 /// What a cgroup sock_addr program returns: let the call proceed (with the address as the
@@ -131,17 +150,11 @@ fn sock_verdict(result: Result<u32, sock::Reject>) -> i32 {
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
-    match xdp::try_xdp(&ctx) {
-        None => xdp_action::XDP_PASS,
-        Some(Ok(v)) => {
-            stats::count(v.reason, len as u32);
-            v.action
-        }
-        Some(Err(reason)) => {
-            stats::count(reason, len as u32);
-            xdp_action::XDP_DROP
-        }
+    let v = xdp::try_xdp(&ctx);
+    if v.reason != UNCOUNTED {
+        stats::count(v.reason, len as u32);
     }
+    v.action as u32
 }
 
 #[cfg(not(target_arch = "bpf"))]

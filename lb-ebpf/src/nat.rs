@@ -1,16 +1,17 @@
 //! Address and port rewriting with incremental checksum updates.
 //!
 //! Only kernel helpers touch checksums here (`bpf_l3_csum_replace`, `bpf_l4_csum_replace` with
-//! the pseudo-header flag for addresses), so partial, complete and software checksums all stay
-//! right; a UDP checksum of zero ("none") stays zero.
+//! the pseudo-header flag for addresses; for IPv6 addresses a `bpf_csum_diff` difference, see
+//! `Family::l4_csum_replace`), so partial, complete and software checksums all stay right; a
+//! UDP checksum of zero ("none") stays zero.
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
+use lb_common::{proto, stats::DROP_REWRITE_FAILED, CtKey};
+
+use crate::{
+    family::{Family, PSEUDO_HDR},
+    parse::{Packet, IP_CHECK_OFF},
 };
-use lb_common::{proto, stats::DROP_REWRITE_FAILED};
-
-use crate::parse::{Packet, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -21,44 +22,53 @@ pub enum End {
     Source,
 }
 
+impl End {
+    /// Offset of this end's address in a frame of family `F`.
+    #[inline(always)]
+    pub fn addr_off<F: Family>(self) -> usize {
+        match self {
+            End::Destination => F::DADDR_OFF,
+            End::Source => F::SADDR_OFF,
+        }
+    }
+}
+
 /// Rewrites one address of a later fragment (no L4 header: the datagram's L4 checksum, in the
 /// first fragment, already accounts for the change), fixing the IPv4 header checksum.
 #[inline(always)]
-pub fn rewrite_addr(ctx: &TcContext, end: End, old: [u8; 4], new: [u8; 4]) -> Result<(), u32> {
-    let off = match end {
-        End::Destination => IP_DADDR_OFF,
-        End::Source => IP_SADDR_OFF,
-    };
-    let (old_a, new_a) = (
-        u32::from_ne_bytes(old) as u64,
-        u32::from_ne_bytes(new) as u64,
-    );
-    ctx.l3_csum_replace(IP_CHECK_OFF, old_a, new_a, 4)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.store(off, &new, 0).map_err(|_| DROP_REWRITE_FAILED)
+pub fn rewrite_addr<F: Family>(
+    ctx: &TcContext,
+    end: End,
+    old: F::Addr,
+    new: F::Addr,
+) -> Result<(), u32> {
+    F::l3_csum_replace(ctx, IP_CHECK_OFF, old, new)?;
+    ctx.store(end.addr_off::<F>(), &new, 0)
+        .map_err(|_| DROP_REWRITE_FAILED)
 }
 
-/// Rewrites one end of `pkt` to `addr`:`port_be`, fixing the IPv4 and L4 checksums.
+/// Rewrites one end of `pkt` to that end of `to`, fixing the IPv4 and L4 checksums.
 #[inline(always)]
-pub fn rewrite(
+pub fn rewrite<F: Family>(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &Packet<F::Addr>,
     end: End,
-    addr: [u8; 4],
-    port_be: u16,
+    to: &CtKey<F::Addr>,
 ) -> Result<(), u32> {
-    let (addr_off, port_off, old_addr, old_port) = match end {
+    let (port_off, old_addr, old_port, addr, port_be) = match end {
         End::Destination => (
-            IP_DADDR_OFF,
             pkt.l4_off + 2,
             pkt.tuple.daddr,
             pkt.tuple.dport_be,
+            to.daddr,
+            to.dport_be,
         ),
         End::Source => (
-            IP_SADDR_OFF,
             pkt.l4_off,
             pkt.tuple.saddr,
             pkt.tuple.sport_be,
+            to.saddr,
+            to.sport_be,
         ),
     };
     // A UDP checksum of 0 means "not computed" and must stay 0; MANGLED_0 also turns a
@@ -69,21 +79,11 @@ pub fn rewrite(
         0
     };
     let check_off = pkt.l4_check_off();
-    let old_a = u32::from_ne_bytes(old_addr) as u64;
-    let new_a = u32::from_ne_bytes(addr) as u64;
-
-    ctx.l4_csum_replace(
-        check_off,
-        old_a,
-        new_a,
-        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-    )
-    .map_err(|_| DROP_REWRITE_FAILED)?;
+    F::l4_csum_replace(ctx, check_off, old_addr, addr, PSEUDO_HDR | mangled)?;
     ctx.l4_csum_replace(check_off, old_port as u64, port_be as u64, mangled | 2)
         .map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.l3_csum_replace(IP_CHECK_OFF, old_a, new_a, 4)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.store(addr_off, &addr, 0)
+    F::l3_csum_replace(ctx, IP_CHECK_OFF, old_addr, addr)?;
+    ctx.store(end.addr_off::<F>(), &addr, 0)
         .map_err(|_| DROP_REWRITE_FAILED)?;
     ctx.store(port_off, &port_be, 0)
         .map_err(|_| DROP_REWRITE_FAILED)?;

@@ -4,79 +4,128 @@
 //! out.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use lb_common::{
     checksum::{fold, pseudo_header, sum_bytes},
     conntrack::flags as tcpf,
-    proto,
+    proto, Addr,
     stats::{DROP_NO_BACKEND, DROP_REWRITE_FAILED, REJECT_ICMP_UNREACH, REJECT_TCP_RST},
 };
 
 use crate::{
-    parse::{Packet, ETH_HLEN, IPV4_HLEN, TCP_HLEN, UDP_HLEN},
+    family::Family,
+    parse::{Packet, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, TCP_HLEN, UDP_HLEN},
     Verdict,
 };
 
-const RST_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
-/// ICMP quotes the offending IPv4 header and the first 8 bytes of its payload (RFC 792).
-const QUOTE_LEN: usize = IPV4_HLEN + UDP_HLEN;
 const ICMP_HLEN: usize = 8;
-const ICMP_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTE_LEN;
+/// The longest answer: ICMPv6 quoting an IPv6 header and 8 bytes of its payload.
+const MAX_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + UDP_HLEN;
+/// ICMP destination unreachable, port unreachable (RFC 792); ICMPv6's (RFC 4443).
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const NEXTHDR_ICMPV6: u8 = 58;
 
-#[inline(always)]
-pub fn no_backend(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
-    match pkt.tuple.proto {
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
+pub fn no_backend<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Verdict {
+    Verdict::of(match pkt.tuple.proto {
         // Never answer an RST with an RST.
-        proto::TCP if pkt.tcp_flags & tcpf::RST == 0 => tcp_rst(ctx, pkt),
-        // The quote would have to carry the options; rare enough to drop and count instead.
-        proto::UDP if !pkt.has_ip_options => icmp_port_unreachable(ctx),
+        proto::TCP if pkt.tcp_flags & tcpf::RST == 0 => tcp_rst::<F>(ctx, pkt),
+        // The quote would have to carry the options or extension headers; rare enough to drop
+        // and count instead.
+        proto::UDP if !pkt.has_ip_options => port_unreachable::<F>(ctx, pkt),
         _ => Err(DROP_NO_BACKEND),
+    })
+}
+
+/// The IP header length of family `F` (without options).
+#[inline(always)]
+fn ip_hlen<F: Family>() -> usize {
+    if F::HAS_L3_CSUM {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
     }
 }
 
-/// Writes an IPv4 header for an answer from `saddr` to `daddr` into `ip`.
+/// Writes an IP header for an answer of `l4_len` bytes of `l4_proto` from `saddr` to `daddr`
+/// into `ip`. `tos`: the IPv4 TOS or IPv6 traffic class.
 #[inline(always)]
-fn ipv4_header(ip: &mut [u8], tos: u8, tot_len: u16, l4_proto: u8, saddr: [u8; 4], daddr: [u8; 4]) {
-    ip[0] = 0x45;
-    ip[1] = tos;
-    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
-    ip[4..6].copy_from_slice(&[0, 0]); // id: unused with DF set
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
-    ip[8] = 64;
-    ip[9] = l4_proto;
-    ip[10..12].copy_from_slice(&[0, 0]);
-    ip[12..16].copy_from_slice(&saddr);
-    ip[16..20].copy_from_slice(&daddr);
-    let check = fold(sum_bytes(0, &ip[..IPV4_HLEN]));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
+fn ip_header<F: Family>(
+    ip: &mut [u8],
+    tos: u8,
+    l4_len: u16,
+    l4_proto: u8,
+    saddr: F::Addr,
+    daddr: F::Addr,
+) {
+    if F::HAS_L3_CSUM {
+        ip[0] = 0x45;
+        ip[1] = tos;
+        ip[2..4].copy_from_slice(&(IPV4_HLEN as u16 + l4_len).to_be_bytes());
+        ip[4..6].copy_from_slice(&[0, 0]); // id: unused with DF set
+        ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
+        ip[8] = 64;
+        ip[9] = l4_proto;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip[12..16].copy_from_slice(saddr.bytes());
+        ip[16..20].copy_from_slice(daddr.bytes());
+        let check = fold(sum_bytes(0, &ip[..IPV4_HLEN]));
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+    } else {
+        ip[0] = 0x60 | (tos >> 4);
+        ip[1] = tos << 4;
+        ip[2..4].copy_from_slice(&[0, 0]); // flow label
+        ip[4..6].copy_from_slice(&l4_len.to_be_bytes());
+        ip[6] = l4_proto;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(saddr.bytes());
+        ip[24..40].copy_from_slice(daddr.bytes());
+    }
 }
 
 /// Swaps the MAC addresses so the answer goes back to the sender's interface.
 #[inline(always)]
-fn reply_ethernet(ctx: &TcContext, frame: &mut [u8]) -> Result<(), u32> {
+fn reply_ethernet<F: Family>(ctx: &TcContext, frame: &mut [u8]) -> Result<(), u32> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| DROP_REWRITE_FAILED)?;
     frame[0..6].copy_from_slice(&macs[6..12]);
     frame[6..12].copy_from_slice(&macs[0..6]);
-    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    frame[12..14].copy_from_slice(&F::ETH_P_BE.to_ne_bytes());
     Ok(())
 }
 
-/// Resizes the packet to `len`, writes `frame` over it and sends it back where it came from.
+/// Resizes the packet to `len`, writes the first `len` bytes of `frame` over it and sends it
+/// back where it came from.
 #[inline(always)]
-fn send_back<const N: usize>(
+fn send_back(
     ctx: &TcContext,
-    frame: &[u8; N],
+    frame: &mut [u8; MAX_LEN],
+    len: usize,
     reason: u32,
 ) -> Result<Verdict, u32> {
     // SAFETY: the helper only reads the skb pointer the program was given.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
         return Err(DROP_REWRITE_FAILED);
     }
-    ctx.store(0, frame, 0).map_err(|_| DROP_REWRITE_FAILED)?;
+    // SAFETY: `frame` is on our stack and at least `len` bytes long (`len` is a constant of
+    // the caller's family, at most `MAX_LEN`).
+    if unsafe {
+        bpf_skb_store_bytes(
+            ctx.skb.skb,
+            0,
+            frame.as_mut_ptr() as *const _,
+            len as u32,
+            0,
+        )
+    } != 0
+    {
+        return Err(DROP_REWRITE_FAILED);
+    }
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; egress of the ingress device sends the answer back.
@@ -89,7 +138,7 @@ fn send_back<const N: usize>(
 
 /// RFC 793 reset for a segment to a port nobody listens on: from the frontend to the client.
 #[inline(always)]
-fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
+fn tcp_rst<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict, u32> {
     let (seq, ack, flags) = if pkt.tcp_flags & tcpf::ACK != 0 {
         (pkt.tcp_ack, 0u32, tcpf::RST)
     } else {
@@ -104,18 +153,19 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
         (0u32, ack, tcpf::RST | tcpf::ACK)
     };
     let t = &pkt.tuple;
-    let mut frame = [0u8; RST_LEN];
-    reply_ethernet(ctx, &mut frame)?;
-    ipv4_header(
+    let ip_len = ip_hlen::<F>();
+    let mut frame = [0u8; MAX_LEN];
+    reply_ethernet::<F>(ctx, &mut frame)?;
+    ip_header::<F>(
         &mut frame[ETH_HLEN..],
         0,
-        (IPV4_HLEN + TCP_HLEN) as u16,
+        TCP_HLEN as u16,
         proto::TCP,
         t.daddr,
         t.saddr,
     );
 
-    let tcp = &mut frame[ETH_HLEN + IPV4_HLEN..];
+    let tcp = &mut frame[ETH_HLEN + ip_len..];
     tcp[0..2].copy_from_slice(&t.dport_be.to_ne_bytes());
     tcp[2..4].copy_from_slice(&t.sport_be.to_ne_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -133,7 +183,7 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
         fold(sum_bytes(sum, &tcp[..TCP_HLEN]))
     };
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    send_back(ctx, &frame, REJECT_TCP_RST)
+    send_back(ctx, &mut frame, ETH_HLEN + ip_len + TCP_HLEN, REJECT_TCP_RST)
 }
 
 /// True when `pkt` is a segment from a local socket whose checksum is still to be computed
@@ -141,40 +191,58 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, u32> {
 /// `ip_summed`; a finished checksum equals the seed by chance once in 65536 segments, and
 /// then only that RST is lost and the client's retry gets another.
 #[inline(always)]
-fn arrived_needing_checksum(ctx: &TcContext, pkt: &Packet) -> Result<bool, u32> {
+fn arrived_needing_checksum<A: Addr>(ctx: &TcContext, pkt: &Packet<A>) -> Result<bool, u32> {
     let field: [u8; 2] = ctx.load(pkt.l4_off + 16).map_err(|_| DROP_REWRITE_FAILED)?;
     let t = &pkt.tuple;
     let seed = !fold(pseudo_header(t.saddr, t.daddr, proto::TCP, pkt.l4_len));
     Ok(u16::from_be_bytes(field) == seed)
 }
 
-/// ICMP destination unreachable (port unreachable) from the frontend to the client, quoting
-/// the datagram's IPv4 header and UDP header so the client's socket can match it.
+/// Destination (port) unreachable from the frontend to the client, quoting the datagram's IP
+/// header and UDP header so the client's socket can match it: ICMP, or ICMPv6, whose checksum
+/// also covers a pseudo-header.
 #[inline(always)]
-fn icmp_port_unreachable(ctx: &TcContext) -> Result<Verdict, u32> {
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| DROP_REWRITE_FAILED)?;
-    let mut frame = [0u8; ICMP_LEN];
-    reply_ethernet(ctx, &mut frame)?;
-    let mut saddr = [0u8; 4];
-    let mut daddr = [0u8; 4];
-    saddr.copy_from_slice(&quote[16..20]); // the frontend the datagram was sent to
-    daddr.copy_from_slice(&quote[12..16]); // the client
-                                           // TOS 0xc0 (internetwork control), as the kernel's own ICMP errors carry.
-    let tot_len = (IPV4_HLEN + ICMP_HLEN + QUOTE_LEN) as u16;
-    ipv4_header(
+fn port_unreachable<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict, u32> {
+    let t = &pkt.tuple;
+    let ip_len = ip_hlen::<F>();
+    let quote_len = ip_len + UDP_HLEN;
+    let icmp_len = ICMP_HLEN + quote_len;
+    let mut frame = [0u8; MAX_LEN];
+    reply_ethernet::<F>(ctx, &mut frame)?;
+    // TOS 0xc0 (internetwork control), as the kernel's own ICMP errors carry.
+    let (l4_proto, icmp_type, code) = if F::HAS_L3_CSUM {
+        (proto::ICMP, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+    } else {
+        (NEXTHDR_ICMPV6, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH)
+    };
+    ip_header::<F>(
         &mut frame[ETH_HLEN..],
         0xc0,
-        tot_len,
-        proto::ICMP,
-        saddr,
-        daddr,
+        icmp_len as u16,
+        l4_proto,
+        t.daddr,
+        t.saddr,
     );
+    let quote_off = ETH_HLEN + ip_len + ICMP_HLEN;
+    if F::HAS_L3_CSUM {
+        let quote: [u8; IPV4_HLEN + UDP_HLEN] =
+            ctx.load(ETH_HLEN).map_err(|_| DROP_REWRITE_FAILED)?;
+        frame[quote_off..quote_off + IPV4_HLEN + UDP_HLEN].copy_from_slice(&quote);
+    } else {
+        let quote: [u8; IPV6_HLEN + UDP_HLEN] =
+            ctx.load(ETH_HLEN).map_err(|_| DROP_REWRITE_FAILED)?;
+        frame[quote_off..quote_off + IPV6_HLEN + UDP_HLEN].copy_from_slice(&quote);
+    }
 
-    let icmp = &mut frame[ETH_HLEN + IPV4_HLEN..];
-    icmp[0] = ICMP_DEST_UNREACH;
-    icmp[1] = ICMP_PORT_UNREACH;
-    icmp[ICMP_HLEN..ICMP_HLEN + QUOTE_LEN].copy_from_slice(&quote);
-    let check = fold(sum_bytes(0, &icmp[..ICMP_HLEN + QUOTE_LEN]));
+    let icmp = &mut frame[ETH_HLEN + ip_len..];
+    icmp[0] = icmp_type;
+    icmp[1] = code;
+    let seed = if F::ICMP_PSEUDO_HDR {
+        pseudo_header(t.daddr, t.saddr, l4_proto, icmp_len as u16)
+    } else {
+        0
+    };
+    let check = fold(sum_bytes(seed, &icmp[..icmp_len]));
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    send_back(ctx, &frame, REJECT_ICMP_UNREACH)
+    send_back(ctx, &mut frame, ETH_HLEN + icmp_len + ip_len, REJECT_ICMP_UNREACH)
 }

@@ -15,21 +15,15 @@ use aya_ebpf::{
 };
 use lb_common::stats::{DROP_FRAG_NEEDED, DROP_NO_ROUTE, DROP_REWRITE_FAILED, DROP_TTL_EXCEEDED};
 
-use crate::parse::{IP_CHECK_OFF, IP_TTL_OFF};
+use lb_common::CtKey;
 
-const AF_INET: u8 = 2;
+use crate::family::Family;
 
-/// Routes a packet of `proto` with time to live `ttl`, already translated to `saddr` ->
-/// `daddr`, out of the interface the FIB chooses. Returns the tc action (`TC_ACT_REDIRECT`)
+/// Routes a packet with time to live `ttl`, already translated to the tuple `to`, out of the
+/// interface the FIB chooses. Returns the tc action (`TC_ACT_REDIRECT`)
 /// or the reason to drop it.
 #[inline(always)]
-pub fn forward(
-    ctx: &TcContext,
-    proto: u8,
-    ttl: u8,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-) -> Result<i32, u32> {
+pub fn forward<F: Family>(ctx: &TcContext, to: &CtKey<F::Addr>, ttl: u8) -> Result<i32, u32> {
     // A router never forwards a packet whose TTL runs out; the kernel would answer with "time
     // exceeded", which needs the untranslated packet, so it is dropped and counted instead.
     if ttl <= 1 {
@@ -37,11 +31,10 @@ pub fn forward(
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = proto;
+    fib.family = F::AF;
+    fib.l4_protocol = to.proto;
     // tot_len 0: the helper checks the skb against the egress MTU itself, GSO-aware.
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    F::fib_addrs(&mut fib, to.saddr, to.daddr);
     // SAFETY: the skb pointer is the program's own context.
     fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the params live on our stack and are as long as declared.
@@ -60,16 +53,11 @@ pub fn forward(
         return Err(DROP_NO_ROUTE);
     }
 
-    decrement_ttl(ctx, ttl)?;
+    F::decrement_ttl(ctx, ttl)?;
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         // The next hop's address is not resolved yet: let the kernel's neighbour code resolve
-        // it (and queue the packet meanwhile). The FIB wrote the next hop into ipv4_dst.
-        let mut nh = bpf_redir_neigh {
-            nh_family: AF_INET as u32,
-            __bindgen_anon_1: unsafe { core::mem::zeroed() },
-        };
-        // SAFETY: reading the union member the FIB lookup above wrote.
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        // it (and queue the packet meanwhile). The FIB wrote the next hop as the destination.
+        let mut nh = F::fib_next_hop(&fib);
         // SAFETY: params on our stack, as long as declared.
         let action = unsafe {
             bpf_redirect_neigh(
@@ -87,18 +75,4 @@ pub fn forward(
         .map_err(|_| DROP_REWRITE_FAILED)?;
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
-}
-
-/// Decrements the IPv4 TTL, fixing the header checksum over the 16-bit word it shares with
-/// the protocol field.
-#[inline(always)]
-fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), u32> {
-    let word: u16 = ctx.load(IP_TTL_OFF).map_err(|_| DROP_REWRITE_FAILED)?;
-    let mut bytes = word.to_ne_bytes();
-    bytes[0] = ttl - 1;
-    let new = u16::from_ne_bytes(bytes);
-    ctx.l3_csum_replace(IP_CHECK_OFF, word as u64, new as u64, 2)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
-    ctx.store(IP_TTL_OFF, &new, 0)
-        .map_err(|_| DROP_REWRITE_FAILED)
 }

@@ -27,6 +27,7 @@ use lb_common::{
 use crate::{
     affinity,
     maps::{BACKENDS, BACKEND_SLOTS, SERVICES, SOCK_REVNAT},
+    family::V4Family,
     service::select_backend,
 };
 
@@ -205,7 +206,7 @@ fn socket_tuple(cookie: u64, vip: [u8; 4], vport_be: u16, proto: u8) -> CtKey {
 #[inline(always)]
 fn choose_backend(svc: &Service, tuple: &CtKey, cookie: u64) -> Result<(u32, Backend), u32> {
     if tuple.proto != proto::UDP || svc.algorithm == ALG_MAGLEV {
-        return select_backend(svc, tuple);
+        return select_backend::<V4Family>(svc, tuple);
     }
     let count = svc.backend_count as u64;
     // Checked again so the verifier sees no division by zero.

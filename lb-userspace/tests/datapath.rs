@@ -749,8 +749,8 @@ fn traffic_not_for_a_service_passes_untouched() {
             .build(),
             stats::PASS_OTHER,
         ),
-        ("arp", arp_frame(), stats::PASS_NOT_IPV4),
-        ("ipv6", ipv6_frame(), stats::PASS_NOT_IPV4),
+        ("arp", arp_frame(), stats::PASS_NOT_IP),
+        ("ipv6 without an upper-layer header", ipv6_frame(), stats::PASS_OTHER),
         (
             "truncated tcp to a non-service address",
             truncate_l4(Frame::tcp(CLIENT, 46000, OTHER, 80, tcp::SYN).build(), 10),
@@ -792,7 +792,7 @@ fn malformed_ipv4_is_left_to_the_kernel_untouched() {
         println!("case: {what}");
         f.run(&frame)
             .untouched(&frame)
-            .counted_as(stats::PASS_MALFORMED_IPV4);
+            .counted_as(stats::PASS_MALFORMED_IP);
     }
 }
 
