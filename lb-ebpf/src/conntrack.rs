@@ -161,7 +161,8 @@ pub struct NewFlow<A> {
 /// allocated; without, a live flow already holding it (one client port reaching two frontends
 /// of one backend port) makes the new flow a clash, refused so the live flow's replies keep
 /// their translation. The client's retry chooses again.
-#[inline(always)]
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
 pub fn create<F: Family>(
     pkt: &Packet<F::Addr>,
     flow: &NewFlow<F::Addr>,
@@ -188,7 +189,15 @@ pub fn create<F: Family>(
     if source.snat {
         flags |= CT_F_SNAT;
     }
-    let mut forward = CtEntry {
+    // The entries and keys live in per-CPU scratch memory, not on the stack (`Scratch`).
+    let Some(work) = F::scratch() else {
+        return Err(DROP_CT_FULL);
+    };
+    // SAFETY: this CPU's scratch slot; `create` uses only these two fields, which no caller
+    // holds (see `Scratch`).
+    let (reverse, key) = unsafe { (&mut (*work).reverse, &mut (*work).key) };
+    let forward = out;
+    *forward = CtEntry {
         backend_id,
         svc_id,
         nat_addr: backend.addr,
@@ -201,16 +210,17 @@ pub fn create<F: Family>(
         _pad: 0,
         last_seen_ns: now,
     };
-    let reverse = CtEntry {
+    *reverse = CtEntry {
         nat_addr: tuple.daddr,
         nat_port_be: tuple.dport_be,
         direction: CT_REVERSE,
-        ..forward
+        ..*forward
     };
 
     match source.snat {
         false => {
-            if !claim::<F>(&forward.other_key(tuple.proto), &reverse, now) {
+            *key = forward.other_key(tuple.proto);
+            if !claim::<F>(key, reverse, now) {
                 return Err(DROP_CT_CLASH);
             }
         }
@@ -225,8 +235,8 @@ pub fn create<F: Family>(
             for i in 0..snat::TRIES {
                 let port = snat::PORT_MIN + ((start + i) % snat::PORT_COUNT) as u16;
                 forward.peer_port_be = port.to_be();
-                let key = forward.other_key(tuple.proto);
-                if ct.insert(key, reverse, BPF_NOEXIST as u64).is_ok() {
+                *key = forward.other_key(tuple.proto);
+                if ct.insert(&*key, &*reverse, BPF_NOEXIST as u64).is_ok() {
                     claimed = true;
                     break;
                 }
@@ -238,8 +248,7 @@ pub fn create<F: Family>(
     }
 
     let insert = if replace { BPF_ANY } else { BPF_NOEXIST } as u64;
-    if ct.insert(tuple, forward, insert).is_ok() {
-        *out = forward;
+    if ct.insert(tuple, &*forward, insert).is_ok() {
         return Ok(());
     }
     // Lost a race with another CPU (EEXIST): use its entry, and give back the reverse entry
@@ -247,14 +256,12 @@ pub fn create<F: Family>(
     let Some(winner) = ct.get_ptr(tuple) else {
         return Err(DROP_CT_FULL);
     };
+    *key = forward.other_key(tuple.proto);
     // SAFETY: pointer from a successful lookup, copied out at once.
-    let winner = unsafe { *winner };
-    let ours = forward.other_key(tuple.proto);
-    let theirs = winner.other_key(tuple.proto);
-    if ours != theirs {
-        let _ = ct.remove(ours);
+    *forward = unsafe { *winner };
+    if *key != forward.other_key(tuple.proto) {
+        let _ = ct.remove(&*key);
     }
-    *out = winner;
     Ok(())
 }
 
@@ -264,11 +271,11 @@ pub fn create<F: Family>(
 fn claim<F: Family>(key: &CtKey<F::Addr>, reverse: &CtEntry<F::Addr>, now: u64) -> bool {
     let ct = F::conntrack();
     if let Some(existing) = ct.get_ptr(key) {
-        // SAFETY: pointer from a successful lookup, copied out at once.
-        let existing = unsafe { *existing };
+        // SAFETY: pointer from a successful lookup, read in place (no copy on the stack).
+        let existing = unsafe { &*existing };
         let live = !conntrack::expired(key.proto, existing.tcp_state, existing.last_seen_ns, now)
-            || other_direction_live::<F>(key, &existing, now);
-        if live && !same_flow(&existing, reverse) {
+            || other_direction_live::<F>(key, existing, now);
+        if live && !same_flow(existing, reverse) {
             return false;
         }
         return ct.insert(key, reverse, BPF_ANY as u64).is_ok();

@@ -18,7 +18,7 @@ use crate::{
     conntrack::{self, Lookup},
     family::{Family, V4Family},
     fragment, icmp,
-    parse::{ptr_at, Head, Packet, Parsed},
+    parse::{ptr_at, Head, Kind, Packet},
     service, Verdict, UNCOUNTED,
 };
 
@@ -88,10 +88,13 @@ fn try_family<F: Family>(ctx: &TcContext) -> Option<Verdict> {
             false
         }
     };
-    match F::parse(ctx) {
-        Parsed::IcmpError(err) if icmp => counted(icmp::translate_error::<F>(ctx, &err)),
-        Parsed::LaterFragment(frag) if !icmp => counted(fragment::translate::<F>(ctx, &frag)),
-        Parsed::L4(pkt) if !icmp => reply::<F>(ctx, &pkt),
+    let parsed = F::parse_in_scratch(ctx)?;
+    match parsed.kind {
+        Kind::IcmpError if icmp => counted(icmp::translate_error::<F>(ctx, &parsed.icmp_error())),
+        Kind::LaterFragment if !icmp => {
+            counted(fragment::translate::<F>(ctx, &parsed.fragment()))
+        }
+        Kind::L4 if !icmp => reply::<F>(ctx, &parsed.pkt),
         _ => None,
     }
 }

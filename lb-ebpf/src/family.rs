@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibLookup, BPF_F_PSEUDO_HDR},
-    btf_maps::{HashMap, LpmTrie, LruHashMap},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
@@ -20,6 +20,7 @@ use lb_common::{
 };
 
 use crate::{
+    conntrack::NewFlow,
     maps::*,
     parse::{self, Frame, Head, Parsed},
 };
@@ -31,6 +32,7 @@ pub type Vips<A> = HashMap<VipKey<A>, Vip, { capacity::VIPS as usize }>;
 pub type NodeAddrs<A> = HashMap<VipKey<A>, Vip, { capacity::NODE_ADDRS as usize }>;
 pub type Conntrack<A> = LruHashMap<CtKey<A>, CtEntry<A>, { capacity::CONNTRACK as usize }>;
 pub type Fragments<A> = LruHashMap<FragKey<A>, FragPorts, { capacity::FRAGMENTS as usize }>;
+pub type Scratches<A> = PerCpuArray<Scratch<A>, 1>;
 pub type Affinities<A> = LruHashMap<AffinityKey<A>, Affinity, { capacity::AFFINITY as usize }>;
 
 /// One IP family: its layout, its maps, and the few operations that differ by family.
@@ -52,11 +54,9 @@ pub trait Family: 'static {
     /// The ICMP checksum covers the IP addresses through a pseudo-header (ICMPv6).
     const ICMP_PSEUDO_HDR: bool;
 
-    /// Parses a packet of this family (the EtherType was checked). Inlined, and called
-    /// once per program and family: its result is an enum, and copying one into another BPF
-    /// function's frame copies its unused bytes as whatever a register held, which the
-    /// verifier refuses when that is a pointer.
-    fn parse<F: Frame>(ctx: &F) -> Parsed<Self::Addr>;
+    /// Parses a packet of this family (the EtherType was checked) into `out`, which starts
+    /// zeroed (`Parsed::default()`).
+    fn parse<F: Frame>(ctx: &F, out: &mut Parsed<Self::Addr>);
     /// Reads what the egress program decides on, from the linear head only.
     fn peek<F: Frame>(ctx: &F) -> Option<Head<Self::Addr>>;
 
@@ -68,6 +68,24 @@ pub trait Family: 'static {
     fn conntrack() -> &'static Conntrack<Self::Addr>;
     fn fragments() -> &'static Fragments<Self::Addr>;
     fn affinity() -> &'static Affinities<Self::Addr>;
+    fn scratches() -> &'static Scratches<Self::Addr>;
+
+    /// This CPU's scratch memory (`Scratch`).
+    #[inline(always)]
+    fn scratch() -> Option<*mut Scratch<Self::Addr>> {
+        Self::scratches().get_ptr_mut(0)
+    }
+
+    /// Parses the packet into this CPU's `Scratch::parsed` and returns it; `None` only if
+    /// the scratch map has no slot, which cannot happen.
+    #[inline(always)]
+    fn parse_in_scratch<F: Frame>(ctx: &F) -> Option<&'static Parsed<Self::Addr>> {
+        // SAFETY: this CPU's slot; `parsed` has one user at a time (see `Scratch`).
+        let parsed = unsafe { &mut (*Self::scratch()?).parsed };
+        *parsed = Parsed::default();
+        Self::parse(ctx, parsed);
+        Some(parsed)
+    }
 
     /// The address hairpin flows are source-NATed to.
     fn hairpin_addr() -> Self::Addr;
@@ -100,6 +118,22 @@ pub trait Family: 'static {
     fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), u32>;
 }
 
+/// Per-CPU working memory for what would not fit BPF's 512 bytes of stack along one call
+/// chain (IPv6 keys and entries are two to three times IPv4's). One slot per CPU is enough:
+/// the programs using it (tc ingress and egress, XDP) never interleave on a CPU (ingress and
+/// XDP run in softirq, egress with softirqs off, and redirects happen after the program
+/// returns), and within a program each field has one user at a time: `parsed` the entry
+/// point, `flow` `service::start_flow`, `reverse` and `key` `conntrack::create`, `frame`
+/// `reject`.
+pub struct Scratch<A> {
+    pub parsed: Parsed<A>,
+    pub flow: NewFlow<A>,
+    pub reverse: CtEntry<A>,
+    pub key: CtKey<A>,
+    /// `reject`'s answer frame.
+    pub frame: [u8; crate::reject::MAX_LEN],
+}
+
 pub struct V4Family;
 pub struct V6Family;
 
@@ -127,8 +161,8 @@ impl Family for V4Family {
     const ICMP_PSEUDO_HDR: bool = false;
 
     #[inline(always)]
-    fn parse<F: Frame>(ctx: &F) -> Parsed<V4> {
-        parse::parse_ipv4(ctx)
+    fn parse<F: Frame>(ctx: &F, out: &mut Parsed<V4>) {
+        parse::parse_ipv4(ctx, out)
     }
     #[inline(always)]
     fn peek<F: Frame>(ctx: &F) -> Option<Head<V4>> {
@@ -166,6 +200,10 @@ impl Family for V4Family {
     #[inline(always)]
     fn affinity() -> &'static Affinities<V4> {
         &AFFINITY
+    }
+    #[inline(always)]
+    fn scratches() -> &'static Scratches<V4> {
+        &SCRATCH
     }
 
     #[inline(always)]
@@ -244,8 +282,8 @@ impl Family for V6Family {
     const ICMP_PSEUDO_HDR: bool = true;
 
     #[inline(always)]
-    fn parse<F: Frame>(ctx: &F) -> Parsed<V6> {
-        parse::parse_ipv6(ctx)
+    fn parse<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
+        parse::parse_ipv6(ctx, out)
     }
     #[inline(always)]
     fn peek<F: Frame>(ctx: &F) -> Option<Head<V6>> {
@@ -283,6 +321,10 @@ impl Family for V6Family {
     #[inline(always)]
     fn affinity() -> &'static Affinities<V6> {
         &AFFINITY6
+    }
+    #[inline(always)]
+    fn scratches() -> &'static Scratches<V6> {
+        &SCRATCH6
     }
 
     #[inline(always)]

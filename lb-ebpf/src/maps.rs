@@ -107,6 +107,12 @@ pub static NODE_ADDRS6: HashMap<VipKey<V6>, Vip, { capacity::NODE_ADDRS as usize
 pub static AFFINITY6: LruHashMap<AffinityKey<V6>, Affinity, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
+/// Per-CPU working memory (`family::Scratch`); internal, not pinned.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<crate::family::Scratch<lb_common::V4>, 1> = PerCpuArray::new();
+#[btf_map]
+pub static SCRATCH6: PerCpuArray<crate::family::Scratch<V6>, 1> = PerCpuArray::new();
+
 /// Per-CPU packet and byte counters by `lb_common::stats` reason.
 #[btf_map]
 pub static STATS: PerCpuArray<Counter, { REASONS as usize }> = PerCpuArray::new();

@@ -48,7 +48,8 @@ pub fn rewrite_addr<F: Family>(
 }
 
 /// Rewrites one end of `pkt` to that end of `to`, fixing the IPv4 and L4 checksums.
-#[inline(always)]
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
 pub fn rewrite<F: Family>(
     ctx: &TcContext,
     pkt: &Packet<F::Addr>,

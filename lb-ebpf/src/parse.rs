@@ -83,10 +83,18 @@ impl Frame for XdpContext {
     fn pull(&self, _len: u32) {}
 }
 
+/// Deepest offset a header is read at.
+const MAX_HEADER_OFF: usize = 1024;
+
 /// Returns a pointer to a `T` at `offset` in the linear packet data, or `None` if it would
 /// reach past the end. The only way headers are read.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*const T> {
+    // Offsets kept in scratch memory come back without the bounds the verifier knew; headers
+    // never lie this deep, and the check gives it one back.
+    if offset > MAX_HEADER_OFF {
+        return None;
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -95,21 +103,73 @@ pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// What parsing found; the datapath decides from this.
-pub enum Parsed<A> {
-    /// An IP header the kernel will reject itself, or an IPv6 header chain not walked.
-    Malformed(NoPorts<A>),
-    /// Neither TCP nor UDP (fragmented or not).
-    NoPorts(NoPorts<A>),
+/// What parsing found (`Parsed::kind`); the datapath decides from this.
+#[repr(u8)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// An IP header the kernel will reject itself, or an IPv6 header chain not walked
+    /// (`tuple.daddr` is set when the fixed header was there).
+    #[default]
+    Malformed,
+    /// Neither TCP nor UDP (`fragment` says whether it is a fragment).
+    NoPorts,
     /// TCP or UDP with an L4 header that is truncated or invalid.
-    MalformedL4 { daddr: A },
-    /// A complete TCP or UDP header (possibly of a first fragment).
-    L4(Packet<A>),
-    /// A later fragment of a TCP or UDP datagram: no ports.
-    LaterFragment(Fragment<A>),
+    MalformedL4,
+    /// A complete TCP or UDP header (possibly of a first fragment): `pkt` is all there.
+    L4,
+    /// A later fragment of a TCP or UDP datagram, without ports (`Parsed::fragment`).
+    LaterFragment,
     /// An ICMP or ICMPv6 error (destination unreachable, packet too big, time exceeded,
-    /// parameter problem) quoting a TCP or UDP packet.
-    IcmpError(IcmpError<A>),
+    /// parameter problem) quoting a TCP or UDP packet (`Parsed::icmp_error`).
+    IcmpError,
+}
+
+/// What parsing found. A struct with a kind, not an enum with data: it is filled in place by
+/// a BPF function of its own (`parse_ipv4`, `parse_ipv6`), and an enum's unused bytes would
+/// be copied from whatever a register held, which the verifier refuses for pointers. Every
+/// byte starts zeroed (`Default`) and parsing only stores fields.
+#[derive(Clone, Copy, Default)]
+pub struct Parsed<A> {
+    pub kind: Kind,
+    /// Any fragment of a fragmented datagram (for `NoPorts`).
+    pub fragment: bool,
+    /// The packet: its addresses and protocol whatever the kind; everything for `L4`; for
+    /// `LaterFragment` also `ip_id_be` and `ttl`; for `IcmpError`, `l4_off` is the ICMP
+    /// header's offset.
+    pub pkt: Packet<A>,
+    /// `IcmpError`: the quoted packet's tuple, as it was sent, and its L4 header's offset.
+    pub inner: CtKey<A>,
+    pub inner_l4_off: usize,
+}
+
+impl<A: Addr> Parsed<A> {
+    /// The later fragment, for `Kind::LaterFragment`.
+    #[inline(always)]
+    pub fn fragment(&self) -> Fragment<A> {
+        let t = &self.pkt.tuple;
+        Fragment {
+            key: FragKey {
+                saddr: t.saddr,
+                daddr: t.daddr,
+                id_be: self.pkt.ip_id_be,
+                proto: t.proto,
+                _pad: [0; 3],
+            },
+            ttl: self.pkt.ttl,
+        }
+    }
+
+    /// The error and what it quotes, for `Kind::IcmpError`.
+    #[inline(always)]
+    pub fn icmp_error(&self) -> IcmpError<A> {
+        IcmpError {
+            icmp_off: self.pkt.l4_off,
+            inner_ip_off: self.pkt.l4_off + ICMP_HLEN,
+            inner_l4_off: self.inner_l4_off,
+            inner: self.inner,
+            daddr: self.pkt.tuple.daddr,
+        }
+    }
 }
 
 /// Where an ICMP error's fields are, and the 5-tuple of the packet it quotes.
@@ -133,11 +193,6 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// parameter problem. Every error type is below 128.
 const ICMPV6_ERROR_MAX: u8 = 4;
 
-pub struct NoPorts<A> {
-    pub daddr: A,
-    pub fragment: bool,
-}
-
 /// A later fragment of a TCP or UDP datagram.
 pub struct Fragment<A> {
     pub key: FragKey<A>,
@@ -145,6 +200,7 @@ pub struct Fragment<A> {
 }
 
 /// The fields of a TCP/UDP packet the datapath needs.
+#[derive(Clone, Copy, Default)]
 pub struct Packet<A> {
     /// The 5-tuple as it arrived.
     pub tuple: CtKey<A>,
@@ -244,62 +300,47 @@ fn pull_headers<F: Frame>(ctx: &F) {
     }
 }
 
-/// Parses an IPv4 packet (the caller checked the EtherType).
-#[inline(always)]
-pub fn parse_ipv4<F: Frame>(ctx: &F) -> Parsed<V4> {
+/// Parses an IPv4 packet (the caller checked the EtherType) into `out`, which starts zeroed.
+/// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
+pub fn parse_ipv4<F: Frame>(ctx: &F, out: &mut Parsed<V4>) {
     pull_headers(ctx);
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Parsed::Malformed(NoPorts {
-            daddr: [0; 4],
-            fragment: false,
-        });
+        return;
     };
     // SAFETY: `ptr_at` checked the header lies inside the packet; copied once so later reads
     // are plain loads.
     let ip = unsafe { core::ptr::read_unaligned(ip) };
+    out.pkt.tuple.saddr = ip.saddr;
+    out.pkt.tuple.daddr = ip.daddr;
+    out.pkt.tuple.proto = ip.proto;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as usize;
     let frame_l3_len = ctx.len() as usize - ETH_HLEN;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl || tot_len > frame_l3_len {
-        return Parsed::Malformed(NoPorts {
-            daddr: ip.daddr,
-            fragment: false,
-        });
+        return;
     }
 
     let frag_off = u16::from_be(ip.frag_off_be);
     let fragment = frag_off & (IP_MF | IP_OFFSET) != 0;
-    if !fragment && ip.proto == proto::ICMP {
-        if let Some(err) = icmp_error(ctx, ETH_HLEN + ihl, ip.daddr) {
-            return Parsed::IcmpError(err);
-        }
+    // `ihl` is at most 60, which bounds the L4 offset for the verifier.
+    let l4_off = ETH_HLEN + ihl;
+    if !fragment && ip.proto == proto::ICMP && icmp_error(ctx, l4_off, out) {
+        out.kind = Kind::IcmpError;
+        out.pkt.l4_off = l4_off;
+        return;
     }
-    let tuple = CtKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport_be: 0,
-        dport_be: 0,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
-    let ip_id_be = ip.id_be as u32;
+    out.fragment = fragment;
+    out.pkt.l4_off = l4_off;
+    out.pkt.l4_len = (tot_len - ihl) as u16;
+    out.pkt.has_ip_options = ihl > IPV4_HLEN;
+    out.pkt.ttl = ip.ttl;
+    out.pkt.ip_id_be = ip.id_be as u32;
     // Later fragments are told apart before the ports are read, so MF alone marks a first
     // fragment there. `black_box` keeps the compiler from turning the arithmetic back into a
     // branch.
     let first_fragment = core::hint::black_box(((frag_off & IP_MF) >> 13) as usize);
-    let fields = IpFields {
-        tuple,
-        l4_off: ETH_HLEN + ihl,
-        l4_len: tot_len - ihl,
-        has_ip_options: ihl > IPV4_HLEN,
-        ttl: ip.ttl,
-        ip_id_be,
-        fragment,
-        later_fragment: frag_off & IP_OFFSET != 0,
-        first_fragment,
-    };
-    // `ihl` is at most 60, which bounds the L4 offset for the verifier.
-    transport(ctx, fields)
+    transport(ctx, out, frag_off & IP_OFFSET != 0, first_fragment);
 }
 
 /// IPv6 extension headers (RFC 8200 4.1) the parser steps over.
@@ -313,35 +354,34 @@ const NEXTHDR_ICMPV6: u8 = 58;
 const IP6_MF: u16 = 0x0001;
 const IP6_OFFSET: u16 = 0xfff8;
 
-/// Parses an IPv6 packet (the caller checked the EtherType), walking up to `MAX_EXT_HEADERS`
-/// extension headers to the upper-layer one.
-#[inline(always)]
-pub fn parse_ipv6<F: Frame>(ctx: &F) -> Parsed<V6> {
+/// Parses an IPv6 packet (the caller checked the EtherType) into `out`, which starts zeroed,
+/// walking up to `MAX_EXT_HEADERS` extension headers to the upper-layer one. A BPF function
+/// of its own (see `family`: the stack).
+#[inline(never)]
+pub fn parse_ipv6<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
     pull_headers(ctx);
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
-        return Parsed::Malformed(NoPorts {
-            daddr: [0; 16],
-            fragment: false,
-        });
+        return;
     };
     // SAFETY: `ptr_at` checked the header lies inside the packet; copied once.
     let ip = unsafe { core::ptr::read_unaligned(ip) };
+    out.pkt.tuple.saddr = ip.saddr;
+    out.pkt.tuple.daddr = ip.daddr;
     let payload_len = u16::from_be(ip.payload_len_be) as usize;
     let frame_l3_len = ctx.len() as usize - ETH_HLEN;
-    let malformed = NoPorts {
-        daddr: ip.daddr,
-        fragment: false,
-    };
-    // A payload length of 0 is a jumbogram (RFC 2675): left to the kernel.
-    if ip.version_tc_flow[0] >> 4 != 6 || payload_len == 0 || IPV6_HLEN + payload_len > frame_l3_len
-    {
-        return Parsed::Malformed(malformed);
+    // (A jumbogram, RFC 2675, has a payload length of 0 behind a hop-by-hop header: its
+    // chain then ends past the payload, below, and it is not translated. None cross
+    // Ethernet.)
+    if ip.version_tc_flow[0] >> 4 != 6 || IPV6_HLEN + payload_len > frame_l3_len {
+        return;
     }
+    // From here on, a packet whose upper-layer header cannot be found is one whose ports
+    // are unknown: dropped if it is for a frontend, like a truncated L4 header.
+    out.kind = Kind::MalformedL4;
 
     let mut next = ip.next_header;
     let mut ext_len = 0usize;
     let mut frag_word = 0u16;
-    let mut ip_id_be = 0u32;
     let mut fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         let off = ETH_HLEN + IPV6_HLEN + ext_len;
@@ -349,7 +389,7 @@ pub fn parse_ipv6<F: Frame>(ctx: &F) -> Parsed<V6> {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
                 // SAFETY: `ptr_at` checks bounds; plain byte loads.
                 let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
-                    return Parsed::Malformed(malformed);
+                    return;
                 };
                 let h = unsafe { *h };
                 next = h[0];
@@ -362,12 +402,12 @@ pub fn parse_ipv6<F: Frame>(ctx: &F) -> Parsed<V6> {
             NEXTHDR_FRAGMENT => {
                 // SAFETY: as above; the fragment header is 8 bytes.
                 let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
-                    return Parsed::Malformed(malformed);
+                    return;
                 };
                 let h = unsafe { *h };
                 next = h[0];
                 frag_word = u16::from_be_bytes([h[2], h[3]]);
-                ip_id_be = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                out.pkt.ip_id_be = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
                 fragment = true;
                 8
             }
@@ -375,135 +415,91 @@ pub fn parse_ipv6<F: Frame>(ctx: &F) -> Parsed<V6> {
         };
         ext_len += len;
         if ext_len > MAX_EXT_OFF {
-            return Parsed::Malformed(malformed);
+            return;
         }
     }
     // Still an extension header after the walk: a chain longer than the parser follows.
     if matches!(
         next,
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST | NEXTHDR_AUTH
-    ) {
-        return Parsed::Malformed(malformed);
+    ) || ext_len > payload_len
+    {
+        return;
     }
-    if ext_len > payload_len {
-        return Parsed::Malformed(malformed);
-    }
+    out.pkt.tuple.proto = next;
     let l4_off = ETH_HLEN + IPV6_HLEN + ext_len;
-    if !fragment && next == NEXTHDR_ICMPV6 {
-        if let Some(err) = icmpv6_error(ctx, l4_off, ip.daddr) {
-            return Parsed::IcmpError(err);
-        }
+    if !fragment && next == NEXTHDR_ICMPV6 && icmpv6_error(ctx, l4_off, out) {
+        out.kind = Kind::IcmpError;
+        out.pkt.l4_off = l4_off;
+        return;
     }
+    out.fragment = fragment;
+    out.pkt.l4_off = l4_off;
+    out.pkt.l4_len = (payload_len - ext_len) as u16;
+    out.pkt.has_ip_options = ext_len != 0;
+    out.pkt.ttl = ip.hop_limit;
     let first_fragment = core::hint::black_box((frag_word & IP6_MF) as usize);
-    let fields = IpFields {
-        tuple: CtKey {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            sport_be: 0,
-            dport_be: 0,
-            proto: next,
-            _pad: [0; 3],
-        },
-        l4_off,
-        l4_len: payload_len - ext_len,
-        has_ip_options: ext_len != 0,
-        ttl: ip.hop_limit,
-        ip_id_be,
-        fragment,
-        later_fragment: frag_word & IP6_OFFSET != 0,
-        first_fragment,
-    };
-    transport(ctx, fields)
+    transport(ctx, out, frag_word & IP6_OFFSET != 0, first_fragment);
 }
 
-/// What the IP layer of either family found, for the transport parser.
-struct IpFields<A> {
-    tuple: CtKey<A>,
-    l4_off: usize,
-    l4_len: usize,
-    has_ip_options: bool,
-    ttl: u8,
-    ip_id_be: u32,
-    /// Any fragment of a fragmented datagram; a later one (offset > 0); 1 for a first one.
-    fragment: bool,
+/// The TCP or UDP header behind the IP layer, for both families: completes `out`, whose IP
+/// fields are set.
+#[inline(always)]
+fn transport<F: Frame, A: Addr>(
+    ctx: &F,
+    out: &mut Parsed<A>,
     later_fragment: bool,
     first_fragment: usize,
-}
-
-/// The TCP or UDP header behind the IP layer, for both families.
-#[inline(always)]
-fn transport<F: Frame, A: Addr>(ctx: &F, ip: IpFields<A>) -> Parsed<A> {
-    let t = ip.tuple;
-    let ports = t.proto == proto::TCP || t.proto == proto::UDP;
-    if ports && ip.later_fragment {
-        return Parsed::LaterFragment(Fragment {
-            key: FragKey {
-                saddr: t.saddr,
-                daddr: t.daddr,
-                id_be: ip.ip_id_be,
-                proto: t.proto,
-                _pad: [0; 3],
-            },
-            ttl: ip.ttl,
-        });
+) {
+    let proto = out.pkt.tuple.proto;
+    let ports = proto == proto::TCP || proto == proto::UDP;
+    if ports && later_fragment {
+        out.kind = Kind::LaterFragment;
+        return;
     }
     if !ports {
-        return Parsed::NoPorts(NoPorts {
-            daddr: t.daddr,
-            fragment: ip.fragment,
-        });
+        out.kind = Kind::NoPorts;
+        return;
     }
-
-    let (l4_off, l4_len) = (ip.l4_off, ip.l4_len);
-    let mut pkt = Packet {
-        tuple: t,
-        l4_off,
-        has_ip_options: ip.has_ip_options,
-        ttl: ip.ttl,
-        first_fragment: ip.first_fragment as u8,
-        ip_id_be: ip.ip_id_be,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        tcp_ack: 0,
-        l4_payload_len: 0,
-        l4_len: l4_len as u16,
-    };
-    let malformed = Parsed::MalformedL4 { daddr: t.daddr };
-
-    if t.proto == proto::TCP {
+    out.kind = Kind::MalformedL4;
+    let l4_off = out.pkt.l4_off;
+    let l4_len = out.pkt.l4_len as usize;
+    if proto == proto::TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
-            return malformed;
+            return;
         };
         // SAFETY: `ptr_at` checked the header lies inside the packet.
         let tcp = unsafe { core::ptr::read_unaligned(tcp) };
         let doff = ((tcp.doff_res >> 4) as usize) * 4;
         if doff < TCP_HLEN || doff > l4_len {
-            return malformed;
+            return;
         }
-        pkt.tuple.sport_be = tcp.sport_be;
-        pkt.tuple.dport_be = tcp.dport_be;
-        pkt.tcp_flags = tcp.flags & (tcpf::FIN | tcpf::SYN | tcpf::RST | tcpf::PSH | tcpf::ACK);
-        pkt.tcp_seq = u32::from_be(tcp.seq_be);
-        pkt.tcp_ack = u32::from_be(tcp.ack_be);
-        pkt.l4_payload_len = (l4_len - doff) as u32;
+        out.pkt.tuple.sport_be = tcp.sport_be;
+        out.pkt.tuple.dport_be = tcp.dport_be;
+        out.pkt.tcp_flags =
+            tcp.flags & (tcpf::FIN | tcpf::SYN | tcpf::RST | tcpf::PSH | tcpf::ACK);
+        out.pkt.tcp_seq = u32::from_be(tcp.seq_be);
+        out.pkt.tcp_ack = u32::from_be(tcp.ack_be);
+        out.pkt.l4_payload_len = (l4_len - doff) as u32;
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
-            return malformed;
+            return;
         };
         // SAFETY: `ptr_at` checked the header lies inside the packet.
         let udp = unsafe { core::ptr::read_unaligned(udp) };
         let udp_len = u16::from_be(udp.len_be) as usize;
         // A first fragment holds only part of the datagram its length describes: no upper
         // bound for it.
-        let udp_len_max = l4_len | (ip.first_fragment * 0xffff);
+        let udp_len_max = l4_len | (first_fragment * 0xffff);
         if udp_len < UDP_HLEN || udp_len > udp_len_max {
-            return malformed;
+            return;
         }
-        pkt.tuple.sport_be = udp.sport_be;
-        pkt.tuple.dport_be = udp.dport_be;
-        pkt.l4_payload_len = (udp_len - UDP_HLEN) as u32;
+        out.pkt.tuple.sport_be = udp.sport_be;
+        out.pkt.tuple.dport_be = udp.dport_be;
+        out.pkt.l4_payload_len = (udp_len - UDP_HLEN) as u32;
     }
-    Parsed::L4(pkt)
+    out.pkt.first_fragment = first_fragment as u8;
+    out.kind = Kind::L4;
 }
 
 /// The ports at the start of a quoted TCP or UDP header.
@@ -513,88 +509,87 @@ fn quoted_ports<F: Frame>(ctx: &F, off: usize) -> Option<[u16; 2]> {
     Some(unsafe { core::ptr::read_unaligned(ptr_at::<[u16; 2]>(ctx, off)?) })
 }
 
-/// Parses the ICMP message at `icmp_off`, if it is an error quoting a TCP or UDP packet with
-/// its ports.
+/// True when the ICMP message at `icmp_off` is an error quoting a TCP or UDP packet with its
+/// ports, which are written to `out.inner`.
 #[inline(always)]
-fn icmp_error<F: Frame>(ctx: &F, icmp_off: usize, daddr: V4) -> Option<IcmpError<V4>> {
+fn icmp_error<F: Frame>(ctx: &F, icmp_off: usize, out: &mut Parsed<V4>) -> bool {
     // Type and code, read together: a one-byte bounds check compiles to `ptr >= end`, from
     // which the verifier learns no range.
     // SAFETY: `ptr_at` checks bounds; bytes need no alignment.
-    let [icmp_type, _code] = unsafe { *ptr_at::<[u8; 2]>(ctx, icmp_off)? };
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, icmp_off) else {
+        return false;
+    };
+    let icmp_type = unsafe { (*head)[0] };
     if icmp_type != ICMP_DEST_UNREACH
         && icmp_type != ICMP_TIME_EXCEEDED
         && icmp_type != ICMP_PARAMETER_PROBLEM
     {
-        return None;
+        return false;
     }
     let inner_ip_off = icmp_off + ICMP_HLEN;
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner_ip_off) else {
+        return false;
+    };
     // SAFETY: `ptr_at` checked the header lies inside the packet; copied once.
-    let ip = unsafe { core::ptr::read_unaligned(ptr_at::<Ipv4Hdr>(ctx, inner_ip_off)?) };
+    let ip = unsafe { core::ptr::read_unaligned(ip) };
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     if ip.version_ihl >> 4 != 4
         || ihl < IPV4_HLEN
         || (ip.proto != proto::TCP && ip.proto != proto::UDP)
     {
-        return None;
+        return false;
     }
     // A quoted later fragment carries no ports.
     if u16::from_be(ip.frag_off_be) & IP_OFFSET != 0 {
-        return None;
+        return false;
     }
     let inner_l4_off = inner_ip_off + ihl;
-    let ports = quoted_ports(ctx, inner_l4_off)?;
-    Some(IcmpError {
-        icmp_off,
-        inner_ip_off,
-        inner_l4_off,
-        inner: CtKey {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            sport_be: ports[0],
-            dport_be: ports[1],
-            proto: ip.proto,
-            _pad: [0; 3],
-        },
-        daddr,
-    })
+    let Some(ports) = quoted_ports(ctx, inner_l4_off) else {
+        return false;
+    };
+    out.inner_l4_off = inner_l4_off;
+    out.inner.saddr = ip.saddr;
+    out.inner.daddr = ip.daddr;
+    out.inner.sport_be = ports[0];
+    out.inner.dport_be = ports[1];
+    out.inner.proto = ip.proto;
+    true
 }
 
-/// Parses the ICMPv6 message at `icmp_off`, if it is an error quoting a TCP or UDP packet
-/// whose upper-layer header follows the fixed header directly (a quote with extension headers
-/// is passed untranslated).
+/// As `icmp_error`, for ICMPv6. A quote whose upper-layer header does not follow the fixed
+/// header directly (extension headers) is not one: it passes untranslated.
 #[inline(always)]
-fn icmpv6_error<F: Frame>(ctx: &F, icmp_off: usize, daddr: V6) -> Option<IcmpError<V6>> {
-    // Type and code, read together: a one-byte bounds check compiles to `ptr >= end`, from
-    // which the verifier learns no range.
-    // SAFETY: `ptr_at` checks bounds; bytes need no alignment.
-    let [icmp_type, _code] = unsafe { *ptr_at::<[u8; 2]>(ctx, icmp_off)? };
+fn icmpv6_error<F: Frame>(ctx: &F, icmp_off: usize, out: &mut Parsed<V6>) -> bool {
+    // SAFETY: `ptr_at` checks bounds; bytes need no alignment (two: see `icmp_error`).
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, icmp_off) else {
+        return false;
+    };
+    let icmp_type = unsafe { (*head)[0] };
     if icmp_type == 0 || icmp_type > ICMPV6_ERROR_MAX {
-        return None;
+        return false;
     }
     let inner_ip_off = icmp_off + ICMP_HLEN;
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner_ip_off) else {
+        return false;
+    };
     // SAFETY: `ptr_at` checked the header lies inside the packet; copied once.
-    let ip = unsafe { core::ptr::read_unaligned(ptr_at::<Ipv6Hdr>(ctx, inner_ip_off)?) };
+    let ip = unsafe { core::ptr::read_unaligned(ip) };
     if ip.version_tc_flow[0] >> 4 != 6
         || (ip.next_header != proto::TCP && ip.next_header != proto::UDP)
     {
-        return None;
+        return false;
     }
     let inner_l4_off = inner_ip_off + IPV6_HLEN;
-    let ports = quoted_ports(ctx, inner_l4_off)?;
-    Some(IcmpError {
-        icmp_off,
-        inner_ip_off,
-        inner_l4_off,
-        inner: CtKey {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            sport_be: ports[0],
-            dport_be: ports[1],
-            proto: ip.next_header,
-            _pad: [0; 3],
-        },
-        daddr,
-    })
+    let Some(ports) = quoted_ports(ctx, inner_l4_off) else {
+        return false;
+    };
+    out.inner_l4_off = inner_l4_off;
+    out.inner.saddr = ip.saddr;
+    out.inner.daddr = ip.daddr;
+    out.inner.sport_be = ports[0];
+    out.inner.dport_be = ports[1];
+    out.inner.proto = ip.next_header;
+    true
 }
 
 /// What the egress program reads of a packet before deciding whether to parse it: only the

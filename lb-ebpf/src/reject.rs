@@ -4,7 +4,7 @@
 //! out.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use lb_common::{
@@ -22,7 +22,7 @@ use crate::{
 
 const ICMP_HLEN: usize = 8;
 /// The longest answer: ICMPv6 quoting an IPv6 header and 8 bytes of its payload.
-const MAX_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + UDP_HLEN;
+pub const MAX_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + UDP_HLEN;
 /// ICMP destination unreachable, port unreachable (RFC 792); ICMPv6's (RFC 4443).
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -87,6 +87,16 @@ fn ip_header<F: Family>(
         ip[8..24].copy_from_slice(saddr.bytes());
         ip[24..40].copy_from_slice(daddr.bytes());
     }
+}
+
+/// This CPU's answer buffer (`family::Scratch::frame`), zeroed.
+#[inline(always)]
+fn answer_buffer<F: Family>() -> Result<&'static mut [u8; MAX_LEN], u32> {
+    let work = F::scratch().ok_or(DROP_REWRITE_FAILED)?;
+    // SAFETY: this CPU's slot; `frame` has one user at a time (see `Scratch`).
+    let frame = unsafe { &mut (*work).frame };
+    *frame = [0; MAX_LEN];
+    Ok(frame)
 }
 
 /// Swaps the MAC addresses so the answer goes back to the sender's interface.
@@ -154,8 +164,8 @@ fn tcp_rst<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict,
     };
     let t = &pkt.tuple;
     let ip_len = ip_hlen::<F>();
-    let mut frame = [0u8; MAX_LEN];
-    reply_ethernet::<F>(ctx, &mut frame)?;
+    let frame = answer_buffer::<F>()?;
+    reply_ethernet::<F>(ctx, frame)?;
     ip_header::<F>(
         &mut frame[ETH_HLEN..],
         0,
@@ -183,7 +193,7 @@ fn tcp_rst<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict,
         fold(sum_bytes(sum, &tcp[..TCP_HLEN]))
     };
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    send_back(ctx, &mut frame, ETH_HLEN + ip_len + TCP_HLEN, REJECT_TCP_RST)
+    send_back(ctx, frame, ETH_HLEN + ip_len + TCP_HLEN, REJECT_TCP_RST)
 }
 
 /// True when `pkt` is a segment from a local socket whose checksum is still to be computed
@@ -207,8 +217,8 @@ fn port_unreachable<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result
     let ip_len = ip_hlen::<F>();
     let quote_len = ip_len + UDP_HLEN;
     let icmp_len = ICMP_HLEN + quote_len;
-    let mut frame = [0u8; MAX_LEN];
-    reply_ethernet::<F>(ctx, &mut frame)?;
+    let frame = answer_buffer::<F>()?;
+    reply_ethernet::<F>(ctx, frame)?;
     // TOS 0xc0 (internetwork control), as the kernel's own ICMP errors carry.
     let (l4_proto, icmp_type, code) = if F::HAS_L3_CSUM {
         (proto::ICMP, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
@@ -224,14 +234,18 @@ fn port_unreachable<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result
         t.saddr,
     );
     let quote_off = ETH_HLEN + ip_len + ICMP_HLEN;
-    if F::HAS_L3_CSUM {
-        let quote: [u8; IPV4_HLEN + UDP_HLEN] =
-            ctx.load(ETH_HLEN).map_err(|_| DROP_REWRITE_FAILED)?;
-        frame[quote_off..quote_off + IPV4_HLEN + UDP_HLEN].copy_from_slice(&quote);
-    } else {
-        let quote: [u8; IPV6_HLEN + UDP_HLEN] =
-            ctx.load(ETH_HLEN).map_err(|_| DROP_REWRITE_FAILED)?;
-        frame[quote_off..quote_off + IPV6_HLEN + UDP_HLEN].copy_from_slice(&quote);
+    // The raw helper: its length is the family's constant, which the verifier needs to see.
+    // SAFETY: `frame` has `quote_len` bytes from `quote_off` (`MAX_LEN` is sized for IPv6's).
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            ETH_HLEN as u32,
+            frame.as_mut_ptr().add(quote_off) as *mut _,
+            quote_len as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(DROP_REWRITE_FAILED);
     }
 
     let icmp = &mut frame[ETH_HLEN + ip_len..];
@@ -244,5 +258,5 @@ fn port_unreachable<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result
     };
     let check = fold(sum_bytes(seed, &icmp[..icmp_len]));
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    send_back(ctx, &mut frame, ETH_HLEN + icmp_len + ip_len, REJECT_ICMP_UNREACH)
+    send_back(ctx, frame, ETH_HLEN + icmp_len + ip_len, REJECT_ICMP_UNREACH)
 }

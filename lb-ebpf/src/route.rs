@@ -22,7 +22,8 @@ use crate::family::Family;
 /// Routes a packet with time to live `ttl`, already translated to the tuple `to`, out of the
 /// interface the FIB chooses. Returns the tc action (`TC_ACT_REDIRECT`)
 /// or the reason to drop it.
-#[inline(always)]
+// A BPF function of its own (see `family`: the stack).
+#[inline(never)]
 pub fn forward<F: Family>(ctx: &TcContext, to: &CtKey<F::Addr>, ttl: u8) -> Result<i32, u32> {
     // A router never forwards a packet whose TTL runs out; the kernel would answer with "time
     // exceeded", which needs the untranslated packet, so it is dropped and counted instead.

@@ -10,11 +10,11 @@ use lb_common::{
 use crate::{
     action, affinity,
     conntrack::{self, Lookup, Source},
-    family::{Family, V4Family},
+    family::{Family, V4Family, V6Family},
     fragment, icmp,
     maps::{BACKEND_SLOTS, MAGLEV},
     nat::{self, End},
-    parse::{self, Packet, Parsed},
+    parse::{self, Kind, Packet},
     reject, route, Verdict,
 };
 
@@ -47,6 +47,8 @@ pub fn try_ingress(ctx: &TcContext) -> Verdict {
     // stack BPF allows (README, "Known gaps"), so IPv6 passes untouched, as before.
     if ether_type == V4Family::ETH_P_BE {
         ingress::<V4Family>(ctx)
+    } else if ether_type == V6Family::ETH_P_BE {
+        ingress::<V6Family>(ctx)
     } else {
         not_ip
     }
@@ -60,38 +62,40 @@ fn ingress<F: Family>(ctx: &TcContext) -> Verdict {
 
 #[inline(always)]
 fn try_family<F: Family>(ctx: &TcContext) -> Result<Verdict, u32> {
-    let pkt = match F::parse(ctx) {
-        // An IPv6 chain too long to walk may still be for a service: never let such a packet
-        // through untranslated.
-        Parsed::Malformed(p) if is_vip::<F>(p.daddr) => return Err(DROP_MALFORMED_L4),
-        Parsed::Malformed(_) => return pass(PASS_MALFORMED_IP),
+    let Some(parsed) = F::parse_in_scratch(ctx) else {
+        return pass(PASS_MALFORMED_IP);
+    };
+    let daddr = parsed.pkt.tuple.daddr;
+    match parsed.kind {
+        Kind::L4 => {}
+        Kind::Malformed => return pass(PASS_MALFORMED_IP),
         // Without ports a packet for a service cannot be translated; letting it through
         // untranslated would send it somewhere it was not meant to go.
-        Parsed::NoPorts(p) if p.fragment && is_vip::<F>(p.daddr) => return Err(DROP_FRAGMENT),
-        Parsed::LaterFragment(frag) => return Ok(fragment::translate::<F>(ctx, &frag)),
-        Parsed::NoPorts(_) => return pass(PASS_OTHER),
-        Parsed::MalformedL4 { daddr } if is_vip::<F>(daddr) => return Err(DROP_MALFORMED_L4),
-        Parsed::MalformedL4 { .. } => return pass(PASS_NOT_SERVICE),
-        Parsed::L4(pkt) => pkt,
-        Parsed::IcmpError(err) => return Ok(icmp::translate_error::<F>(ctx, &err)),
-    };
+        Kind::NoPorts if parsed.fragment && is_vip::<F>(daddr) => return Err(DROP_FRAGMENT),
+        Kind::NoPorts => return pass(PASS_OTHER),
+        Kind::MalformedL4 if is_vip::<F>(daddr) => return Err(DROP_MALFORMED_L4),
+        Kind::MalformedL4 => return pass(PASS_NOT_SERVICE),
+        Kind::LaterFragment => return Ok(fragment::translate::<F>(ctx, &parsed.fragment())),
+        Kind::IcmpError => return Ok(icmp::translate_error::<F>(ctx, &parsed.icmp_error())),
+    }
+    let pkt = &parsed.pkt;
 
     // One call site for the translation, so the verifier walks it once.
     let mut entry = CtEntry::default();
-    let reason = match conntrack::lookup::<F>(&pkt, &mut entry) {
+    let reason = match conntrack::lookup::<F>(pkt, &mut entry) {
         Lookup::Hit if entry.direction == CT_FORWARD => XLATE_FORWARD,
         Lookup::Hit => XLATE_REPLY,
         // A stale entry is overwritten if this packet starts a new flow to a frontend.
-        other => match start_flow::<F>(&pkt, matches!(other, Lookup::Stale), &mut entry)? {
+        other => match start_flow::<F>(pkt, matches!(other, Lookup::Stale), &mut entry)? {
             Start::NotService => return pass(PASS_NOT_SERVICE),
-            Start::Reject => return Ok(reject::no_backend::<F>(ctx, &pkt)),
+            Start::Reject => return Ok(reject::no_backend::<F>(ctx, pkt)),
             Start::Tracked(reason) => reason,
         },
     };
     if pkt.first_fragment != 0 {
-        fragment::remember::<F>(&pkt);
+        fragment::remember::<F>(pkt);
     }
-    Ok(translate::<F>(ctx, &pkt, &entry, reason))
+    Ok(translate::<F>(ctx, pkt, &entry, reason))
 }
 
 /// How a packet without a live tracking entry starts, decided without touching the packet
@@ -111,13 +115,27 @@ const _: () = assert!(core::mem::size_of::<Result<Start, u32>>() <= 8);
 /// Decides how `pkt` starts, choosing and recording a backend for a new flow, whose forward
 /// entry is written to `entry`. With `replace`, its tuple's existing entry is stale and is
 /// overwritten.
-// A BPF function of its own (see `family`: the stack).
-#[inline(never)]
+///
+/// Two BPF functions called one after the other, not one calling the other, so their stack
+/// frames are never on the chain together (see `family`).
+#[inline(always)]
 pub fn start_flow<F: Family>(
     pkt: &Packet<F::Addr>,
     replace: bool,
     entry: &mut CtEntry<F::Addr>,
 ) -> Result<Start, u32> {
+    let start = decide_flow::<F>(pkt, replace)?;
+    if let Start::Tracked(_) = start {
+        let work = F::scratch().ok_or(DROP_CT_FULL)?;
+        // SAFETY: this CPU's slot, which `decide_flow` filled (see `Scratch`).
+        conntrack::create::<F>(pkt, unsafe { &(*work).flow }, entry)?;
+    }
+    Ok(start)
+}
+
+/// How `pkt` starts; for a new flow, the choices are left in this CPU's `Scratch::flow`.
+#[inline(never)]
+fn decide_flow<F: Family>(pkt: &Packet<F::Addr>, replace: bool) -> Result<Start, u32> {
     let key = FrontendKey {
         addr: pkt.tuple.daddr,
         port_be: pkt.tuple.dport_be,
@@ -162,15 +180,20 @@ pub fn start_flow<F: Family>(
     };
     // Local delivery goes through the stack: a FIB lookup would only say "not forwarded".
     let route = !host && (svc.flags & SVC_F_EXTERNAL != 0 || source.snat);
-    let flow = conntrack::NewFlow {
-        svc_id: svc.svc_id,
-        backend_id,
-        backend,
-        source,
-        route,
-        replace,
+    let Some(work) = F::scratch() else {
+        return Err(DROP_CT_FULL);
     };
-    conntrack::create::<F>(pkt, &flow, entry)?;
+    // SAFETY: this CPU's slot; `flow` has one user at a time (see `Scratch`).
+    unsafe {
+        (*work).flow = conntrack::NewFlow {
+            svc_id: svc.svc_id,
+            backend_id,
+            backend,
+            source,
+            route,
+            replace,
+        }
+    };
     Ok(Start::Tracked(reason))
 }
 

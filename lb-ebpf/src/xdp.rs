@@ -33,7 +33,7 @@ use crate::{
     conntrack::{self, Lookup},
     family::{Family, V4Family},
     maps::XDP_TARGETS,
-    parse::{self, ptr_at, Packet, Parsed, IP_CHECK_OFF},
+    parse::{self, ptr_at, Kind, Packet, IP_CHECK_OFF},
     service::{self, Start},
     Verdict, UNCOUNTED,
 };
@@ -76,16 +76,18 @@ fn xdp<F: Family>(ctx: &XdpContext) -> Verdict {
 /// `None`: not for the fast path. `Err`: drop, counted.
 #[inline(always)]
 fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
-    let Parsed::L4(pkt) = F::parse(ctx) else {
+    let parsed = F::parse_in_scratch(ctx)?;
+    if parsed.kind != Kind::L4 {
         return None;
-    };
+    }
+    let pkt = &parsed.pkt;
     if pkt.first_fragment != 0 {
         return None;
     }
     let mut entry = CtEntry::default();
-    let reason = match conntrack::lookup::<F>(&pkt, &mut entry) {
+    let reason = match conntrack::lookup::<F>(pkt, &mut entry) {
         Lookup::Hit => XLATE_XDP_TRACKED,
-        other => match service::start_flow::<F>(&pkt, matches!(other, Lookup::Stale), &mut entry) {
+        other => match service::start_flow::<F>(pkt, matches!(other, Lookup::Stale), &mut entry) {
             Ok(Start::Tracked(_)) => XLATE_XDP_NEW_FLOW,
             Ok(_) => return None,
             Err(reason) => return Some(Err(reason)),
@@ -97,12 +99,12 @@ fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
     let to = entry.translated(&pkt.tuple);
     // Routed first, rewritten after: a packet the fast path cannot send on reaches tc as it
     // arrived.
-    let (ifindex, dmac, smac) = route::<F>(ctx, &pkt, &to)?;
+    let (ifindex, dmac, smac) = route::<F>(ctx, pkt, &to)?;
     let ingress = ctx.ingress_ifindex() as u32;
     if ifindex != ingress && XDP_TARGETS.get_ptr(ifindex).is_none() {
         return None;
     }
-    rewrite::<F>(ctx, &pkt, &to, dmac, smac)?;
+    rewrite::<F>(ctx, pkt, &to, dmac, smac)?;
     let action = if ifindex == ingress {
         XDP_TX
     } else {
@@ -116,8 +118,7 @@ fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
 }
 
 /// The egress interface and Ethernet addresses for `to`, when the FIB has them all.
-// A BPF function of its own (see `family`: the stack).
-#[inline(never)]
+#[inline(always)]
 fn route<F: Family>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
