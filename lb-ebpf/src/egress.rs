@@ -16,7 +16,7 @@ use lb_common::{stats::PASS_OTHER, stats::XLATE_REPLY, CtEntry, CtKey, VipKey, C
 
 use crate::{
     conntrack::{self, Lookup},
-    family::{Family, V4Family},
+    family::{Family, V4Family, V6Family},
     fragment, icmp,
     parse::{ptr_at, Head, Kind, Packet},
     service, Verdict, UNCOUNTED,
@@ -34,10 +34,10 @@ pub fn try_egress(ctx: &TcContext) -> Verdict {
     let Some(ether_type) = ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
         return NOT_OURS;
     };
-    // IPv6 is not handled here yet: its parse and translation together exceed one BPF
-    // frame's 512 bytes of stack in this program (README, "Known gaps").
     if ether_type == V4Family::ETH_P_BE {
         egress::<V4Family>(ctx)
+    } else if ether_type == V6Family::ETH_P_BE {
+        egress::<V6Family>(ctx)
     } else {
         NOT_OURS
     }

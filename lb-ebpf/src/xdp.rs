@@ -31,7 +31,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, Lookup},
-    family::{Family, V4Family},
+    family::{Family, V4Family, V6Family},
     maps::XDP_TARGETS,
     parse::{self, ptr_at, Kind, Packet, IP_CHECK_OFF},
     service::{self, Start},
@@ -51,10 +51,10 @@ pub fn try_xdp(ctx: &XdpContext) -> Verdict {
     let Some(ether_type) = ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
         return TO_TC;
     };
-    // IPv6 goes to tc, which handles it fully: the fast path's parse, conntrack and routing
-    // together exceed one BPF frame's 512 bytes of stack for IPv6 (README, "Known gaps").
     if ether_type == V4Family::ETH_P_BE {
         xdp::<V4Family>(ctx)
+    } else if ether_type == V6Family::ETH_P_BE {
+        xdp::<V6Family>(ctx)
     } else {
         TO_TC
     }
