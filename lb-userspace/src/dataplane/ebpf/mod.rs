@@ -669,3 +669,176 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 fn map_err(name: &'static str, source: MapError) -> LoadError {
     LoadError::Map { name, source }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The dataplane against the kernel: a dual-stack desired state written to freshly loaded
+    //! maps and read back. Root only (`cargo test -p lb-userspace --lib -- --ignored`); the
+    //! programs themselves are the datapath fixtures' business.
+
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn endpoints(addrs: &[&str]) -> BTreeSet<Endpoint> {
+        addrs
+            .iter()
+            .map(|a| Endpoint {
+                addr: ip(a),
+                port: 8080,
+            })
+            .collect()
+    }
+
+    /// One dual-stack TCP port: ClusterIPs 10.96.0.10 and fd00:96::10, a NodePort on the
+    /// node's IPv6 address, a LoadBalancer IP of each family and IPv6 source ranges; endpoints
+    /// of both families, one of them the node's own IPv6 address.
+    fn dual_stack() -> DesiredState {
+        let fe = |addr: &str, port| Frontend {
+            addr: ip(addr),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let ext = |snat: &str, load_balancer| External {
+            snat_addr: ip(snat),
+            load_balancer,
+        };
+        let port = ServicePort {
+            frontends: [fe("10.96.0.10", 80), fe("fd00:96::10", 80)].into(),
+            external_frontends: [
+                (fe("2001:db8::10", 30080), ext("2001:db8::10", false)),
+                (fe("2001:db8:ee::9", 80), ext("2001:db8::10", true)),
+                (fe("198.51.100.9", 80), ext("192.168.0.10", true)),
+            ]
+            .into(),
+            source_ranges: [(ip("2001:db8:aaaa::"), 48)].into(),
+            endpoints: endpoints(&["10.0.0.1", "10.0.0.2", "fd00:1::1", "2001:db8::10"]),
+            ..ServicePort::default()
+        };
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        DesiredState {
+            services: [(name, port)].into(),
+            node_addrs: [ip("192.168.0.10"), ip("2001:db8::10")].into(),
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root: loads the datapath and pins its maps"]
+    fn a_dual_stack_state_lands_in_each_familys_maps_and_is_adopted_after_a_restart() {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "loading BPF programs needs root"
+        );
+        let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-dual-stack", std::process::id()));
+        let _ = EbpfDataplane::remove_pins(&dir);
+        let options = LoadOptions {
+            capacities: vec![(names::CONNTRACK, 1024), (names::CONNTRACK6, 1024)],
+            hairpin_addr6: "fd00:ffff::1".parse().unwrap(),
+            ..LoadOptions::default()
+        };
+        let mut dp = EbpfDataplane::load_with(&dir, &options).expect("load");
+        let desired = dual_stack();
+        dp.apply(&desired).expect("apply");
+
+        let snap = inspect::read(&dir).expect("reading the maps back");
+        let backends = |addr: &str, port| {
+            let mut got: Vec<String> = (snap.backends_of(ip(addr), port, lb_common::proto::TCP))
+                .unwrap_or_else(|| panic!("no frontend {addr}:{port}"))
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect();
+            got.sort();
+            got
+        };
+        assert_eq!(backends("10.96.0.10", 80), ["10.0.0.1", "10.0.0.2"]);
+        let six = ["2001:db8::10", "fd00:1::1"];
+        assert_eq!(backends("fd00:96::10", 80), six, "IPv6 endpoints only");
+        assert_eq!(backends("2001:db8::10", 30080), six);
+        assert_eq!(backends("198.51.100.9", 80), ["10.0.0.1", "10.0.0.2"]);
+        let entry = |addr: &str, port: u16| {
+            let key = FrontendKey {
+                addr: ip(addr),
+                port_be: port.to_be(),
+                proto: lb_common::proto::TCP,
+                scope: lb_common::SCOPE_ALL,
+            };
+            snap.frontends[&key].0
+        };
+        let (c4, c6) = (entry("10.96.0.10", 80), entry("fd00:96::10", 80));
+        assert_ne!(c4.svc_id, c6.svc_id);
+        let lb6 = entry("2001:db8:ee::9", 80);
+        assert_eq!(lb6.svc_id, c6.svc_id);
+        assert_eq!(lb6.snat_addr, ip("2001:db8::10"));
+        assert_ne!(lb6.flags & lb_common::SVC_F_SOURCE_RANGES, 0);
+        let lb4 = entry("198.51.100.9", 80);
+        assert_eq!(
+            lb4.flags & lb_common::SVC_F_SOURCE_RANGES,
+            0,
+            "IPv6 ranges leave IPv4 open"
+        );
+        assert_eq!(
+            snap.source_ranges[&c6.svc_id],
+            [(ip("2001:db8:aaaa::"), 48)]
+        );
+        let node_addrs: BTreeSet<IpAddr> = snap.node_addrs.iter().copied().collect();
+        assert_eq!(node_addrs, desired.node_addrs);
+        let host = (snap.frontends.values())
+            .flat_map(|(_, bs)| bs.iter().flatten())
+            .find(|b| b.addr == ip("2001:db8::10"))
+            .expect("the node's own address as a backend");
+        assert_eq!(host.state, lb_common::BACKEND_HOST);
+        // Straight from the IPv6 map, as the datapath will see it.
+        let services6: HashMap<_, FrontendKey<V6>, Service<V6>> =
+            aya::maps::Map::from_map_data(MapData::from_pin(dir.join(names::SERVICES6)).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert_eq!(services6.keys().count(), 3);
+        let rendered = snap.render();
+        assert!(rendered.contains("[fd00:96::10]:80/TCP"), "{rendered}");
+
+        // A restart adopts both families: nothing to write.
+        drop(dp);
+        let mut dp = EbpfDataplane::load_with(&dir, &options).expect("load again");
+        let report = dp.apply(&desired).expect("apply again");
+        assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
+
+        // Finished IPv6 flows are collected too.
+        let flow = CtKey::<V6> {
+            saddr: ip_v6("2001:db8:1::2"),
+            daddr: ip_v6("fd00:96::10"),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: lb_common::proto::UDP,
+            _pad: [0; 3],
+        };
+        dp.conntrack6()
+            .unwrap()
+            .insert(flow, CtEntry::default(), 0)
+            .unwrap();
+        assert_eq!(dp.collect_garbage().unwrap(), 1);
+
+        // And an empty state empties both.
+        dp.apply(&DesiredState::default()).expect("apply empty");
+        let snap = inspect::read(&dir).expect("reading the maps back");
+        assert!(snap.frontends.is_empty() && snap.node_addrs.is_empty());
+        drop(dp);
+        EbpfDataplane::remove_pins(&dir).expect("cleanup");
+    }
+
+    fn ip_v6(s: &str) -> V6 {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+}
