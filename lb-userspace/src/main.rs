@@ -1,7 +1,11 @@
 //! `lb-agent`: the node agent. `run` programs the eBPF datapath from Services and
 //! EndpointSlices and keeps it in step with them; `dump` shows what the datapath holds.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -35,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Program the datapath from a source of Services and EndpointSlices and keep it in step.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the pinned maps hold: frontends, their backends, connections, counters.
     Dump {
         /// Directory on a bpffs mount where the agent pins its maps.
@@ -73,19 +77,23 @@ struct RunArgs {
     /// `lb-agent.io/lb-algorithm`): `random`, or `maglev` consistent hashing.
     #[arg(long, default_value = "random")]
     lb_algorithm: model::Algorithm,
-    /// An address of this node to serve NodePorts on (repeatable); the first is also the
-    /// source address of source-NATed externalIP and LoadBalancer flows. Default: every IPv4
-    /// address on the node's interfaces except loopback and link-local ones.
+    /// An address of this node, IPv4 or IPv6, to serve NodePorts on (repeatable); the first
+    /// of each family is also the source address of source-NATed externalIP and LoadBalancer
+    /// flows of that family. Default: every IPv4 address on the node's interfaces except
+    /// loopback and link-local ones, and every global-scope IPv6 address that is neither
+    /// tentative nor deprecated (those of the default route's interface first).
     #[arg(long = "node-ip")]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
     /// This node's name, to tell its endpoints (EndpointSlice `nodeName`) for
     /// externalTrafficPolicy: Local. Default: `$NODE_NAME`, else the host name.
     #[arg(long)]
     node_name: Option<String>,
     /// Address hairpin flows (a backend reaching its own service) are source-NATed to; pods
-    /// must route it to the node (a default route via the node does).
-    #[arg(long, default_value_t = Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR))]
-    hairpin_ip: Ipv4Addr,
+    /// must route it to the node (a default route via the node does). Repeatable, at most
+    /// once per family: an IPv4 address sets IPv4's (default 169.254.42.1), an IPv6 one
+    /// IPv6's (default fd00:a9fe:2a01::1).
+    #[arg(long = "hairpin-ip")]
+    hairpin_ips: Vec<IpAddr>,
     /// Full rescan period in seconds, as a safety net behind file notifications.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
@@ -106,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(run(args)),
+            .block_on(run(*args)),
         Command::Dump { bpffs } => {
             print!("{}", inspect::read(&bpffs)?.render());
             Ok(())
@@ -223,6 +231,7 @@ impl Syncer {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Source::Dir(path) = args.source.parse::<Source>()?;
+    let (hairpin_addr, hairpin_addr6) = hairpin_addrs(&args.hairpin_ips)?;
     let node = model::Node {
         service_proxy_name: args.service_proxy_name,
         name: args.node_name.or_else(node_name_from_environment),
@@ -238,7 +247,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node.addrs
     );
     let options = LoadOptions {
-        hairpin_addr: args.hairpin_ip,
+        hairpin_addr,
+        hairpin_addr6,
         ..LoadOptions::default()
     };
     warn_if_ephemeral_ports_overlap_snat();
@@ -346,6 +356,28 @@ fn snat_ports_reserved(reserved: &str) -> bool {
     (lb_common::snat::PORT_MIN..=u16::MAX).all(|p| ranges.iter().any(|&(a, b)| a <= p && p <= b))
 }
 
+/// The hairpin addresses of both families: those given (`--hairpin-ip`, at most one per
+/// family), else the defaults.
+fn hairpin_addrs(given: &[IpAddr]) -> anyhow::Result<(Ipv4Addr, Ipv6Addr)> {
+    let mut v4 = None;
+    let mut v6 = None;
+    for addr in given {
+        let (slot, family) = match addr {
+            IpAddr::V4(a) => (v4.replace(*a).map(IpAddr::V4), "IPv4"),
+            IpAddr::V6(a) => (v6.replace(*a).map(IpAddr::V6), "IPv6"),
+        };
+        if let Some(earlier) = slot {
+            anyhow::bail!(
+                "--hairpin-ip is given twice for {family} ({earlier} and {addr}): give at most one IPv4 and one IPv6 address"
+            );
+        }
+    }
+    Ok((
+        v4.unwrap_or(Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR)),
+        v6.unwrap_or(Ipv6Addr::from(lb_common::snat::HAIRPIN_ADDR6)),
+    ))
+}
+
 /// `$NODE_NAME` (what a DaemonSet passes from `spec.nodeName`), else the host name.
 fn node_name_from_environment() -> Option<String> {
     if let Ok(name) = std::env::var("NODE_NAME") {
@@ -357,14 +389,63 @@ fn node_name_from_environment() -> Option<String> {
     Some(name.trim().to_owned()).filter(|n| !n.is_empty())
 }
 
-/// The IPv4 addresses of this network namespace's interfaces that are up, except loopback
-/// and link-local ones: where a NodePort can be reached from outside. Those of the interface
-/// the default route leaves by come first: the first is the source-NAT address for externalIP
-/// and LoadBalancer flows, and a bridge's (docker0, cni0) would not be routable from other
-/// nodes.
-fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+/// The addresses of this network namespace's interfaces that are up where a NodePort can be
+/// reached from outside: IPv4 ones except loopback and link-local, then IPv6 ones of global
+/// scope that are usable (see `global_ipv6_addresses`). Within a family, those of the
+/// interface its default route leaves by come first: the first is the source-NAT address for
+/// externalIP and LoadBalancer flows, and a bridge's (docker0, cni0) would not be routable
+/// from other nodes.
+fn node_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let (v4, up) = ipv4_addresses()?;
+    let default6 = default_route6_interface();
+    let mut v6: Vec<(bool, Ipv6Addr)> = match std::fs::read_to_string("/proc/net/if_inet6") {
+        Ok(table) => global_ipv6_addresses(&table)
+            .into_iter()
+            .filter(|(_, iface)| up.contains(iface))
+            .map(|(addr, iface)| (default6.as_deref() != Some(&*iface), addr))
+            .collect(),
+        // No IPv6 in this kernel (or namespace): IPv4 only.
+        Err(_) => Vec::new(),
+    };
+    v6.sort_by_key(|a| a.0);
+    v6.dedup_by_key(|a| a.1);
+    let v4 = v4.into_iter().map(IpAddr::V4);
+    Ok(v4.chain(v6.into_iter().map(|a| IpAddr::V6(a.1))).collect())
+}
+
+/// The global-scope IPv6 addresses in `table` (`/proc/net/if_inet6`: address, ifindex, prefix
+/// length, scope, flags, interface name, in hex), each with its interface: not loopback,
+/// link-local or site-local, and not tentative (duplicate address detection is still
+/// running), failed DAD, or deprecated (about to go).
+fn global_ipv6_addresses(table: &str) -> Vec<(Ipv6Addr, String)> {
+    // `include/net/ipv6.h` and `include/uapi/linux/if_addr.h`.
+    const SCOPE_GLOBAL: u32 = 0x00;
+    const IFA_F_DADFAILED: u32 = 0x08;
+    const IFA_F_DEPRECATED: u32 = 0x20;
+    const IFA_F_TENTATIVE: u32 = 0x40;
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let addr = Ipv6Addr::from(u128::from_str_radix(f.first()?, 16).ok()?);
+            let scope = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+            let unusable = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE;
+            let usable = scope == SCOPE_GLOBAL
+                && flags & unusable == 0
+                && !addr.is_loopback()
+                && !addr.is_unicast_link_local();
+            let iface = f.get(5)?.to_string();
+            usable.then_some((addr, iface))
+        })
+        .collect()
+}
+
+/// The IPv4 addresses `node_addresses` describes, and the names of the interfaces that are up.
+fn ipv4_addresses() -> anyhow::Result<(Vec<Ipv4Addr>, Vec<String>)> {
     let default_iface = default_route_interface();
     let mut addrs: Vec<(bool, Ipv4Addr)> = Vec::new();
+    let mut up_ifaces: Vec<String> = Vec::new();
     let mut ifaddrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we walk read-only and free once below.
     if unsafe { libc::getifaddrs(&mut ifaddrs) } != 0 {
@@ -376,6 +457,13 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
         let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+        if up {
+            // SAFETY: getifaddrs gives every entry a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+            if !up_ifaces.iter().any(|n| *n == name) {
+                up_ifaces.push(name.into_owned());
+            }
+        }
         // SAFETY: a non-null ifa_addr points at a sockaddr whose family says its real type.
         if !up
             || ifa.ifa_addr.is_null()
@@ -397,7 +485,33 @@ fn node_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
     unsafe { libc::freeifaddrs(ifaddrs) };
     // Stable: otherwise in interface order.
     addrs.sort_by_key(|a| a.0);
-    Ok(addrs.into_iter().map(|a| a.1).collect())
+    Ok((addrs.into_iter().map(|a| a.1).collect(), up_ifaces))
+}
+
+/// The interface of the IPv6 default route, from /proc/net/ipv6_route.
+fn default_route6_interface() -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/ipv6_route").ok()?;
+    default_route6_in(&table)
+}
+
+/// The interface of the IPv6 default route in `table` (`/proc/net/ipv6_route`).
+fn default_route6_in(table: &str) -> Option<String> {
+    // Columns: destination, its prefix length, source, its prefix length, next hop, metric,
+    // refcount, use count, flags, interface; all hex. A default route has destination ::/0;
+    // unreachable routes (RTF_REJECT, on lo) do not count; the lowest metric wins.
+    const RTF_REJECT: u32 = 0x0200;
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let default = f.first()?.bytes().all(|b| b == b'0') && *f.get(1)? == "00";
+            let metric = u32::from_str_radix(f.get(5)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+            let iface = f.get(9)?.to_string();
+            (default && flags & RTF_REJECT == 0).then_some((metric, iface))
+        })
+        .min()
+        .map(|(_, iface)| iface)
 }
 
 /// The interface of the IPv4 default route, from /proc/net/route.
@@ -420,7 +534,62 @@ fn default_route_interface() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::snat_ports_reserved;
+    use super::*;
+
+    #[test]
+    fn hairpin_addresses_at_most_one_per_family() {
+        let default = hairpin_addrs(&[]).unwrap();
+        assert_eq!(default.0, Ipv4Addr::new(169, 254, 42, 1));
+        assert_eq!(default.1, "fd00:a9fe:2a01::1".parse::<Ipv6Addr>().unwrap());
+        let six: IpAddr = "fd00:ffff::1".parse().unwrap();
+        let four: IpAddr = "169.254.7.7".parse().unwrap();
+        assert_eq!(
+            hairpin_addrs(&[six]).unwrap(),
+            (default.0, "fd00:ffff::1".parse().unwrap())
+        );
+        assert_eq!(
+            hairpin_addrs(&[six, four]).unwrap(),
+            (
+                Ipv4Addr::new(169, 254, 7, 7),
+                "fd00:ffff::1".parse().unwrap()
+            )
+        );
+        let err = hairpin_addrs(&[four, six, four]).unwrap_err().to_string();
+        assert!(err.contains("twice for IPv4"), "{err}");
+    }
+
+    #[test]
+    fn node_ipv6_addresses_are_global_and_usable() {
+        let table = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fd000000000000000000000000000002 04 40 00 82     eth0
+20010db8000000000000000000000003 04 40 00 c0     eth0
+20010db8000000000000000000000004 04 40 00 20     eth0
+20010db8000000000000000000000005 05 40 00 80     eth1
+";
+        let got = global_ipv6_addresses(table);
+        assert_eq!(
+            got,
+            [
+                ("fd00::2".parse().unwrap(), "eth0".to_owned()),
+                ("2001:db8::5".parse().unwrap(), "eth1".to_owned()),
+            ],
+            "not loopback, link-local, tentative (0x40) or deprecated (0x20)"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_default_route_is_found() {
+        let table = "\
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000100 00000002 00000000 00000003     eth1
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+";
+        assert_eq!(default_route6_in(table).as_deref(), Some("eth1"));
+        assert_eq!(default_route6_in(""), None);
+    }
 
     #[test]
     fn reserved_ports_must_cover_the_whole_snat_range() {

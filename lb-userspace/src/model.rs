@@ -2,7 +2,7 @@
 //! out. No I/O and no privileges, so kube-proxy's semantics are table-tested here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -48,19 +48,63 @@ impl std::fmt::Display for ServicePortName {
     }
 }
 
+/// An IP address family. A dual-stack service is served in both, each on its own: its
+/// frontends of one family reach only its endpoints of that family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `addr`.
+    pub fn of(addr: IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The name Kubernetes uses (`ipFamilies`, an EndpointSlice's `addressType`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An address and port the datapath answers for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+}
+
+impl Frontend {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
 }
 
 /// An endpoint traffic is sent to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
+}
+
+impl Endpoint {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
 }
 
 /// Everything the dataplane needs to serve one service port.
@@ -72,12 +116,16 @@ pub struct ServicePort {
     /// ingress IPs.
     pub external_frontends: BTreeMap<Frontend, External>,
     /// loadBalancerSourceRanges (address, prefix length, host bits cleared): the only
-    /// clients the LoadBalancer frontends accept. Empty: every client.
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    /// clients the LoadBalancer frontends accept. Ranges of one family constrain only the
+    /// frontends of that family, as kube-proxy (one proxier per family, each seeing only
+    /// ranges of its own) does: a family with no ranges of its own accepts every client, even
+    /// when the other family has ranges. No ranges at all: every client.
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
     /// externalTrafficPolicy Local: external frontends keep the client's address and use only
     /// `local_endpoints`.
     pub external_local: bool,
-    /// Ready endpoints, de-duplicated across EndpointSlices. Empty means reject.
+    /// Ready endpoints, de-duplicated across EndpointSlices, of the families the service has
+    /// ClusterIPs of. A frontend with none of its own family rejects.
     pub endpoints: BTreeSet<Endpoint>,
     /// The ready endpoints on this node (their EndpointSlice `nodeName` is the node's).
     pub local_endpoints: BTreeSet<Endpoint>,
@@ -91,8 +139,9 @@ pub struct ServicePort {
 /// How an external frontend is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct External {
-    /// The node address its flows are source-NATed to under externalTrafficPolicy Cluster.
-    pub snat_addr: Ipv4Addr,
+    /// The node address its flows are source-NATed to under externalTrafficPolicy Cluster;
+    /// always of the frontend's family.
+    pub snat_addr: IpAddr,
     /// A LoadBalancer ingress IP: subject to `ServicePort::source_ranges`.
     pub load_balancer: bool,
 }
@@ -126,9 +175,9 @@ impl std::str::FromStr for Algorithm {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServicePortName, ServicePort>,
-    /// This node's addresses: endpoints at one of them are hostNetwork endpoints, reached by
-    /// local delivery.
-    pub node_addrs: BTreeSet<Ipv4Addr>,
+    /// This node's addresses, of both families: endpoints at one of them are hostNetwork
+    /// endpoints, reached by local delivery.
+    pub node_addrs: BTreeSet<IpAddr>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -143,9 +192,10 @@ pub struct Node {
     pub service_proxy_name: Option<String>,
     /// The node's name, to tell its endpoints (EndpointSlice `nodeName`) from the others.
     pub name: Option<String>,
-    /// The node's addresses: NodePorts are served on each, and the first is the source
-    /// address for externalIP and LoadBalancer flows. Empty: no NodePort frontends.
-    pub addrs: Vec<Ipv4Addr>,
+    /// The node's addresses, of either family: NodePorts are served on each (of the families
+    /// a service has), and the first of each family is the source address for externalIP and
+    /// LoadBalancer flows of that family. Empty: no NodePort frontends.
+    pub addrs: Vec<IpAddr>,
 }
 
 /// Label naming the service proxy that implements a Service instead of the default one.
@@ -186,7 +236,8 @@ impl Protocol {
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol.as_str())
+        let at = std::net::SocketAddr::new(self.addr, self.port);
+        write!(f, "{at}/{}", self.protocol.as_str())
     }
 }
 
@@ -260,8 +311,6 @@ pub struct ModelWarning {
 pub enum Problem {
     #[error("cluster IP {addr:?} is not an IP address; skipping it")]
     InvalidClusterIp { addr: String },
-    #[error("IPv6 is not programmed yet; skipping cluster IPs {addrs:?}")]
-    Ipv6NotProgrammed { addrs: Vec<String> },
     #[error("the service has no ports; nothing to program")]
     NoPorts,
     #[error("port {port:?} has protocol {protocol:?}, not TCP, UDP or SCTP; skipping that port")]
@@ -288,20 +337,25 @@ pub enum Problem {
     NoServiceName,
     #[error("annotation {ANNOTATION_ALGORITHM} is {given:?}, not random or maglev; using the agent's default")]
     UnknownAlgorithm { given: String },
-    #[error("endpoint address {addr:?} is not an IPv4 address; skipping that endpoint")]
+    #[error("endpoint address {addr:?} is not an address of the slice's addressType; skipping that endpoint")]
     InvalidEndpointAddress { addr: String },
     #[error("an endpoint has no addresses; skipping it")]
     EndpointWithoutAddress,
     #[error("external or load-balancer IP {addr:?} is not an IP address; skipping it")]
     InvalidExternalIp { addr: String },
-    #[error("loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; skipping it (the other ranges still apply)")]
+    #[error("loadBalancerSourceRanges entry {range:?} is not a CIDR; skipping it (the other ranges still apply)")]
     InvalidSourceRange { range: String },
-    #[error("the node has no IPv4 address to source-NAT external traffic to; skipping the service's external IPs")]
-    NoNodeAddress,
+    #[error("the node has no {family} address to source-NAT external traffic to; skipping the service's {family} external and load-balancer IPs {addrs:?}")]
+    NoNodeAddress {
+        family: IpFamily,
+        addrs: Vec<String>,
+    },
+    #[error("external or load-balancer IP {addr:?} is {family}, but the service has no {family} cluster IP; skipping it (a service is served only in the families of its cluster IPs)")]
+    FamilyNotServed { addr: String, family: IpFamily },
 }
 
 /// Translates Services and EndpointSlices into the desired state of `node`, as kube-proxy
-/// would (IPv4 only, for now). Never fails: whatever cannot be programmed is skipped and
+/// would, in both address families (a service in those of its ClusterIPs). Never fails: whatever cannot be programmed is skipped and
 /// described by a warning, and the rest is programmed.
 ///
 /// Services are skipped, without a warning, when kube-proxy would skip them: `ExternalName`,
@@ -407,12 +461,16 @@ fn add_service(
             problem,
         })
     };
-    let Some(addrs) = cluster_ipv4s(spec, &mut warn) else {
+    let Some(addrs) = cluster_ips(spec, &mut warn) else {
         return;
     };
     if addrs.is_empty() {
         return;
     }
+    // kube-proxy runs one proxier per family, and each serves only the services with a
+    // ClusterIP of its family: those are the families served, with everything else
+    // (NodePorts, external IPs, endpoints) of another family left out.
+    let families: BTreeSet<IpFamily> = addrs.iter().map(|a| IpFamily::of(*a)).collect();
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         warn(Problem::NoPorts);
@@ -420,7 +478,7 @@ fn add_service(
     }
     let affinity_timeout_s = affinity_timeout(spec, &mut warn);
     let algorithm = algorithm(meta, &mut warn);
-    let external = ExternalAddrs::of(service, node, &mut warn);
+    let external = ExternalAddrs::of(service, node, &families, &mut warn);
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_ports = type_ == "NodePort" || type_ == "LoadBalancer";
     // The API server only accepts the policy on NodePort and LoadBalancer services.
@@ -471,20 +529,19 @@ fn add_service(
         let frontends: BTreeSet<Frontend> =
             addrs.iter().map(|&a| at(a)).filter(|&f| claim(f)).collect();
         let mut external_frontends = BTreeMap::new();
-        if let Some(snat_addr) = external.snat_addr {
-            for &(addr, load_balancer) in &external.addrs {
-                if claim(at(addr)) {
-                    let e = External {
-                        snat_addr,
-                        load_balancer,
-                    };
-                    external_frontends.insert(at(addr), e);
-                }
+        for &(addr, snat_addr, load_balancer) in &external.addrs {
+            if claim(at(addr)) {
+                let e = External {
+                    snat_addr,
+                    load_balancer,
+                };
+                external_frontends.insert(at(addr), e);
             }
         }
         let node_port = port.node_port.and_then(port_number);
         if let Some(node_port) = node_port.filter(|_| has_node_ports) {
-            for &addr in &node.addrs {
+            let node_addrs = node.addrs.iter().copied();
+            for addr in node_addrs.filter(|a| families.contains(&IpFamily::of(*a))) {
                 let frontend = Frontend {
                     addr,
                     port: node_port,
@@ -504,7 +561,7 @@ fn add_service(
             continue;
         }
 
-        let (ready, local) = endpoints.lookup(&spn);
+        let (ready, local) = endpoints.lookup(&spn, &families);
         let entry = state.services.entry(spn).or_default();
         entry.frontends.extend(frontends);
         entry.external_frontends.extend(external_frontends);
@@ -519,16 +576,21 @@ fn add_service(
     }
 }
 
-/// A service's externalIPs and LoadBalancer ingress IPs (`true` for those), the node address
-/// their flows are source-NATed to, and the LoadBalancer's source ranges.
+/// A service's externalIPs and LoadBalancer ingress IPs of the families it is served in, each
+/// with the node address its flows are source-NATed to and whether it is a LoadBalancer IP;
+/// and the LoadBalancer's source ranges of those families.
 struct ExternalAddrs {
-    addrs: Vec<(Ipv4Addr, bool)>,
-    snat_addr: Option<Ipv4Addr>,
-    source_ranges: Vec<(Ipv4Addr, u8)>,
+    addrs: Vec<(IpAddr, IpAddr, bool)>,
+    source_ranges: Vec<(IpAddr, u8)>,
 }
 
 impl ExternalAddrs {
-    fn of(service: &Service, node: &Node, warn: &mut impl FnMut(Problem)) -> ExternalAddrs {
+    fn of(
+        service: &Service,
+        node: &Node,
+        families: &BTreeSet<IpFamily>,
+        warn: &mut impl FnMut(Problem),
+    ) -> ExternalAddrs {
         let spec = service.spec.as_ref();
         let mut listed: Vec<(&str, bool)> = spec
             .and_then(|s| s.external_ips.as_deref())
@@ -552,10 +614,10 @@ impl ExternalAddrs {
             );
             let ranges = spec.and_then(|s| s.load_balancer_source_ranges.as_deref());
             for range in ranges.unwrap_or_default() {
-                match parse_ipv4_cidr(range.trim()) {
-                    Some(r) => source_ranges.push(r),
-                    // IPv6 ranges restrict IPv6 clients, which are not served yet.
-                    None if range.contains(':') => {}
+                match parse_cidr(range.trim()) {
+                    // A range of a family the service is not served in constrains nothing.
+                    Some(r) if families.contains(&IpFamily::of(r.0)) => source_ranges.push(r),
+                    Some(_) => {}
                     None => warn(Problem::InvalidSourceRange {
                         range: range.clone(),
                     }),
@@ -563,41 +625,70 @@ impl ExternalAddrs {
             }
         }
         let mut addrs = Vec::new();
+        let mut unnatted: BTreeMap<IpFamily, Vec<String>> = BTreeMap::new();
         for (ip, load_balancer) in listed {
-            match parse_ipv4_sloppy(ip) {
-                Some(addr) => addrs.push((addr, load_balancer)),
-                None if ip.parse::<Ipv6Addr>().is_ok() => warn(Problem::Ipv6NotProgrammed {
-                    addrs: vec![ip.to_owned()],
-                }),
-                None => warn(Problem::InvalidExternalIp {
+            let Some(addr) = parse_ip_sloppy(ip) else {
+                warn(Problem::InvalidExternalIp {
                     addr: ip.to_owned(),
-                }),
+                });
+                continue;
+            };
+            let family = IpFamily::of(addr);
+            if !families.contains(&family) {
+                warn(Problem::FamilyNotServed {
+                    addr: ip.to_owned(),
+                    family,
+                });
+                continue;
+            }
+            // The first node address of the frontend's family: a packet cannot change family.
+            let snat_addr = node.addrs.iter().find(|a| IpFamily::of(**a) == family);
+            match snat_addr {
+                Some(&snat_addr) => addrs.push((addr, snat_addr, load_balancer)),
+                None => unnatted.entry(family).or_default().push(ip.to_owned()),
             }
         }
-        let snat_addr = node.addrs.first().copied();
-        if !addrs.is_empty() && snat_addr.is_none() {
-            warn(Problem::NoNodeAddress);
+        for (family, addrs) in unnatted {
+            warn(Problem::NoNodeAddress { family, addrs });
         }
         ExternalAddrs {
             addrs,
-            snat_addr,
             source_ranges,
         }
     }
 }
 
-/// Parses `a.b.c.d/len` into the range's first address and its length.
-fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
-    let (addr, len) = s.split_once('/')?;
-    let addr = parse_ipv4_sloppy(addr)?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    Some((Ipv4Addr::from(u32::from(addr) & mask), len))
+/// Parses an address of either family: IPv4 as `parse_ipv4_sloppy` does, IPv6 in any of
+/// its standard forms.
+pub fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
+    match parse_ipv4_sloppy(s) {
+        Some(v4) => Some(IpAddr::V4(v4)),
+        None => s.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+    }
 }
 
-/// The service's IPv4 ClusterIPs, or `None` when it is headless. IPv6 and invalid addresses
-/// are left out with a warning.
-fn cluster_ipv4s(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Option<Vec<Ipv4Addr>> {
+/// Parses `addr/len` of either family into the range's first address and its length.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match parse_ip_sloppy(addr)? {
+        IpAddr::V4(a) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len))
+        }
+        IpAddr::V6(a) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)), len))
+        }
+        _ => None,
+    }
+}
+
+/// The service's ClusterIPs of both families, or `None` when it is headless. Invalid
+/// addresses are left out with a warning.
+fn cluster_ips(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Option<Vec<IpAddr>> {
+    // `clusterIPs` lists one address per entry of `ipFamilies`, in the same order (the API
+    // server keeps them consistent), so the addresses alone say which families are served.
     let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
@@ -610,23 +701,16 @@ fn cluster_ipv4s(spec: &ServiceSpec, warn: &mut impl FnMut(Problem)) -> Option<V
     {
         return None;
     }
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
+    let mut addrs = Vec::new();
     for ip in listed {
-        if let Some(addr) = parse_ipv4_sloppy(ip) {
-            v4.push(addr);
-        } else if ip.parse::<Ipv6Addr>().is_ok() {
-            v6.push(ip.to_owned());
-        } else {
-            warn(Problem::InvalidClusterIp {
+        match parse_ip_sloppy(ip) {
+            Some(addr) => addrs.push(addr),
+            None => warn(Problem::InvalidClusterIp {
                 addr: ip.to_owned(),
-            });
+            }),
         }
     }
-    if !v6.is_empty() {
-        warn(Problem::Ipv6NotProgrammed { addrs: v6 });
-    }
-    Some(v4)
+    Some(addrs)
 }
 
 /// The ClientIP affinity timeout, or `None` when affinity is off.
@@ -685,7 +769,7 @@ fn port_number(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
-/// The ready IPv4 endpoints of every EndpointSlice, grouped by the service they belong to.
+/// The ready endpoints of every IPv4 and IPv6 EndpointSlice, grouped by the service they belong to.
 struct EndpointIndex<'a> {
     by_service: HashMap<(&'a str, &'a str), Vec<SliceEndpoints>>,
 }
@@ -695,7 +779,7 @@ struct SliceEndpoints {
     /// (port name, protocol, port number); the number is the service's resolved target port.
     ports: Vec<(String, Protocol, u16)>,
     /// Ready addresses, and whether each is on this node.
-    ready: Vec<(Ipv4Addr, bool)>,
+    ready: Vec<(IpAddr, bool)>,
 }
 
 impl<'a> EndpointIndex<'a> {
@@ -706,10 +790,12 @@ impl<'a> EndpointIndex<'a> {
     ) -> EndpointIndex<'a> {
         let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
         for slice in slices {
-            // kube-proxy programs one address family at a time; FQDN slices are for DNS.
-            if slice.address_type != "IPv4" {
-                continue;
-            }
+            // FQDN slices are for DNS, not for proxies.
+            let family = match slice.address_type.as_str() {
+                "IPv4" => IpFamily::V4,
+                "IPv6" => IpFamily::V6,
+                _ => continue,
+            };
             let meta = &slice.metadata;
             let object = ObjectRef::new(ObjectKind::EndpointSlice, meta);
             let mut warn = |problem| {
@@ -724,7 +810,7 @@ impl<'a> EndpointIndex<'a> {
             };
             let endpoints = SliceEndpoints {
                 ports: slice_ports(slice, &mut warn),
-                ready: ready_addresses(slice, node_name, &mut warn),
+                ready: ready_addresses(slice, family, node_name, &mut warn),
             };
             by_service
                 .entry((namespace_of(meta), service))
@@ -734,10 +820,14 @@ impl<'a> EndpointIndex<'a> {
         EndpointIndex { by_service }
     }
 
-    /// The ready endpoints of one service port, de-duplicated across slices, and those of
-    /// them on this node. A slice port belongs to the service port with the same name (both
-    /// empty when unnamed) and protocol.
-    fn lookup(&self, spn: &ServicePortName) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
+    /// The ready endpoints of one service port in `families`, de-duplicated across slices,
+    /// and those of them on this node. A slice port belongs to the service port with the same
+    /// name (both empty when unnamed) and protocol.
+    fn lookup(
+        &self,
+        spn: &ServicePortName,
+        families: &BTreeSet<IpFamily>,
+    ) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
         let mut found = BTreeSet::new();
         let mut local = BTreeSet::new();
         let slices = self
@@ -746,7 +836,9 @@ impl<'a> EndpointIndex<'a> {
         for slice in slices.into_iter().flatten() {
             for (name, protocol, port) in &slice.ports {
                 if *name == spn.port && *protocol == spn.protocol {
-                    for &(addr, is_local) in &slice.ready {
+                    let ready = slice.ready.iter();
+                    for &(addr, is_local) in ready.filter(|r| families.contains(&IpFamily::of(r.0)))
+                    {
                         let endpoint = Endpoint { addr, port: *port };
                         found.insert(endpoint);
                         if is_local {
@@ -788,12 +880,13 @@ fn slice_ports(
 
 /// The addresses of the slice's ready endpoints, each with whether it is on `node_name`. An
 /// unset `ready` means ready, as the API documents; like kube-proxy, only the first address of
-/// an endpoint is used.
+/// an endpoint is used, and it must be of the slice's `family`.
 fn ready_addresses(
     slice: &EndpointSlice,
+    family: IpFamily,
     node_name: Option<&str>,
     warn: &mut impl FnMut(Problem),
-) -> Vec<(Ipv4Addr, bool)> {
+) -> Vec<(IpAddr, bool)> {
     let mut ready = Vec::new();
     for endpoint in &slice.endpoints {
         let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
@@ -805,7 +898,7 @@ fn ready_addresses(
             continue;
         };
         let local = node_name.is_some() && endpoint.node_name.as_deref() == node_name;
-        match parse_ipv4_sloppy(first) {
+        match parse_ip_sloppy(first).filter(|a| IpFamily::of(*a) == family) {
             Some(addr) => ready.push((addr, local)),
             None => warn(Problem::InvalidEndpointAddress {
                 addr: first.clone(),
@@ -838,22 +931,23 @@ mod tests {
         }
     }
 
-    /// A service port from `"addr:port/PROTO"` frontends and `"addr:port"` endpoints.
+    /// A service port from `"addr:port/PROTO"` frontends and `"addr:port"` endpoints (IPv6
+    /// addresses in brackets: `"[fd00::10]:80/TCP"`).
     fn sp(frontends: &[&str], endpoints: &[&str], affinity_timeout_s: Option<u32>) -> ServicePort {
         let frontend = |s: &&str| {
             let (addr_port, protocol) = s.split_once('/').unwrap();
-            let (addr, port) = addr_port.split_once(':').unwrap();
+            let at: std::net::SocketAddr = addr_port.parse().unwrap();
             Frontend {
-                addr: addr.parse().unwrap(),
-                port: port.parse().unwrap(),
+                addr: at.ip(),
+                port: at.port(),
                 protocol: Protocol::from_kubernetes(protocol).unwrap(),
             }
         };
         let endpoint = |s: &&str| {
-            let (addr, port) = s.split_once(':').unwrap();
+            let at: std::net::SocketAddr = s.parse().unwrap();
             Endpoint {
-                addr: addr.parse().unwrap(),
-                port: port.parse().unwrap(),
+                addr: at.ip(),
+                port: at.port(),
             }
         };
         ServicePort {
@@ -929,8 +1023,8 @@ mod tests {
             service_proxy_name: None,
             name: Some("node-a".into()),
             addrs: vec![
-                Ipv4Addr::new(192, 168, 0, 10),
-                Ipv4Addr::new(192, 168, 1, 10),
+                Ipv4Addr::new(192, 168, 0, 10).into(),
+                Ipv4Addr::new(192, 168, 1, 10).into(),
             ],
         };
         let (state, warnings) = build(&[parse(service)], &[parse(slice)], &node);
@@ -979,8 +1073,9 @@ mod tests {
                 Problem::InvalidExternalIp {
                     addr: "bogus".into()
                 },
-                Problem::Ipv6NotProgrammed {
-                    addrs: vec!["2001:db8::1".into()]
+                Problem::FamilyNotServed {
+                    addr: "2001:db8::1".into(),
+                    family: IpFamily::V6,
                 },
             ]
         );
@@ -997,10 +1092,11 @@ mod tests {
         assert_eq!(
             port.source_ranges,
             [
-                (Ipv4Addr::new(10, 1, 0, 0), 16),
-                (Ipv4Addr::new(192, 0, 2, 0), 24)
+                (Ipv4Addr::new(10, 1, 0, 0).into(), 16),
+                (Ipv4Addr::new(192, 0, 2, 0).into(), 24)
             ]
-            .into()
+            .into(),
+            "the IPv6 range is left out: the service has no IPv6 ClusterIP"
         );
         let lb = port
             .external_frontends
@@ -1008,7 +1104,7 @@ mod tests {
             .find(|(_, e)| e.load_balancer);
         assert_eq!(
             lb.map(|(f, _)| f.addr),
-            Some(Ipv4Addr::new(198, 51, 100, 9))
+            Some(Ipv4Addr::new(198, 51, 100, 9).into())
         );
         let problems: Vec<_> = warnings.into_iter().map(|w| w.problem).collect();
         assert_eq!(
@@ -1017,6 +1113,227 @@ mod tests {
                 range: "10.0.0.0/33".into()
             }]
         );
+    }
+
+    /// A dual-stack node (192.168.0.10, 2001:db8:1::10, 2001:db8:2::10) with the IPv4 and
+    /// IPv6 slices of service `web`: 10.0.0.1 and fd00:1::1 on node-a (this node), 10.0.0.2
+    /// and fd00:1::2 elsewhere.
+    fn dual_stack(service: &str, node_addrs: &[&str]) -> (DesiredState, Vec<Problem>) {
+        let slices: [EndpointSlice; 2] = [
+            parse(
+                "{metadata: {name: web-4, labels: {kubernetes.io/service-name: web}}, \
+                 addressType: IPv4, ports: [{port: 8080}], \
+                 endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, \
+                 {addresses: [10.0.0.2], nodeName: node-b}, {addresses: ['fd00:1::9']}]}",
+            ),
+            parse(
+                "{metadata: {name: web-6, labels: {kubernetes.io/service-name: web}}, \
+                 addressType: IPv6, ports: [{port: 8080}], \
+                 endpoints: [{addresses: ['fd00:1::1'], nodeName: node-a}, \
+                 {addresses: ['fd00:1:0:0::2'], nodeName: node-b}, {addresses: [10.0.0.9]}]}",
+            ),
+        ];
+        let node = Node {
+            service_proxy_name: None,
+            name: Some("node-a".into()),
+            addrs: node_addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        let (state, warnings) = build(&[parse(service)], &slices, &node);
+        (state, warnings.into_iter().map(|w| w.problem).collect())
+    }
+
+    const DUAL_NODE: &[&str] = &["192.168.0.10", "2001:db8:1::10", "2001:db8:2::10"];
+
+    /// Every frontend of `port`, ClusterIP and external, as `addr:port` with its SNAT address
+    /// (`-` for a ClusterIP) and `lb` for LoadBalancer IPs.
+    fn all_frontends(port: &ServicePort) -> Vec<String> {
+        let show = |f: &Frontend| std::net::SocketAddr::new(f.addr, f.port).to_string();
+        let cluster = port.frontends.iter().map(|f| format!("{} -", show(f)));
+        let external = port.external_frontends.iter().map(|(f, e)| {
+            let lb = if e.load_balancer { " lb" } else { "" };
+            format!("{} {}{lb}", show(f), e.snat_addr)
+        });
+        let mut all: Vec<String> = cluster.chain(external).collect();
+        all.sort();
+        all
+    }
+
+    fn endpoint_set(addrs: &[&str]) -> BTreeSet<Endpoint> {
+        addrs
+            .iter()
+            .map(|a| Endpoint {
+                addr: a.parse().unwrap(),
+                port: 8080,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_served_in_both_families_each_with_its_own_node_addresses() {
+        let (state, problems) = dual_stack(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             clusterIPs: [10.96.0.10, 'fd00:96::10'], ipFamilies: [IPv4, IPv6], \
+             ipFamilyPolicy: PreferDualStack, externalIPs: [203.0.113.7, '2001:db8:ff::7'], \
+             loadBalancerSourceRanges: ['10.1.0.0/16', '2001:db8:aaaa::1/48'], \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+             status: {loadBalancer: {ingress: [{ip: 198.51.100.9}, {ip: '2001:db8:ee::9'}]}}}",
+            DUAL_NODE,
+        );
+        let port = &state.services[&spn("web", "", Tcp)];
+        assert_eq!(
+            all_frontends(port),
+            [
+                "10.96.0.10:80 -",
+                "192.168.0.10:30080 192.168.0.10",
+                "198.51.100.9:80 192.168.0.10 lb",
+                "203.0.113.7:80 192.168.0.10",
+                "[2001:db8:1::10]:30080 2001:db8:1::10",
+                "[2001:db8:2::10]:30080 2001:db8:2::10",
+                "[2001:db8:ee::9]:80 2001:db8:1::10 lb",
+                "[2001:db8:ff::7]:80 2001:db8:1::10",
+                "[fd00:96::10]:80 -",
+            ],
+            "NodePorts on every node address of each family, SNAT to itself; external and LB \
+             IPs SNAT to the first node address of their own family"
+        );
+        assert_eq!(
+            port.endpoints,
+            endpoint_set(&["10.0.0.1", "10.0.0.2", "fd00:1::1", "fd00:1::2"])
+        );
+        assert_eq!(
+            port.local_endpoints,
+            endpoint_set(&["10.0.0.1", "fd00:1::1"]),
+            "this node's, of both families"
+        );
+        assert_eq!(
+            port.source_ranges,
+            [
+                ("10.1.0.0".parse().unwrap(), 16),
+                ("2001:db8:aaaa::".parse().unwrap(), 48)
+            ]
+            .into(),
+            "ranges of both families, host bits cleared"
+        );
+        assert_eq!(
+            state.node_addrs.len(),
+            3,
+            "node addresses of both families are known"
+        );
+        assert_eq!(
+            problems,
+            [
+                Problem::InvalidEndpointAddress {
+                    addr: "fd00:1::9".into()
+                },
+                Problem::InvalidEndpointAddress {
+                    addr: "10.0.0.9".into()
+                },
+            ],
+            "an address of the other family in a slice is invalid"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_only_service_uses_only_ipv6_node_addresses_endpoints_and_ranges() {
+        let (state, problems) = dual_stack(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 'fd00:96::10', \
+             ipFamilies: [IPv6], externalTrafficPolicy: Local, \
+             externalIPs: [203.0.113.7, '2001:db8:ff::7'], \
+             loadBalancerSourceRanges: ['10.1.0.0/16', '2001:db8::/129', '2001:db8:aaaa::/48'], \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+            DUAL_NODE,
+        );
+        let port = &state.services[&spn("web", "", Tcp)];
+        assert_eq!(
+            all_frontends(port),
+            [
+                "[2001:db8:1::10]:30080 2001:db8:1::10",
+                "[2001:db8:2::10]:30080 2001:db8:2::10",
+                "[2001:db8:ff::7]:80 2001:db8:1::10",
+                "[fd00:96::10]:80 -",
+            ]
+        );
+        assert_eq!(port.endpoints, endpoint_set(&["fd00:1::1", "fd00:1::2"]));
+        assert_eq!(port.local_endpoints, endpoint_set(&["fd00:1::1"]));
+        assert!(port.external_local);
+        assert_eq!(
+            port.source_ranges,
+            [("2001:db8:aaaa::".parse().unwrap(), 48)].into()
+        );
+        assert_eq!(
+            problems[2..],
+            [
+                Problem::InvalidSourceRange {
+                    range: "2001:db8::/129".into()
+                },
+                Problem::FamilyNotServed {
+                    addr: "203.0.113.7".into(),
+                    family: IpFamily::V4
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_of_a_family_the_node_has_no_address_of_are_skipped_by_name() {
+        let (state, problems) = dual_stack(
+            "{metadata: {name: web}, spec: {type: NodePort, clusterIP: 10.96.0.10, \
+             clusterIPs: [10.96.0.10, 'fd00:96::10'], \
+             externalIPs: [203.0.113.7, '2001:db8:ff::7', '2001:db8:ff::8'], \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+            &["192.168.0.10"],
+        );
+        let port = &state.services[&spn("web", "", Tcp)];
+        assert_eq!(
+            all_frontends(port),
+            [
+                "10.96.0.10:80 -",
+                "192.168.0.10:30080 192.168.0.10",
+                "203.0.113.7:80 192.168.0.10",
+                "[fd00:96::10]:80 -",
+            ],
+            "the IPv6 ClusterIP is still served, with no IPv6 NodePort"
+        );
+        assert_eq!(
+            problems[2..],
+            [Problem::NoNodeAddress {
+                family: IpFamily::V6,
+                addrs: vec!["2001:db8:ff::7".into(), "2001:db8:ff::8".into()],
+            }]
+        );
+        let shown = ModelWarning {
+            object: ObjectRef {
+                kind: ObjectKind::Service,
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            problem: problems[2].clone(),
+        }
+        .to_string();
+        assert!(
+            shown.starts_with("Service default/web: the node has no IPv6 address"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn cidrs_of_either_family_are_masked() {
+        let cases = [
+            ("10.1.2.3/16", Some(("10.1.0.0", 16))),
+            ("010.1.2.3/8", Some(("10.0.0.0", 8))),
+            ("0.0.0.0/0", Some(("0.0.0.0", 0))),
+            ("10.0.0.0/33", None),
+            ("2001:db8:aaaa:bbbb::1/48", Some(("2001:db8:aaaa::", 48))),
+            ("2001:db8::1/128", Some(("2001:db8::1", 128))),
+            ("::/0", Some(("::", 0))),
+            ("2001:db8::/129", None),
+            ("2001:db8::", None),
+            ("2001:db8::/-1", None),
+        ];
+        for (input, want) in cases {
+            let want = want.map(|(a, l)| (a.parse::<IpAddr>().unwrap(), l));
+            assert_eq!(parse_cidr(input), want, "{input}");
+        }
     }
 
     #[test]
@@ -1031,7 +1348,7 @@ mod tests {
                 .iter()
                 .map(|e| e.addr)
                 .collect::<Vec<_>>(),
-            vec![Ipv4Addr::new(10, 0, 0, 1)]
+            vec![IpAddr::from([10, 0, 0, 1])]
         );
         assert_eq!(
             port.endpoints.len(),
@@ -1207,9 +1524,8 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                what:
-                    "slices of another service, of one in another namespace, and of other address \
-                     types are ignored",
+                what: "slices of another service, of one in another namespace, of a family the \
+                       service is not served in, and of FQDNs are ignored",
                 services: &[WEB],
                 slices: &[
                     "{metadata: {name: db-1, labels: {kubernetes.io/service-name: db}}, \
@@ -1373,32 +1689,32 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                what: "IPv6-only: one warning, nothing programmed",
-                services: &["{metadata: {name: web}, spec: {clusterIP: 'fd00::10', \
-                             clusterIPs: ['fd00::10'], ports: [{port: 80}, {port: 81}]}}"],
-                warnings: vec![warning(
-                    "Service default/web",
-                    Problem::Ipv6NotProgrammed {
-                        addrs: vec!["fd00::10".into()],
-                    },
+                what: "IPv6-only, in any of IPv6's spellings",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 'fd00:0::010', \
+                             clusterIPs: ['fd00:0::010'], ipFamilies: [IPv6], \
+                             ports: [{port: 80}, {port: 81}]}}"],
+                want: vec![(
+                    spn("web", "", Tcp),
+                    sp(&["[fd00::10]:80/TCP", "[fd00::10]:81/TCP"], &[], None),
                 )],
                 ..Case::default()
             },
             Case {
-                what: "dual-stack: IPv4 programmed, one warning for IPv6",
+                what: "dual-stack, IPv6 primary: both families programmed",
                 services: &["{metadata: {name: web}, spec: {clusterIP: 'fd00::10', \
-                             clusterIPs: ['fd00::10', 10.96.0.10], \
+                             clusterIPs: ['fd00::10', 10.96.0.10], ipFamilies: [IPv6, IPv4], \
+                             ipFamilyPolicy: RequireDualStack, \
                              ports: [{name: a, port: 80}, {name: b, port: 81}]}}"],
                 want: vec![
-                    (spn("web", "a", Tcp), sp(&["10.96.0.10:80/TCP"], &[], None)),
-                    (spn("web", "b", Tcp), sp(&["10.96.0.10:81/TCP"], &[], None)),
+                    (
+                        spn("web", "a", Tcp),
+                        sp(&["10.96.0.10:80/TCP", "[fd00::10]:80/TCP"], &[], None),
+                    ),
+                    (
+                        spn("web", "b", Tcp),
+                        sp(&["10.96.0.10:81/TCP", "[fd00::10]:81/TCP"], &[], None),
+                    ),
                 ],
-                warnings: vec![warning(
-                    "Service default/web",
-                    Problem::Ipv6NotProgrammed {
-                        addrs: vec!["fd00::10".into()],
-                    },
-                )],
                 ..Case::default()
             },
             Case {

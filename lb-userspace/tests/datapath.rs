@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -65,7 +65,7 @@ fn small_tables() -> LoadOptions {
 fn backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
         .map(|i| Endpoint {
-            addr: Ipv4Addr::new(10, 0, 10 + i, 2),
+            addr: Ipv4Addr::new(10, 0, 10 + i, 2).into(),
             port: 8080,
         })
         .collect()
@@ -88,7 +88,7 @@ fn service_port(
         },
         ServicePort {
             frontends: [Frontend {
-                addr: vip,
+                addr: vip.into(),
                 port: vport,
                 protocol,
             }]
@@ -127,7 +127,7 @@ impl Default for Backends {
 fn maglev_backends(n: u8) -> BTreeSet<Endpoint> {
     (1..=n)
         .map(|i| Endpoint {
-            addr: Ipv4Addr::new(10, 0, 20, i),
+            addr: Ipv4Addr::new(10, 0, 20, i).into(),
             port: 8080,
         })
         .collect()
@@ -137,7 +137,7 @@ fn maglev_backends(n: u8) -> BTreeSet<Endpoint> {
 /// without endpoints), brief (ClientIP affinity for 1 second) and spread.
 fn desired(b: &Backends) -> DesiredState {
     let dns = [Endpoint {
-        addr: DNS_BACKEND,
+        addr: DNS_BACKEND.into(),
         port: 5353,
     }];
     let with = |(name, mut port): (ServicePortName, ServicePort), affinity, algorithm| {
@@ -193,7 +193,7 @@ fn desired(b: &Backends) -> DesiredState {
             host_network_service(),
         ]
         .into(),
-        node_addrs: [NODE_IP].into(),
+        node_addrs: [NODE_IP.into()].into(),
     }
 }
 
@@ -201,18 +201,18 @@ fn desired(b: &Backends) -> DesiredState {
 /// node itself (hostNetwork), at `NODE_IP`:9090.
 fn host_network_service() -> (ServicePortName, ServicePort) {
     let endpoint = Endpoint {
-        addr: NODE_IP,
+        addr: NODE_IP.into(),
         port: 9090,
     };
     let vip = Ipv4Addr::new(10, 96, 0, 20);
     let (name, mut port) = service_port("hostnet", "", Protocol::Tcp, vip, 80, [endpoint].into());
     let frontend = Frontend {
-        addr: NODE_IP,
+        addr: NODE_IP.into(),
         port: 30083,
         protocol: Protocol::Tcp,
     };
     let external = External {
-        snat_addr: NODE_IP,
+        snat_addr: NODE_IP.into(),
         load_balancer: false,
     };
     port.external_frontends = [(frontend, external)].into();
@@ -227,16 +227,16 @@ fn ranged_load_balancer() -> (ServicePortName, ServicePort) {
     let vip = Ipv4Addr::new(10, 96, 0, 19);
     let (name, mut port) = service_port("ranged", "", Protocol::Tcp, vip, 80, backends(3));
     let frontend = Frontend {
-        addr: RANGED_LB_IP,
+        addr: RANGED_LB_IP.into(),
         port: 80,
         protocol: Protocol::Tcp,
     };
     let external = External {
-        snat_addr: NODE_IP,
+        snat_addr: NODE_IP.into(),
         load_balancer: true,
     };
     port.external_frontends = [(frontend, external)].into();
-    port.source_ranges = [(Ipv4Addr::new(10, 0, 1, 0), 25)].into();
+    port.source_ranges = [(Ipv4Addr::new(10, 0, 1, 0).into(), 25)].into();
     (name, port)
 }
 
@@ -251,12 +251,12 @@ fn node_port(
 ) -> (ServicePortName, ServicePort) {
     let (name, mut port) = service_port(name, "", Protocol::Tcp, vip, 80, backends(3));
     let frontend = Frontend {
-        addr: NODE_IP,
+        addr: NODE_IP.into(),
         port: node_port,
         protocol: Protocol::Tcp,
     };
     let external = External {
-        snat_addr: NODE_IP,
+        snat_addr: NODE_IP.into(),
         load_balancer: false,
     };
     port.external_frontends = [(frontend, external)].into();
@@ -479,6 +479,14 @@ fn verified(frame: &[u8]) -> Out {
             }
         }
         other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+/// An IPv4 endpoint's address (these fixtures are IPv4 only).
+fn ipv4(addr: IpAddr) -> Ipv4Addr {
+    match addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} in an IPv4 fixture"),
     }
 }
 
@@ -1238,7 +1246,7 @@ fn garbage_collection_deletes_finished_flows_and_keeps_live_ones() {
 
     // A closed source-NATed flow keeps its port for a minute (the backend's TIME_WAIT).
     let mut routed = vec![CLIENT];
-    routed.extend(backends(3).iter().map(|e| e.addr));
+    routed.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let net = RoutedNetns::enter(&routed);
     let run = f.run(&Frame::tcp(CLIENT, 55103, NODE_IP, 30080, tcp::SYN).build());
     let snat = verified(&run.out);
@@ -1639,7 +1647,7 @@ fn assert_routed(run: &Run, net: &RoutedNetns, next_hop: Ipv4Addr) {
 fn node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
     let mut f = fixture();
     let mut all = vec![CLIENT];
-    all.extend(backends(3).iter().map(|e| e.addr));
+    all.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let net = RoutedNetns::enter(&all);
 
     let syn = Frame::tcp(CLIENT, 40100, NODE_IP, 30080, tcp::SYN).build();
@@ -1688,7 +1696,7 @@ fn node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
 fn local_policy_keeps_the_client_address_and_uses_only_local_backends() {
     let mut f = fixture();
     let mut all = vec![CLIENT];
-    all.extend(backends(3).iter().map(|e| e.addr));
+    all.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let net = RoutedNetns::enter(&all);
     let local_backend = Ipv4Addr::new(10, 0, 11, 2);
     for sport in 40200..40220 {
@@ -1835,7 +1843,7 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
 fn icmp_errors_about_source_nated_flows_reach_the_real_client() {
     let mut f = fixture();
     let mut all = vec![CLIENT];
-    all.extend(backends(3).iter().map(|e| e.addr));
+    all.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let _net = RoutedNetns::enter(&all);
     let run = f.run(&Frame::tcp(CLIENT, 40600, NODE_IP, 30080, tcp::SYN).build());
     let out = verified(&run.out);
@@ -1860,7 +1868,7 @@ fn icmp_errors_about_source_nated_flows_reach_the_real_client() {
 fn load_balancer_source_ranges_admit_only_listed_clients() {
     let mut f = fixture();
     let mut all = vec![CLIENT];
-    all.extend(backends(3).iter().map(|e| e.addr));
+    all.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let _net = RoutedNetns::enter(&all);
     let run = f.run(&Frame::tcp(CLIENT, 40700, RANGED_LB_IP, 80, tcp::SYN).build());
     run.counted_as(stats::XLATE_NEW_FLOW);
@@ -1974,7 +1982,7 @@ const XDP_REDIRECT: u32 = 4;
 fn xdp_translates_and_redirects_node_port_flows_and_leaves_the_rest_to_tc() {
     let mut f = fixture();
     let mut all = vec![CLIENT];
-    all.extend(backends(3).iter().map(|e| e.addr));
+    all.extend(backends(3).iter().map(|e| ipv4(e.addr)));
     let net = RoutedNetns::enter(&all);
 
     // lbr0 does not run the XDP program: a flow routed out of it is left to tc, untouched.

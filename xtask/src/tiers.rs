@@ -152,7 +152,17 @@ pub fn run() -> anyhow::Result<()> {
         let outcome = if datapath.exists() {
             let (outcome, tally) = run_tests(
                 cargo()
-                    .args(["test", "-p", "lb-userspace", "--test", "datapath", "--"])
+                    // `--lib`: the dataplane's own root-only tests (maps written and read
+                    // back) run with the fixtures.
+                    .args([
+                        "test",
+                        "-p",
+                        "lb-userspace",
+                        "--lib",
+                        "--test",
+                        "datapath",
+                        "--",
+                    ])
                     .args(DATAPATH_ARGS),
             )?;
             with_verified_counts(outcome, tally, &mut verified)

@@ -1,5 +1,5 @@
 //! Garbage collection of the connection-tracking map: deletes the entries of flows that are
-//! over. The datapath only ever ignores or overwrites expired entries; deleting them is what
+//! over, in both families' maps (`CONNTRACK`, `CONNTRACK6`). The datapath only ever ignores or overwrites expired entries; deleting them is what
 //! frees the source ports of source-NATed flows and keeps the LRU from evicting live flows in
 //! favour of dead ones.
 //!
@@ -16,20 +16,25 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::{conntrack, names, snat, CtEntry, CtKey, CT_F_SNAT};
+use aya::Pod;
+use lb_common::{conntrack, names, snat, Addr, CtEntry, CtKey, CT_F_SNAT, V4, V6};
 use log::{debug, warn};
 
 use super::monotonic_ns;
 
 /// Deletes the entries of flows that are over (`conntrack::flow_over`, plus the SNAT port
 /// hold), both entries of a flow together, and returns how many.
-pub fn collect<T: BorrowMut<MapData>>(
-    ct: &mut HashMap<T, CtKey, CtEntry>,
-) -> Result<usize, MapError> {
-    let entries: StdHashMap<CtKey, CtEntry> = ct.iter().filter_map(Result::ok).collect();
+pub fn collect<T: BorrowMut<MapData>, A: Addr>(
+    ct: &mut HashMap<T, CtKey<A>, CtEntry<A>>,
+) -> Result<usize, MapError>
+where
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+{
+    let entries: StdHashMap<CtKey<A>, CtEntry<A>> = ct.iter().filter_map(Result::ok).collect();
     // Read after the pass, so no entry in it was stamped later than `now`.
     let now = monotonic_ns();
-    let over: Vec<CtKey> = entries
+    let over: Vec<CtKey<A>> = entries
         .iter()
         .filter(|(key, e)| {
             finished(
@@ -71,13 +76,17 @@ pub fn collect<T: BorrowMut<MapData>>(
 /// The entry of `e`'s other direction, if it is really `e`'s: a tuple reused by a new flow
 /// overwrites the forward entry and leaves the old reverse one behind, naming an entry that
 /// now belongs to someone else. Judged together, the orphan would take the new flow down.
-fn partner(key: &CtKey, e: &CtEntry, get: impl Fn(&CtKey) -> Option<CtEntry>) -> Option<CtEntry> {
+fn partner<A: Addr>(
+    key: &CtKey<A>,
+    e: &CtEntry<A>,
+    get: impl Fn(&CtKey<A>) -> Option<CtEntry<A>>,
+) -> Option<CtEntry<A>> {
     get(&e.other_key(key.proto)).filter(|o| o.other_key(key.proto) == *key)
 }
 
 /// Over, and (for a source-NATed flow) its port held long enough: a backend that closed
 /// first keeps the tuple in TIME_WAIT for 60 s, and a new flow on the same port would meet it.
-fn finished(key: &CtKey, e: &CtEntry, other: Option<&CtEntry>, now: u64) -> bool {
+fn finished<A: Addr>(key: &CtKey<A>, e: &CtEntry<A>, other: Option<&CtEntry<A>>, now: u64) -> bool {
     let other_seen = other.map(|o| (o.tcp_state, o.last_seen_ns));
     if !conntrack::flow_over(key.proto, e.tcp_state, e.last_seen_ns, other_seen, now) {
         return false;
@@ -94,10 +103,10 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Collects the CONNTRACK map pinned under `pin_dir` every `every`.
+    /// Collects the CONNTRACK and CONNTRACK6 maps pinned under `pin_dir` every `every`.
     pub fn spawn(pin_dir: &Path, every: Duration) -> Result<Collector, MapError> {
-        let data = MapData::from_pin(pin_dir.join(names::CONNTRACK))?;
-        let mut ct: HashMap<MapData, CtKey, CtEntry> = Map::HashMap(data).try_into()?;
+        let mut ct4: HashMap<MapData, CtKey<V4>, CtEntry<V4>> = open(pin_dir, names::CONNTRACK)?;
+        let mut ct6: HashMap<MapData, CtKey<V6>, CtEntry<V6>> = open(pin_dir, names::CONNTRACK6)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -105,7 +114,7 @@ impl Collector {
             .spawn(move || {
                 while !sleep_unless_stopped(&flag, every) {
                     let started = std::time::Instant::now();
-                    match collect(&mut ct) {
+                    match collect(&mut ct4).and_then(|n| Ok(n + collect(&mut ct6)?)) {
                         Ok(0) => {}
                         Ok(n) => debug!(
                             "conntrack: deleted {n} entries of finished flows in {:?}",
@@ -121,6 +130,11 @@ impl Collector {
             thread: Some(thread),
         })
     }
+}
+
+fn open<K: Pod, V: Pod>(pin_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>, MapError> {
+    let data = MapData::from_pin(pin_dir.join(name))?;
+    Map::HashMap(data).try_into()
 }
 
 /// Sleeps `total` in short steps; true as soon as `stop` is set.

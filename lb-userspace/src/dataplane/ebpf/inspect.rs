@@ -1,23 +1,38 @@
 //! Reading the pinned maps back, for `lb-agent dump` and for tests: what the datapath sees,
 //! straight from the kernel.
 
-use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
-
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
-use lb_common::{
-    names, sock, stats, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey,
-    Service, Slot, SlotKey,
+use std::{
+    borrow::Borrow,
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::Path,
 };
 
-/// A snapshot of the pinned maps.
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::Pod;
+use lb_common::{
+    names, sock, stats, Affinity, AffinityKey, Backend, Counter, CtEntry, CtKey, FrontendKey,
+    Service, Slot, SlotKey, SourceRange, VipKey, V4, V6,
+};
+
+use super::family::{self, Family};
+use super::plan::{AnyBackend, AnyFrontendKey, AnyService};
+
+/// A snapshot of the pinned maps of both families.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Frontend -> (service entry, backends in slot order; `None` for a dangling slot).
-    pub frontends: BTreeMap<FrontendKey, (Service, Vec<Option<Backend>>)>,
-    /// Connection-tracking entries.
+    /// Frontend -> (service entry, backends in slot order; `None` for a dangling slot), from
+    /// `SERVICES` and `SERVICES6`.
+    pub frontends: BTreeMap<AnyFrontendKey, (AnyService, Vec<Option<AnyBackend>>)>,
+    /// IPv4 connection-tracking entries.
     pub conntrack: Vec<(CtKey, CtEntry)>,
-    /// Session-affinity entries (client, service) -> backend.
+    /// IPv6 connection-tracking entries.
+    pub conntrack6: Vec<(CtKey<V6>, CtEntry<V6>)>,
+    /// IPv4 session-affinity entries (client, service) -> backend.
     pub affinity: Vec<(AffinityKey, Affinity)>,
+    /// IPv6 session-affinity entries.
+    pub affinity6: Vec<(AffinityKey<V6>, Affinity)>,
     /// Counters summed over CPUs, indexed by `lb_common::stats` reason.
     pub counters: Vec<Counter>,
     /// Socket-program runs summed over CPUs, indexed by `lb_common::sock::stats` reason.
@@ -25,9 +40,9 @@ pub struct Snapshot {
     /// Reverse entries of sockets balanced by the socket programs.
     pub sock_revnat: usize,
     /// loadBalancerSourceRanges by service id: (range start, prefix length).
-    pub source_ranges: BTreeMap<u32, Vec<(Ipv4Addr, u8)>>,
+    pub source_ranges: BTreeMap<u32, Vec<(IpAddr, u8)>>,
     /// The node's addresses, as egress knows them.
-    pub node_addrs: Vec<Ipv4Addr>,
+    pub node_addrs: Vec<IpAddr>,
     /// Interface indexes the XDP fast path redirects to.
     pub xdp_targets: Vec<u32>,
 }
@@ -36,12 +51,12 @@ impl Snapshot {
     /// Backends (address, port) of the frontend `addr:port` for `proto`.
     pub fn backends_of(
         &self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         proto: u8,
-    ) -> Option<Vec<(Ipv4Addr, u16)>> {
+    ) -> Option<Vec<(IpAddr, u16)>> {
         let key = FrontendKey {
-            addr: addr.octets(),
+            addr: addr.into(),
             port_be: port.to_be(),
             proto,
             scope: lb_common::SCOPE_ALL,
@@ -49,7 +64,7 @@ impl Snapshot {
         self.frontends.get(&key).map(|(_, bs)| {
             bs.iter()
                 .flatten()
-                .map(|b| (Ipv4Addr::from(b.addr), u16::from_be(b.port_be)))
+                .map(|b| (b.addr, u16::from_be(b.port_be)))
                 .collect()
         })
     }
@@ -61,9 +76,8 @@ impl Snapshot {
         for (k, (svc, backends)) in &self.frontends {
             let _ = writeln!(
                 out,
-                "  {}:{}/{} svc_id={} backends={} affinity_timeout_s={}{}",
-                Ipv4Addr::from(k.addr),
-                u16::from_be(k.port_be),
+                "  {}/{} svc_id={} backends={} affinity_timeout_s={}{}",
+                SocketAddr::new(k.addr, u16::from_be(k.port_be)),
                 proto_name(k.proto),
                 svc.svc_id,
                 svc.backend_count,
@@ -80,10 +94,9 @@ impl Snapshot {
                     Some(b) => {
                         let _ = writeln!(
                             out,
-                            "    slot {}: {}:{}{}",
+                            "    slot {}: {}{}",
                             i + 1,
-                            Ipv4Addr::from(b.addr),
-                            u16::from_be(b.port_be),
+                            SocketAddr::new(b.addr, u16::from_be(b.port_be)),
                             if b.state == lb_common::BACKEND_HOST {
                                 " (this node)"
                             } else {
@@ -111,8 +124,18 @@ impl Snapshot {
             "XDP redirect targets (ifindex): {:?}",
             self.xdp_targets
         );
-        let _ = writeln!(out, "conntrack entries: {}", self.conntrack.len());
-        let _ = writeln!(out, "affinity entries: {}", self.affinity.len());
+        let _ = writeln!(
+            out,
+            "conntrack entries: {} IPv4, {} IPv6",
+            self.conntrack.len(),
+            self.conntrack6.len()
+        );
+        let _ = writeln!(
+            out,
+            "affinity entries: {} IPv4, {} IPv6",
+            self.affinity.len(),
+            self.affinity6.len()
+        );
         let _ = writeln!(out, "socket reverse entries: {}", self.sock_revnat);
         let _ = writeln!(out, "counters (packets / bytes, all CPUs):");
         for (i, c) in self.counters.iter().enumerate() {
@@ -137,13 +160,13 @@ impl Snapshot {
 }
 
 /// The service entry's flags, as ` external snat=ADDR drop-when-empty` (empty when none).
-fn flags(svc: &Service) -> String {
+fn flags(svc: &AnyService) -> String {
     let mut out = String::new();
     if svc.flags & lb_common::SVC_F_EXTERNAL != 0 {
         out.push_str(" external");
     }
     if svc.flags & lb_common::SVC_F_SNAT != 0 {
-        let _ = write!(out, " snat={}", Ipv4Addr::from(svc.snat_addr));
+        let _ = write!(out, " snat={}", svc.snat_addr);
     }
     if svc.flags & lb_common::SVC_F_DROP_WHEN_EMPTY != 0 {
         out.push_str(" drop-when-empty");
@@ -172,69 +195,114 @@ fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// The names of one family's maps that `read` shows.
+struct FamilyNames {
+    services: &'static str,
+    backends: &'static str,
+    conntrack: &'static str,
+    affinity: &'static str,
+    source_ranges: &'static str,
+    node_addrs: &'static str,
+}
+
 /// Reads every pinned map under `dir`.
 pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
-    let services: HashMap<_, FrontendKey, Service> = open(dir, names::SERVICES)?.try_into()?;
-    let slots: HashMap<_, SlotKey, Slot> = open(dir, names::BACKEND_SLOTS)?.try_into()?;
-    let backends: HashMap<_, u32, Backend> = open(dir, names::BACKENDS)?.try_into()?;
-    let conntrack: HashMap<_, CtKey, CtEntry> = open(dir, names::CONNTRACK)?.try_into()?;
-    let affinity: HashMap<_, AffinityKey, Affinity> = open(dir, names::AFFINITY)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = open(dir, names::STATS)?.try_into()?;
     let sock_counters: PerCpuArray<_, u64> = open(dir, sock::names::SOCK_STATS)?.try_into()?;
     let sock_revnat: HashMap<_, sock::RevNatKey, sock::RevNatEntry> =
         open(dir, sock::names::SOCK_REVNAT)?.try_into()?;
 
     let mut snap = Snapshot::default();
-    for item in services.iter() {
-        let (k, svc) = item?;
-        let list = (1..=svc.backend_count as u32)
-            .map(|slot| {
-                let s = slots
-                    .get(
-                        &SlotKey {
-                            svc_id: svc.svc_id,
-                            slot,
-                        },
-                        0,
-                    )
-                    .ok()?;
-                backends.get(&s.backend_id, 0).ok()
-            })
-            .collect();
-        snap.frontends.insert(k, (svc, list));
-    }
-    for item in conntrack.iter() {
-        snap.conntrack.push(item?);
-    }
-    for item in affinity.iter() {
-        snap.affinity.push(item?);
-    }
+    let v4 = FamilyNames {
+        services: names::SERVICES,
+        backends: names::BACKENDS,
+        conntrack: names::CONNTRACK,
+        affinity: names::AFFINITY,
+        source_ranges: names::SOURCE_RANGES,
+        node_addrs: names::NODE_ADDRS,
+    };
+    let (conntrack, affinity) = read_family::<V4>(dir, &v4, &mut snap)?;
+    (snap.conntrack, snap.affinity) = (conntrack, affinity);
+    let v6 = FamilyNames {
+        services: names::SERVICES6,
+        backends: names::BACKENDS6,
+        conntrack: names::CONNTRACK6,
+        affinity: names::AFFINITY6,
+        source_ranges: names::SOURCE_RANGES6,
+        node_addrs: names::NODE_ADDRS6,
+    };
+    let (conntrack, affinity) = read_family::<V6>(dir, &v6, &mut snap)?;
+    (snap.conntrack6, snap.affinity6) = (conntrack, affinity);
     snap.counters = sum_counters(&counters)?;
     snap.sock_counters = (0..sock::stats::REASONS)
         .map(|reason| Ok(counters_sum(&sock_counters.get(&reason, 0)?)))
         .collect::<Result<_, MapError>>()?;
     snap.sock_revnat = sock_revnat.keys().count();
-    let ranges: aya::maps::LpmTrie<_, lb_common::SourceRange, u32> =
-        open(dir, names::SOURCE_RANGES)?.try_into()?;
-    for key in ranges.keys() {
-        let key = key?;
-        let (d, len) = (key.data(), key.prefix_len().saturating_sub(32) as u8);
-        let list = snap
-            .source_ranges
-            .entry(u32::from_be(d.svc_id_be))
-            .or_default();
-        list.push((Ipv4Addr::from(d.addr), len));
-    }
-    let node_addrs: HashMap<_, lb_common::VipKey, lb_common::Vip> =
-        open(dir, names::NODE_ADDRS)?.try_into()?;
-    for key in node_addrs.keys() {
-        snap.node_addrs.push(Ipv4Addr::from(key?.addr));
-    }
     let xdp_targets: HashMap<_, u32, u32> = open(dir, names::XDP_TARGETS)?.try_into()?;
     for key in xdp_targets.keys() {
         snap.xdp_targets.push(key?);
     }
     Ok(snap)
+}
+
+/// Connection-tracking and affinity entries of one family.
+type FamilyFlows<A> = (Vec<(CtKey<A>, CtEntry<A>)>, Vec<(AffinityKey<A>, Affinity)>);
+
+/// Adds one family's frontends (with their backends from the shared slots), source ranges
+/// and node addresses to `snap`, and returns its flows.
+fn read_family<A: Family>(
+    dir: &Path,
+    n: &FamilyNames,
+    snap: &mut Snapshot,
+) -> anyhow::Result<FamilyFlows<A>>
+where
+    FrontendKey<A>: Pod,
+    Service<A>: Pod,
+    Backend<A>: Pod,
+    VipKey<A>: Pod,
+    SourceRange<A>: Pod,
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+    AffinityKey<A>: Pod,
+{
+    let services: HashMap<_, FrontendKey<A>, Service<A>> = open(dir, n.services)?.try_into()?;
+    let slots: HashMap<_, SlotKey, Slot> = open(dir, names::BACKEND_SLOTS)?.try_into()?;
+    let backends: HashMap<_, u32, Backend<A>> = open(dir, n.backends)?.try_into()?;
+    for item in services.iter() {
+        let (k, svc) = item?;
+        let list = (1..=svc.backend_count as u32)
+            .map(|slot| {
+                let key = SlotKey {
+                    svc_id: svc.svc_id,
+                    slot,
+                };
+                let s = slots.get(&key, 0).ok()?;
+                let b = backends.get(&s.backend_id, 0).ok()?;
+                Some(family::any_backend(&b))
+            })
+            .collect();
+        let entry = (family::any_service(&svc), list);
+        snap.frontends.insert(family::any_frontend_key(&k), entry);
+    }
+    let ranges: aya::maps::LpmTrie<_, SourceRange<A>, u32> =
+        open(dir, n.source_ranges)?.try_into()?;
+    for key in ranges.keys() {
+        let (svc_id, addr, len) = family::source_range(&key?);
+        snap.source_ranges
+            .entry(svc_id)
+            .or_default()
+            .push((addr, len));
+    }
+    let node_addrs: HashMap<_, VipKey<A>, lb_common::Vip> = open(dir, n.node_addrs)?.try_into()?;
+    for key in node_addrs.keys() {
+        snap.node_addrs.push(key?.addr.widen());
+    }
+    let conntrack: HashMap<_, CtKey<A>, CtEntry<A>> = open(dir, n.conntrack)?.try_into()?;
+    let affinity: HashMap<_, AffinityKey<A>, Affinity> = open(dir, n.affinity)?.try_into()?;
+    Ok((
+        conntrack.iter().collect::<Result<_, _>>()?,
+        affinity.iter().collect::<Result<_, _>>()?,
+    ))
 }
 
 fn counters_sum(per_cpu: &aya::maps::PerCpuValues<u64>) -> u64 {

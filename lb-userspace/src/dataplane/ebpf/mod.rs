@@ -2,29 +2,31 @@
 //! and keeps the maps equal to the desired state by executing `plan::Plan`s.
 
 pub mod conntrack_gc;
+pub mod family;
 pub mod inspect;
 pub mod plan;
 pub mod socket_lb;
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{lpm_trie, Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError},
+    maps::{Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError},
     programs::{tc, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    maglev, names, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, SourceRange,
-    Vip, VipKey,
+    maglev, names, Backend, CtEntry, CtKey, FrontendKey, Member, MemberKey, Service, Slot, SlotKey,
+    SourceRange, Vip, VipKey, V4, V6,
 };
 use log::{info, warn};
 
 use super::{ApplyReport, Dataplane};
-use crate::model::{Algorithm, DesiredState};
+use crate::model::{Algorithm, DesiredState, IpFamily};
+use family::Family;
 use plan::{Op, Pinned, Programmed};
 
 /// The datapath object, built by build.rs from `lb-ebpf`.
@@ -74,15 +76,129 @@ pub enum LoadError {
 
 /// The typed maps the agent writes.
 struct Maps {
-    services: HashMap<MapData, FrontendKey, Service>,
+    v4: FamilyMaps<V4>,
+    v6: FamilyMaps<V6>,
     slots: HashMap<MapData, SlotKey, Slot>,
     members: HashMap<MapData, MemberKey, Member>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
-    backends: HashMap<MapData, u32, Backend>,
-    vips: HashMap<MapData, VipKey, Vip>,
-    node_addr_entries: HashMap<MapData, VipKey, Vip>,
-    source_ranges: LpmTrie<MapData, SourceRange, u32>,
     xdp_targets: HashMap<MapData, u32, u32>,
+}
+
+/// The maps one address family has of its own.
+struct FamilyMaps<A> {
+    services: HashMap<MapData, FrontendKey<A>, Service<A>>,
+    backends: HashMap<MapData, u32, Backend<A>>,
+    vips: HashMap<MapData, VipKey<A>, Vip>,
+    node_addr_entries: HashMap<MapData, VipKey<A>, Vip>,
+    source_ranges: LpmTrie<MapData, SourceRange<A>, u32>,
+}
+
+/// The names of one family's maps.
+struct FamilyNames {
+    services: &'static str,
+    backends: &'static str,
+    vips: &'static str,
+    node_addrs: &'static str,
+    source_ranges: &'static str,
+}
+
+const V4_NAMES: FamilyNames = FamilyNames {
+    services: names::SERVICES,
+    backends: names::BACKENDS,
+    vips: names::VIPS,
+    node_addrs: names::NODE_ADDRS,
+    source_ranges: names::SOURCE_RANGES,
+};
+
+const V6_NAMES: FamilyNames = FamilyNames {
+    services: names::SERVICES6,
+    backends: names::BACKENDS6,
+    vips: names::VIPS6,
+    node_addrs: names::NODE_ADDRS6,
+    source_ranges: names::SOURCE_RANGES6,
+};
+
+impl<A: Family> FamilyMaps<A>
+where
+    FrontendKey<A>: Pod,
+    Service<A>: Pod,
+    Backend<A>: Pod,
+    VipKey<A>: Pod,
+    SourceRange<A>: Pod,
+{
+    fn take(ebpf: &mut Ebpf, n: &FamilyNames) -> Result<Self, LoadError> {
+        let source_ranges = ebpf
+            .take_map(n.source_ranges)
+            .ok_or(LoadError::MissingMap {
+                name: n.source_ranges,
+            })?;
+        Ok(FamilyMaps {
+            services: take_map(ebpf, n.services)?,
+            backends: take_map(ebpf, n.backends)?,
+            vips: take_map(ebpf, n.vips)?,
+            node_addr_entries: take_map(ebpf, n.node_addrs)?,
+            source_ranges: LpmTrie::try_from(source_ranges)
+                .map_err(|source| map_err(n.source_ranges, source))?,
+        })
+    }
+
+    /// Adds what this family's maps hold to `pinned`.
+    fn read_into(&self, n: &FamilyNames, pinned: &mut Pinned) -> Result<(), LoadError> {
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(|source| map_err(n.services, source))?;
+            let entry = (family::any_frontend_key(&k), family::any_service(&v));
+            pinned.services.push(entry);
+        }
+        for item in self.backends.iter() {
+            let (id, b) = item.map_err(|source| map_err(n.backends, source))?;
+            pinned.backends.push((id, family::any_backend(&b)));
+        }
+        for item in self.vips.iter() {
+            let (k, v) = item.map_err(|source| map_err(n.vips, source))?;
+            pinned.vips.push((family::any_vip_key(&k), v));
+        }
+        for item in self.node_addr_entries.iter() {
+            let (k, v) = item.map_err(|source| map_err(n.node_addrs, source))?;
+            pinned.node_addr_entries.push((family::any_vip_key(&k), v));
+        }
+        for k in self.source_ranges.keys() {
+            let k = k.map_err(|source| map_err(n.source_ranges, source))?;
+            pinned.source_ranges.push(family::source_range(&k));
+        }
+        Ok(())
+    }
+
+    /// Executes `op`, one of those on a per-family map (`Op::family`), on this family's.
+    fn execute(&mut self, op: &Op) -> Result<(), MapError> {
+        match op {
+            Op::PutBackend(id, b) => self.backends.insert(id, family::backend(b), 0),
+            Op::DeleteBackend(_, id) => self.backends.remove(id),
+            Op::PutSourceRange(svc_id, addr, len) => {
+                let key = family::source_range_key(*svc_id, *addr, *len);
+                self.source_ranges.insert(&key, 1, 0)
+            }
+            Op::DeleteSourceRange(svc_id, addr, len) => {
+                let key = family::source_range_key(*svc_id, *addr, *len);
+                self.source_ranges.remove(&key)
+            }
+            Op::PutService(k, v) => {
+                let (k, v) = (family::frontend_key(k), family::service(v));
+                self.services.insert(k, v, 0)
+            }
+            Op::DeleteService(k) => self.services.remove(&family::frontend_key(k)),
+            Op::PutVip(k, v) => self.vips.insert(family::vip_key(k), v, 0),
+            Op::DeleteVip(k) => self.vips.remove(&family::vip_key(k)),
+            Op::PutNodeAddr(k, v) => self.node_addr_entries.insert(family::vip_key(k), v, 0),
+            Op::DeleteNodeAddr(k) => self.node_addr_entries.remove(&family::vip_key(k)),
+            Op::PutMember(..)
+            | Op::DeleteMember(_)
+            | Op::PutSlot(..)
+            | Op::DeleteSlot(_)
+            | Op::PutMaglev(..)
+            | Op::PatchMaglev(..)
+            | Op::DeleteMaglev(_) => unreachable!("{op:?} is on a map shared by both families"),
+        }
+    }
 }
 
 /// How to load the datapath.
@@ -90,8 +206,10 @@ struct Maps {
 pub struct LoadOptions {
     /// Map capacities overridden (`(map name, max entries)`); tests use small tables.
     pub capacities: Vec<(&'static str, u32)>,
-    /// The address hairpin flows are source-NATed to (`--hairpin-ip`).
+    /// The address IPv4 hairpin flows are source-NATed to (`--hairpin-ip`).
     pub hairpin_addr: Ipv4Addr,
+    /// The address IPv6 hairpin flows are source-NATed to (`--hairpin-ip`).
+    pub hairpin_addr6: Ipv6Addr,
 }
 
 impl Default for LoadOptions {
@@ -99,17 +217,9 @@ impl Default for LoadOptions {
         LoadOptions {
             capacities: Vec::new(),
             hairpin_addr: Ipv4Addr::from(lb_common::snat::HAIRPIN_ADDR),
+            hairpin_addr6: Ipv6Addr::from(lb_common::snat::HAIRPIN_ADDR6),
         }
     }
-}
-
-/// The `SOURCE_RANGES` key of range `addr/len` of service `svc_id` (see `SourceRange`).
-fn source_range_key(svc_id: u32, addr: Ipv4Addr, len: u8) -> lpm_trie::Key<SourceRange> {
-    let data = SourceRange {
-        svc_id_be: svc_id.to_be(),
-        addr: addr.octets(),
-    };
-    lpm_trie::Key::new(32 + u32::from(len), data)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
@@ -126,6 +236,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// The datapath's global holding the hairpin SNAT address (network byte order).
 const HAIRPIN_ADDR_GLOBAL: &str = "HAIRPIN_ADDR_BE";
+/// The IPv6 one (network byte order).
+const HAIRPIN_ADDR6_GLOBAL: &str = "HAIRPIN_ADDR6";
 
 pub struct EbpfDataplane {
     ebpf: Ebpf,
@@ -162,6 +274,8 @@ impl EbpfDataplane {
         }
         let hairpin_be = u32::from_ne_bytes(options.hairpin_addr.octets());
         loader.override_global(HAIRPIN_ADDR_GLOBAL, &hairpin_be, true);
+        let hairpin6 = options.hairpin_addr6.octets();
+        loader.override_global(HAIRPIN_ADDR6_GLOBAL, &hairpin6, true);
         // The socket programs act only in the namespace the agent runs in; 0 (unknown, a
         // kernel before 5.14) makes them act nowhere, and `attach_socket_lb` says why.
         let netns_cookie = socket_lb::netns_cookie().unwrap_or(0);
@@ -183,7 +297,8 @@ impl EbpfDataplane {
             .map_err(|source| LoadError::Program { source })?;
 
         let mut maps = Maps {
-            services: take_map(&mut ebpf, names::SERVICES)?,
+            v4: FamilyMaps::take(&mut ebpf, &V4_NAMES)?,
+            v6: FamilyMaps::take(&mut ebpf, &V6_NAMES)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
             members: take_map(&mut ebpf, names::MEMBERS)?,
             maglev: {
@@ -191,17 +306,6 @@ impl EbpfDataplane {
                     name: names::MAGLEV,
                 })?;
                 HashOfMaps::try_from(map).map_err(|source| map_err(names::MAGLEV, source))?
-            },
-            backends: take_map(&mut ebpf, names::BACKENDS)?,
-            vips: take_map(&mut ebpf, names::VIPS)?,
-            node_addr_entries: take_map(&mut ebpf, names::NODE_ADDRS)?,
-            source_ranges: {
-                let map = ebpf
-                    .take_map(names::SOURCE_RANGES)
-                    .ok_or(LoadError::MissingMap {
-                        name: names::SOURCE_RANGES,
-                    })?;
-                LpmTrie::try_from(map).map_err(|source| map_err(names::SOURCE_RANGES, source))?
             },
             xdp_targets: take_map(&mut ebpf, names::XDP_TARGETS)?,
         };
@@ -319,24 +423,41 @@ impl EbpfDataplane {
         inspect::sum_counters(&counters).map_err(|source| map_err(names::STATS, source))
     }
 
-    /// The connection-tracking map, for inspection and for tests that age entries.
-    pub fn conntrack(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, lb_common::CtKey, lb_common::CtEntry>, LoadError> {
-        let map = self
-            .ebpf
-            .map_mut(names::CONNTRACK)
-            .ok_or(LoadError::MissingMap {
-                name: names::CONNTRACK,
-            })?;
-        HashMap::try_from(map).map_err(|source| map_err(names::CONNTRACK, source))
+    /// The IPv4 connection-tracking map, for inspection and for tests that age entries.
+    pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtEntry>, LoadError> {
+        self.conntrack_of(names::CONNTRACK)
     }
 
-    /// Deletes the connection-tracking entries of flows that are over, and returns how many
-    /// (see `conntrack_gc`; the agent runs that on a thread of its own).
+    /// The IPv6 connection-tracking map.
+    pub fn conntrack6(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, CtKey<V6>, CtEntry<V6>>, LoadError> {
+        self.conntrack_of(names::CONNTRACK6)
+    }
+
+    fn conntrack_of<A: Family>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, CtKey<A>, CtEntry<A>>, LoadError>
+    where
+        CtKey<A>: Pod,
+        CtEntry<A>: Pod,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(LoadError::MissingMap { name })?;
+        HashMap::try_from(map).map_err(|source| map_err(name, source))
+    }
+
+    /// Deletes the connection-tracking entries of flows that are over, in both families, and
+    /// returns how many (see `conntrack_gc`; the agent runs that on a thread of its own).
     pub fn collect_garbage(&mut self) -> Result<usize, LoadError> {
-        let mut ct = self.conntrack()?;
-        conntrack_gc::collect(&mut ct).map_err(|source| map_err(names::CONNTRACK, source))
+        let v4 = conntrack_gc::collect(&mut self.conntrack()?)
+            .map_err(|source| map_err(names::CONNTRACK, source))?;
+        let v6 = conntrack_gc::collect(&mut self.conntrack6()?)
+            .map_err(|source| map_err(names::CONNTRACK6, source))?;
+        Ok(v4 + v6)
     }
 
     /// Where the maps are pinned.
@@ -358,44 +479,29 @@ impl EbpfDataplane {
         }
     }
 
-    /// Reads what the pinned maps hold, for the first plan to start from.
+    /// Reads what the pinned maps of both families hold, for the first plan to start from.
     fn adopt(&self) -> Result<Programmed, LoadError> {
-        fn all<K, V>(
-            name: &'static str,
-            items: impl Iterator<Item = Result<(K, V), MapError>>,
-        ) -> Result<Vec<(K, V)>, LoadError> {
-            items
-                .collect::<Result<_, _>>()
-                .map_err(|source| map_err(name, source))
-        }
         let m = &self.maps;
-        let keys = |name, keys: aya::maps::MapKeys<'_, _>| {
-            keys.collect::<Result<Vec<_>, _>>()
-                .map_err(|source| map_err(name, source))
-        };
-        let pinned = Pinned {
-            services: all(names::SERVICES, m.services.iter())?,
-            slots: all(names::BACKEND_SLOTS, m.slots.iter())?,
-            members: keys(names::MEMBERS, m.members.keys())?,
+        let mut pinned = Pinned {
+            slots: m
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| map_err(names::BACKEND_SLOTS, source))?,
+            members: m
+                .members
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|source| map_err(names::MEMBERS, source))?,
             maglev: m
                 .maglev
                 .keys()
                 .collect::<Result<_, _>>()
                 .map_err(|source| map_err(names::MAGLEV, source))?,
-            backends: all(names::BACKENDS, m.backends.iter())?,
-            vips: all(names::VIPS, m.vips.iter())?,
-            node_addr_entries: all(names::NODE_ADDRS, m.node_addr_entries.iter())?,
-            source_ranges: m
-                .source_ranges
-                .keys()
-                .map(|k| {
-                    let k = k?;
-                    let (d, len) = (k.data(), k.prefix_len().saturating_sub(32) as u8);
-                    Ok((u32::from_be(d.svc_id_be), Ipv4Addr::from(d.addr), len))
-                })
-                .collect::<Result<_, MapError>>()
-                .map_err(|source| map_err(names::SOURCE_RANGES, source))?,
+            ..Pinned::default()
         };
+        m.v4.read_into(&V4_NAMES, &mut pinned)?;
+        m.v6.read_into(&V6_NAMES, &mut pinned)?;
         if !pinned.services.is_empty() {
             info!(
                 "adopting pinned maps in {}: {} frontends, {} backends from an earlier run",
@@ -409,40 +515,28 @@ impl EbpfDataplane {
 
     fn execute(&mut self, op: &Op) -> Result<(), MapError> {
         let m = &mut self.maps;
-        let result = match op.clone() {
-            Op::PutBackend(id, b) => m.backends.insert(id, b, 0),
-            Op::PutMember(k, v) => m.members.insert(k, v, 0),
-            Op::PutMaglev(svc_id, table) => {
+        let result = match (op.family(), op) {
+            (Some(IpFamily::V4), _) => m.v4.execute(op),
+            (Some(IpFamily::V6), _) => m.v6.execute(op),
+            (None, Op::PutMember(k, v)) => m.members.insert(k, v, 0),
+            (None, Op::PutMaglev(svc_id, table)) => {
                 // A fresh table, filled before the service can see it.
                 let mut inner = Array::<MapData, u32>::create(maglev::TABLE_SIZE, 0)?;
-                for (i, id) in (0u32..).zip(&table) {
+                for (i, id) in (0u32..).zip(table) {
                     inner.set(i, id, 0)?;
                 }
                 m.maglev.insert(svc_id, &inner, 0)
             }
-            Op::PatchMaglev(svc_id, entries) => {
+            (None, Op::PatchMaglev(svc_id, entries)) => {
                 // In place: each write swaps one valid backend id for another.
-                let mut inner = m.maglev.get(&svc_id, 0)?;
+                let mut inner = m.maglev.get(svc_id, 0)?;
                 entries.iter().try_for_each(|(i, id)| inner.set(*i, id, 0))
             }
-            Op::DeleteMaglev(svc_id) => m.maglev.remove(&svc_id),
-            Op::PutSourceRange(svc_id, addr, len) => {
-                m.source_ranges
-                    .insert(&source_range_key(svc_id, addr, len), 1, 0)
-            }
-            Op::DeleteSourceRange(svc_id, addr, len) => {
-                m.source_ranges.remove(&source_range_key(svc_id, addr, len))
-            }
-            Op::PutSlot(k, v) => m.slots.insert(k, v, 0),
-            Op::PutService(k, v) => m.services.insert(k, v, 0),
-            Op::PutVip(k, v) => m.vips.insert(k, v, 0),
-            Op::DeleteVip(k) => m.vips.remove(&k),
-            Op::PutNodeAddr(k, v) => m.node_addr_entries.insert(k, v, 0),
-            Op::DeleteNodeAddr(k) => m.node_addr_entries.remove(&k),
-            Op::DeleteService(k) => m.services.remove(&k),
-            Op::DeleteSlot(k) => m.slots.remove(&k),
-            Op::DeleteMember(k) => m.members.remove(&k),
-            Op::DeleteBackend(id) => m.backends.remove(&id),
+            (None, Op::DeleteMaglev(svc_id)) => m.maglev.remove(svc_id),
+            (None, Op::PutSlot(k, v)) => m.slots.insert(k, v, 0),
+            (None, Op::DeleteSlot(k)) => m.slots.remove(k),
+            (None, Op::DeleteMember(k)) => m.members.remove(k),
+            (None, _) => unreachable!("{op:?} is on a per-family map"),
         };
         match result {
             // Deleting what is already gone is the desired outcome.
@@ -574,4 +668,177 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 
 fn map_err(name: &'static str, source: MapError) -> LoadError {
     LoadError::Map { name, source }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dataplane against the kernel: a dual-stack desired state written to freshly loaded
+    //! maps and read back. Root only (`cargo test -p lb-userspace --lib -- --ignored`); the
+    //! programs themselves are the datapath fixtures' business.
+
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn endpoints(addrs: &[&str]) -> BTreeSet<Endpoint> {
+        addrs
+            .iter()
+            .map(|a| Endpoint {
+                addr: ip(a),
+                port: 8080,
+            })
+            .collect()
+    }
+
+    /// One dual-stack TCP port: ClusterIPs 10.96.0.10 and fd00:96::10, a NodePort on the
+    /// node's IPv6 address, a LoadBalancer IP of each family and IPv6 source ranges; endpoints
+    /// of both families, one of them the node's own IPv6 address.
+    fn dual_stack() -> DesiredState {
+        let fe = |addr: &str, port| Frontend {
+            addr: ip(addr),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let ext = |snat: &str, load_balancer| External {
+            snat_addr: ip(snat),
+            load_balancer,
+        };
+        let port = ServicePort {
+            frontends: [fe("10.96.0.10", 80), fe("fd00:96::10", 80)].into(),
+            external_frontends: [
+                (fe("2001:db8::10", 30080), ext("2001:db8::10", false)),
+                (fe("2001:db8:ee::9", 80), ext("2001:db8::10", true)),
+                (fe("198.51.100.9", 80), ext("192.168.0.10", true)),
+            ]
+            .into(),
+            source_ranges: [(ip("2001:db8:aaaa::"), 48)].into(),
+            endpoints: endpoints(&["10.0.0.1", "10.0.0.2", "fd00:1::1", "2001:db8::10"]),
+            ..ServicePort::default()
+        };
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        DesiredState {
+            services: [(name, port)].into(),
+            node_addrs: [ip("192.168.0.10"), ip("2001:db8::10")].into(),
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root: loads the datapath and pins its maps"]
+    fn a_dual_stack_state_lands_in_each_familys_maps_and_is_adopted_after_a_restart() {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "loading BPF programs needs root"
+        );
+        let dir = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-dual-stack", std::process::id()));
+        let _ = EbpfDataplane::remove_pins(&dir);
+        let options = LoadOptions {
+            capacities: vec![(names::CONNTRACK, 1024), (names::CONNTRACK6, 1024)],
+            hairpin_addr6: "fd00:ffff::1".parse().unwrap(),
+            ..LoadOptions::default()
+        };
+        let mut dp = EbpfDataplane::load_with(&dir, &options).expect("load");
+        let desired = dual_stack();
+        dp.apply(&desired).expect("apply");
+
+        let snap = inspect::read(&dir).expect("reading the maps back");
+        let backends = |addr: &str, port| {
+            let mut got: Vec<String> = (snap.backends_of(ip(addr), port, lb_common::proto::TCP))
+                .unwrap_or_else(|| panic!("no frontend {addr}:{port}"))
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect();
+            got.sort();
+            got
+        };
+        assert_eq!(backends("10.96.0.10", 80), ["10.0.0.1", "10.0.0.2"]);
+        let six = ["2001:db8::10", "fd00:1::1"];
+        assert_eq!(backends("fd00:96::10", 80), six, "IPv6 endpoints only");
+        assert_eq!(backends("2001:db8::10", 30080), six);
+        assert_eq!(backends("198.51.100.9", 80), ["10.0.0.1", "10.0.0.2"]);
+        let entry = |addr: &str, port: u16| {
+            let key = FrontendKey {
+                addr: ip(addr),
+                port_be: port.to_be(),
+                proto: lb_common::proto::TCP,
+                scope: lb_common::SCOPE_ALL,
+            };
+            snap.frontends[&key].0
+        };
+        let (c4, c6) = (entry("10.96.0.10", 80), entry("fd00:96::10", 80));
+        assert_ne!(c4.svc_id, c6.svc_id);
+        let lb6 = entry("2001:db8:ee::9", 80);
+        assert_eq!(lb6.svc_id, c6.svc_id);
+        assert_eq!(lb6.snat_addr, ip("2001:db8::10"));
+        assert_ne!(lb6.flags & lb_common::SVC_F_SOURCE_RANGES, 0);
+        let lb4 = entry("198.51.100.9", 80);
+        assert_eq!(
+            lb4.flags & lb_common::SVC_F_SOURCE_RANGES,
+            0,
+            "IPv6 ranges leave IPv4 open"
+        );
+        assert_eq!(
+            snap.source_ranges[&c6.svc_id],
+            [(ip("2001:db8:aaaa::"), 48)]
+        );
+        let node_addrs: BTreeSet<IpAddr> = snap.node_addrs.iter().copied().collect();
+        assert_eq!(node_addrs, desired.node_addrs);
+        let host = (snap.frontends.values())
+            .flat_map(|(_, bs)| bs.iter().flatten())
+            .find(|b| b.addr == ip("2001:db8::10"))
+            .expect("the node's own address as a backend");
+        assert_eq!(host.state, lb_common::BACKEND_HOST);
+        // Straight from the IPv6 map, as the datapath will see it.
+        let services6: HashMap<_, FrontendKey<V6>, Service<V6>> =
+            aya::maps::Map::from_map_data(MapData::from_pin(dir.join(names::SERVICES6)).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert_eq!(services6.keys().count(), 3);
+        let rendered = snap.render();
+        assert!(rendered.contains("[fd00:96::10]:80/TCP"), "{rendered}");
+
+        // A restart adopts both families: nothing to write.
+        drop(dp);
+        let mut dp = EbpfDataplane::load_with(&dir, &options).expect("load again");
+        let report = dp.apply(&desired).expect("apply again");
+        assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
+
+        // Finished IPv6 flows are collected too.
+        let flow = CtKey::<V6> {
+            saddr: ip_v6("2001:db8:1::2"),
+            daddr: ip_v6("fd00:96::10"),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: lb_common::proto::UDP,
+            _pad: [0; 3],
+        };
+        dp.conntrack6()
+            .unwrap()
+            .insert(flow, CtEntry::default(), 0)
+            .unwrap();
+        assert_eq!(dp.collect_garbage().unwrap(), 1);
+
+        // And an empty state empties both.
+        dp.apply(&DesiredState::default()).expect("apply empty");
+        let snap = inspect::read(&dir).expect("reading the maps back");
+        assert!(snap.frontends.is_empty() && snap.node_addrs.is_empty());
+        drop(dp);
+        EbpfDataplane::remove_pins(&dir).expect("cleanup");
+    }
+
+    fn ip_v6(s: &str) -> V6 {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
 }

@@ -5,9 +5,16 @@
 //! model): backends are written before the memberships and slots that name them, slots before
 //! the count that exposes them, frontends last; deletions run the other way round. A lookup
 //! racing an update therefore sees either the old or the new backend set, never a hole.
+//!
+//! Both address families are planned together: a service port is programmed as one unit
+//! (one service id) per family and scope, and the maps of ids only (`BACKEND_SLOTS`,
+//! `MEMBERS`, `MAGLEV`) are shared, so ids are allocated from one sequence for both and the
+//! ordering holds across families. Ops carry the map types with an `IpAddr` where the maps
+//! hold an address (`AnyFrontendKey` and so on): the address says which family's map the
+//! entry goes to, and the dataplane narrows it to that map's bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
     maglev, Backend, FrontendKey, Member, MemberKey, Service, Slot, SlotKey, Vip, VipKey,
@@ -17,36 +24,70 @@ use lb_common::{
 use log::warn;
 
 use crate::model::{
-    Algorithm, DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
+    Algorithm, DesiredState, Endpoint, External, Frontend, IpFamily, Protocol, ServicePort,
+    ServicePortName,
 };
 
-/// One map operation, in the order they must be executed.
+/// A `SERVICES` or `SERVICES6` key: the family is its address's.
+pub type AnyFrontendKey = FrontendKey<IpAddr>;
+/// A `SERVICES` or `SERVICES6` value; `snat_addr` is of its key's family.
+pub type AnyService = Service<IpAddr>;
+/// A `BACKENDS` or `BACKENDS6` value.
+pub type AnyBackend = Backend<IpAddr>;
+/// A `VIPS`/`VIPS6` or `NODE_ADDRS`/`NODE_ADDRS6` key.
+pub type AnyVipKey = VipKey<IpAddr>;
+
+/// One map operation, in the order they must be executed. Where a map exists per family, the
+/// address in the op (or the `IpFamily`, for a backend deleted by id) names the map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend(u32, Backend),
+    PutBackend(u32, AnyBackend),
     PutMember(MemberKey, Member),
     /// A new Maglev table for the service: every entry, in index order.
     PutMaglev(u32, Vec<u32>),
     /// Changed entries (index, backend id) of the service's existing Maglev table.
     PatchMaglev(u32, Vec<(u32, u32)>),
     /// A loadBalancerSourceRanges entry (service id, range start, prefix length).
-    PutSourceRange(u32, Ipv4Addr, u8),
+    PutSourceRange(u32, IpAddr, u8),
     PutSlot(SlotKey, Slot),
-    PutService(FrontendKey, Service),
-    PutVip(VipKey, Vip),
-    DeleteVip(VipKey),
-    /// A node address that is a backend (`BACKEND_HOST`), with how many backends use it.
-    PutNodeAddr(VipKey, Vip),
-    DeleteNodeAddr(VipKey),
-    DeleteService(FrontendKey),
+    PutService(AnyFrontendKey, AnyService),
+    PutVip(AnyVipKey, Vip),
+    DeleteVip(AnyVipKey),
+    /// A node address, for egress to know (see `BACKEND_HOST`).
+    PutNodeAddr(AnyVipKey, Vip),
+    DeleteNodeAddr(AnyVipKey),
+    DeleteService(AnyFrontendKey),
     DeleteSlot(SlotKey),
     DeleteMaglev(u32),
-    DeleteSourceRange(u32, Ipv4Addr, u8),
+    DeleteSourceRange(u32, IpAddr, u8),
     DeleteMember(MemberKey),
-    DeleteBackend(u32),
+    DeleteBackend(IpFamily, u32),
 }
 
 impl Op {
+    /// The family whose map the op is on, or `None` for the maps both share (slots,
+    /// memberships, Maglev tables).
+    pub fn family(&self) -> Option<IpFamily> {
+        match self {
+            Op::PutBackend(_, b) => Some(IpFamily::of(b.addr)),
+            Op::DeleteBackend(family, _) => Some(*family),
+            Op::PutSourceRange(_, addr, _) | Op::DeleteSourceRange(_, addr, _) => {
+                Some(IpFamily::of(*addr))
+            }
+            Op::PutService(k, _) | Op::DeleteService(k) => Some(IpFamily::of(k.addr)),
+            Op::PutVip(k, _) | Op::DeleteVip(k) | Op::PutNodeAddr(k, _) | Op::DeleteNodeAddr(k) => {
+                Some(IpFamily::of(k.addr))
+            }
+            Op::PutMember(..)
+            | Op::DeleteMember(_)
+            | Op::PutSlot(..)
+            | Op::DeleteSlot(_)
+            | Op::PutMaglev(..)
+            | Op::PatchMaglev(..)
+            | Op::DeleteMaglev(_) => None,
+        }
+    }
+
     pub fn is_delete(&self) -> bool {
         matches!(
             self,
@@ -57,7 +98,7 @@ impl Op {
                 | Op::DeleteMaglev(_)
                 | Op::DeleteSourceRange(..)
                 | Op::DeleteMember(_)
-                | Op::DeleteBackend(_)
+                | Op::DeleteBackend(..)
         )
     }
 }
@@ -72,90 +113,130 @@ pub enum Scope {
     Local,
 }
 
-/// What one service id is programmed from.
+/// What one service id is programmed from: one scope of one service port in one family.
 struct Unit<'a> {
     name: &'a ServicePortName,
     scope: Scope,
+    family: IpFamily,
     port: &'a ServicePort,
     /// Frontends with the `SVC_F_*` flags and SNAT address of their service entries.
-    frontends: Vec<(FrontendKey, u8, [u8; 4])>,
-    endpoints: &'a BTreeSet<Endpoint>,
+    frontends: Vec<(AnyFrontendKey, u8, IpAddr)>,
+    /// The endpoints of the unit's family (never the other's: a packet cannot change family).
+    endpoints: BTreeSet<Endpoint>,
     /// With no endpoints, drop rather than reject (`SVC_F_DROP_WHEN_EMPTY`).
     drop_when_empty: bool,
     /// The clients frontends with `SVC_F_SOURCE_RANGES` accept.
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
 /// The units a desired state is programmed as.
 fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
     let mut units = Vec::new();
     for (name, port) in &desired.services {
-        let mut cluster: Vec<_> = port
-            .frontends
-            .iter()
-            .map(|fe| (frontend_key(fe), 0, [0; 4]))
-            .collect();
-        let restricted = |e: &External| e.load_balancer && !port.source_ranges.is_empty();
-        let ranges_of = |frontends: &[(FrontendKey, u8, [u8; 4])]| {
-            let any = frontends.iter().any(|f| f.1 & SVC_F_SOURCE_RANGES != 0);
-            if any {
-                port.source_ranges.clone()
-            } else {
-                BTreeSet::new()
-            }
-        };
-        let flags = |e: &External, base: u8| {
-            base | if restricted(e) {
-                SVC_F_SOURCE_RANGES
-            } else {
-                0
-            }
-        };
-        let external = port.external_frontends.iter();
-        if port.external_local {
-            let frontends: Vec<_> = external
-                .map(|(fe, e)| (frontend_key(fe), flags(e, SVC_F_EXTERNAL), [0; 4]))
-                .collect();
-            // The node's own connections to these frontends use every endpoint, as
-            // kube-proxy sends them (the socket programs look `SCOPE_HOST` up first).
-            cluster.extend(frontends.iter().map(|(key, _, _)| {
-                let host = FrontendKey {
-                    scope: SCOPE_HOST,
-                    ..*key
-                };
-                (host, SVC_F_EXTERNAL, [0; 4])
-            }));
-            if !frontends.is_empty() {
-                units.push(Unit {
-                    name,
-                    scope: Scope::Local,
-                    port,
-                    endpoints: &port.local_endpoints,
-                    // Endpoints elsewhere but none here: kube-proxy drops rather than rejects.
-                    drop_when_empty: !port.endpoints.is_empty(),
-                    source_ranges: ranges_of(&frontends),
-                    frontends,
-                });
-            }
-        } else {
-            cluster.extend(external.map(|(fe, e)| {
-                let f = flags(e, SVC_F_EXTERNAL | SVC_F_SNAT);
-                (frontend_key(fe), f, e.snat_addr.octets())
-            }));
-        }
-        if !cluster.is_empty() {
-            units.push(Unit {
-                name,
-                scope: Scope::Cluster,
-                port,
-                source_ranges: ranges_of(&cluster),
-                frontends: cluster,
-                endpoints: &port.endpoints,
-                drop_when_empty: false,
-            });
+        for family in [IpFamily::V4, IpFamily::V6] {
+            units.extend(family_units(name, port, family));
         }
     }
     units
+}
+
+/// The units of `port` in `family`: its frontends, endpoints and source ranges of that family.
+fn family_units<'a>(
+    name: &'a ServicePortName,
+    port: &'a ServicePort,
+    family: IpFamily,
+) -> Vec<Unit<'a>> {
+    let mut units = Vec::new();
+    let of_family = |addr: &IpAddr| IpFamily::of(*addr) == family;
+    let endpoints_of = |set: &BTreeSet<Endpoint>| -> BTreeSet<Endpoint> {
+        set.iter().filter(|e| of_family(&e.addr)).copied().collect()
+    };
+    // kube-proxy's proxier of each family sees only the ranges of its family: with none, the
+    // family's LoadBalancer frontends accept every client.
+    let family_ranges: BTreeSet<(IpAddr, u8)> = (port.source_ranges.iter())
+        .filter(|r| of_family(&r.0))
+        .copied()
+        .collect();
+    let unspecified = unspecified(family);
+    let mut cluster: Vec<_> = (port.frontends.iter())
+        .filter(|fe| of_family(&fe.addr))
+        .map(|fe| (frontend_key(fe), 0, unspecified))
+        .collect();
+    let restricted = |e: &External| e.load_balancer && !family_ranges.is_empty();
+    let ranges_of = |frontends: &[(AnyFrontendKey, u8, IpAddr)]| {
+        let any = frontends.iter().any(|f| f.1 & SVC_F_SOURCE_RANGES != 0);
+        if any {
+            family_ranges.clone()
+        } else {
+            BTreeSet::new()
+        }
+    };
+    let flags = |e: &External, base: u8| {
+        base | if restricted(e) {
+            SVC_F_SOURCE_RANGES
+        } else {
+            0
+        }
+    };
+    let external = (port.external_frontends.iter()).filter(|(fe, _)| of_family(&fe.addr));
+    let endpoints = endpoints_of(&port.endpoints);
+    if port.external_local {
+        let frontends: Vec<_> = external
+            .map(|(fe, e)| (frontend_key(fe), flags(e, SVC_F_EXTERNAL), unspecified))
+            .collect();
+        // The node's own connections to these frontends use every endpoint, as
+        // kube-proxy sends them (the socket programs look `SCOPE_HOST` up first).
+        cluster.extend(frontends.iter().map(|(key, _, _)| {
+            let host = FrontendKey {
+                scope: SCOPE_HOST,
+                ..*key
+            };
+            (host, SVC_F_EXTERNAL, unspecified)
+        }));
+        if !frontends.is_empty() {
+            units.push(Unit {
+                name,
+                scope: Scope::Local,
+                family,
+                port,
+                endpoints: endpoints_of(&port.local_endpoints),
+                // Endpoints elsewhere but none here: kube-proxy drops rather than rejects.
+                drop_when_empty: !endpoints.is_empty(),
+                source_ranges: ranges_of(&frontends),
+                frontends,
+            });
+        }
+    } else {
+        cluster.extend(external.map(|(fe, e)| {
+            let f = flags(e, SVC_F_EXTERNAL | SVC_F_SNAT);
+            // The model gives a SNAT address of the frontend's family; anything else would
+            // be a bug there, and the unspecified address makes the datapath's FIB lookup fail
+            // rather than send a packet of one family with the other's address.
+            let snat = Some(e.snat_addr).filter(of_family).unwrap_or(unspecified);
+            (frontend_key(fe), f, snat)
+        }));
+    }
+    if !cluster.is_empty() {
+        units.push(Unit {
+            name,
+            scope: Scope::Cluster,
+            family,
+            port,
+            source_ranges: ranges_of(&cluster),
+            frontends: cluster,
+            endpoints,
+            drop_when_empty: false,
+        });
+    }
+    units
+}
+
+/// The all-zero address of `family`: the SNAT address of entries that do not source-NAT.
+fn unspecified(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 /// A unit as programmed.
@@ -163,7 +244,7 @@ fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
 pub struct ProgrammedPort {
     svc_id: u32,
     /// Each frontend with its service entry as written.
-    frontends: BTreeMap<FrontendKey, Service>,
+    frontends: BTreeMap<AnyFrontendKey, AnyService>,
     /// Backend ids in slot order: `slots[i]` is slot `i + 1`.
     slots: Vec<u32>,
     affinity_timeout_s: u32,
@@ -173,21 +254,21 @@ pub struct ProgrammedPort {
     /// are not read back, so the first plan replaces the table whole).
     maglev: Option<Vec<u32>>,
     /// Its loadBalancerSourceRanges entries.
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
-/// What the pinned maps hold, read back when the agent starts or resyncs.
+/// What the pinned maps of both families hold, read back when the agent starts or resyncs.
 #[derive(Clone, Debug, Default)]
 pub struct Pinned {
-    pub services: Vec<(FrontendKey, Service)>,
+    pub services: Vec<(AnyFrontendKey, AnyService)>,
     pub slots: Vec<(SlotKey, Slot)>,
     pub members: Vec<MemberKey>,
     pub maglev: Vec<u32>,
-    pub backends: Vec<(u32, Backend)>,
-    pub vips: Vec<(VipKey, Vip)>,
-    pub node_addr_entries: Vec<(VipKey, Vip)>,
+    pub backends: Vec<(u32, AnyBackend)>,
+    pub vips: Vec<(AnyVipKey, Vip)>,
+    pub node_addr_entries: Vec<(AnyVipKey, Vip)>,
     /// loadBalancerSourceRanges entries: (service id, range start, prefix length).
-    pub source_ranges: Vec<(u32, Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(u32, IpAddr, u8)>,
 }
 
 /// Pinned keys no adopted service port accounts for (what an apply that failed half way
@@ -197,25 +278,25 @@ struct Leftovers {
     slots: BTreeSet<SlotKey>,
     members: BTreeSet<MemberKey>,
     maglev: BTreeSet<u32>,
-    backends: BTreeSet<u32>,
-    source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
+    backends: BTreeSet<(IpFamily, u32)>,
+    source_ranges: BTreeSet<(u32, IpAddr, u8)>,
 }
 
 /// What the maps hold, as far as the agent knows.
 #[derive(Clone, Debug, Default)]
 pub struct Programmed {
-    ports: BTreeMap<(ServicePortName, Scope), ProgrammedPort>,
+    ports: BTreeMap<(ServicePortName, Scope, IpFamily), ProgrammedPort>,
     /// Backend -> (id, number of service ports using it).
-    backends: BTreeMap<Backend, (u32, u32)>,
-    vips: BTreeMap<VipKey, u32>,
-    node_addr_entries: BTreeMap<VipKey, u32>,
+    backends: BTreeMap<AnyBackend, (u32, u32)>,
+    vips: BTreeMap<AnyVipKey, u32>,
+    node_addr_entries: BTreeMap<AnyVipKey, u32>,
     next_svc_id: u32,
     next_backend_id: u32,
     /// Service ports found pinned, by service id. A desired port that one of them serves a
     /// frontend of takes it over (its id, slots and memberships, and so the clients' affinity
     /// entries), so a restart writes only what changed.
     adopted: BTreeMap<u32, ProgrammedPort>,
-    adopted_frontends: BTreeMap<FrontendKey, u32>,
+    adopted_frontends: BTreeMap<AnyFrontendKey, u32>,
     leftovers: Leftovers,
 }
 
@@ -297,10 +378,14 @@ impl Programmed {
             .filter(|id| p.adopted.get(id).is_none_or(|a| a.maglev.is_none()))
             .copied()
             .collect();
+        let mut backend_ids = BTreeSet::new();
         for (id, backend) in &pinned.backends {
-            // The same endpoint twice (a failed apply can leave that): keep one id.
-            if p.backends.contains_key(backend) {
-                p.leftovers.backends.insert(*id);
+            // The same endpoint twice (a failed apply can leave that): keep one id. One id in
+            // both families' maps (never written by this agent) would make slots ambiguous:
+            // keep the first.
+            if p.backends.contains_key(backend) || !backend_ids.insert(*id) {
+                let family = IpFamily::of(backend.addr);
+                p.leftovers.backends.insert((family, *id));
             } else {
                 p.backends.insert(*backend, (*id, 0));
             }
@@ -354,20 +439,21 @@ impl Programmed {
         let mut deletes_maglev = Vec::new();
         let mut puts_range = Vec::new();
         let mut deletes_range = Vec::new();
-        let mut claimed: BTreeMap<FrontendKey, &ServicePortName> = BTreeMap::new();
+        let mut claimed: BTreeMap<AnyFrontendKey, &ServicePortName> = BTreeMap::new();
         let mut taken_over: BTreeSet<u32> = BTreeSet::new();
+        let mut warned_sctp = BTreeSet::new();
 
         for unit in units(desired) {
             let (name, port) = (unit.name, unit.port);
             if name.protocol == Protocol::Sctp {
-                if unit.scope == Scope::Cluster {
+                if unit.scope == Scope::Cluster && warned_sctp.insert(name) {
                     warn!(
                         "{name}: SCTP services are not handled by the eBPF datapath yet; skipped"
                     );
                 }
                 continue;
             }
-            let unit_key = (name.clone(), unit.scope);
+            let unit_key = (name.clone(), unit.scope, unit.family);
             // The unit as programmed: by name, or else the pinned unit serving its frontend.
             let old = match self.ports.get(&unit_key) {
                 Some(o) => Some(o),
@@ -391,9 +477,9 @@ impl Programmed {
 
             let mut slots = Vec::with_capacity(unit.endpoints.len());
             let mut slot_backends = Vec::with_capacity(unit.endpoints.len());
-            for ep in unit.endpoints {
+            for ep in &unit.endpoints {
                 let backend = Backend {
-                    addr: ep.addr.octets(),
+                    addr: ep.addr,
                     port_be: ep.port.to_be(),
                     proto: name.protocol.number(),
                     state: if desired.node_addrs.contains(&ep.addr) {
@@ -500,9 +586,8 @@ impl Programmed {
             for (key, mut flags, snat_addr) in unit.frontends {
                 if let Some(owner) = claimed.get(&key) {
                     warn!(
-                        "{name}: frontend {}:{} is already served by {owner}; ignored here",
-                        std::net::Ipv4Addr::from(key.addr),
-                        u16::from_be(key.port_be)
+                        "{name}: frontend {} is already served by {owner}; ignored here",
+                        SocketAddr::new(key.addr, u16::from_be(key.port_be))
                     );
                     continue;
                 }
@@ -524,8 +609,7 @@ impl Programmed {
                 // Not the node's own addresses: packets to a VIP that cannot be translated are
                 // dropped, which for a node address would drop the host's own fragments and
                 // other protocols too.
-                if key.scope == SCOPE_ALL && !desired.node_addrs.contains(&Ipv4Addr::from(key.addr))
-                {
+                if key.scope == SCOPE_ALL && !desired.node_addrs.contains(&key.addr) {
                     *next.vips.entry(VipKey { addr: key.addr }).or_default() += 1;
                 }
                 frontends.insert(key, value);
@@ -547,13 +631,8 @@ impl Programmed {
         // Every node address, whether or not it is a backend now: a hostNetwork endpoint that
         // left its services still has open connections whose replies egress must translate.
         // Written before any backend, deleted after.
-        for addr in &desired.node_addrs {
-            next.node_addr_entries.insert(
-                VipKey {
-                    addr: addr.octets(),
-                },
-                1,
-            );
+        for &addr in &desired.node_addrs {
+            next.node_addr_entries.insert(VipKey { addr }, 1);
         }
         let mut ops = Vec::new();
         for (key, &frontends) in &next.node_addr_entries {
@@ -579,7 +658,7 @@ impl Programmed {
                 ops.push(Op::DeleteVip(*vip));
             }
         }
-        let live_frontends: BTreeSet<&FrontendKey> = claimed.keys().collect();
+        let live_frontends: BTreeSet<&AnyFrontendKey> = claimed.keys().collect();
         let programmed = self.ports.values().chain(self.adopted.values());
         for key in programmed.flat_map(|p| p.frontends.keys()) {
             if !live_frontends.contains(key) {
@@ -633,14 +712,14 @@ impl Programmed {
         ops.extend(self.leftovers.members.iter().map(|k| Op::DeleteMember(*k)));
         for (backend, (id, _)) in &self.backends {
             if !next.backends.contains_key(backend) {
-                ops.push(Op::DeleteBackend(*id));
+                ops.push(Op::DeleteBackend(IpFamily::of(backend.addr), *id));
             }
         }
         ops.extend(
             self.leftovers
                 .backends
                 .iter()
-                .map(|id| Op::DeleteBackend(*id)),
+                .map(|&(family, id)| Op::DeleteBackend(family, id)),
         );
         for key in self.node_addr_entries.keys() {
             if !next.node_addr_entries.contains_key(key) {
@@ -654,7 +733,7 @@ impl Programmed {
 /// The Maglev table over `backends` (whose ids are `ids`), as every node computes it: the
 /// permutations come from what identifies a backend cluster-wide (address, port, protocol),
 /// taken in address order.
-fn maglev_table(backends: &[Backend], ids: &[u32]) -> Vec<u32> {
+fn maglev_table(backends: &[AnyBackend], ids: &[u32]) -> Vec<u32> {
     let mut order: Vec<usize> = (0..backends.len()).collect();
     order.sort_by_key(|&i| {
         let b = &backends[i];
@@ -664,10 +743,13 @@ fn maglev_table(backends: &[Backend], ids: &[u32]) -> Vec<u32> {
         .iter()
         .map(|&i| {
             let b = &backends[i];
-            let mut name = [0u8; 7];
-            name[..4].copy_from_slice(&b.addr);
-            name[4..6].copy_from_slice(&u16::from_be(b.port_be).to_be_bytes());
-            name[6] = b.proto;
+            // Address bytes (4 or 16), port, protocol: for IPv4 the 7 bytes it always was.
+            let mut name = match b.addr {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            name.extend_from_slice(&u16::from_be(b.port_be).to_be_bytes());
+            name.push(b.proto);
             maglev::Permutation::of(&name)
         })
         .collect();
@@ -678,9 +760,9 @@ fn maglev_table(backends: &[Backend], ids: &[u32]) -> Vec<u32> {
     table
 }
 
-fn frontend_key(fe: &Frontend) -> FrontendKey {
+fn frontend_key(fe: &Frontend) -> AnyFrontendKey {
     FrontendKey {
-        addr: fe.addr.octets(),
+        addr: fe.addr,
         port_be: fe.port.to_be(),
         proto: fe.protocol.number(),
         scope: SCOPE_ALL,
@@ -707,28 +789,32 @@ fn slot_key(svc_id: u32, index: usize) -> SlotKey {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
     use crate::model::{Endpoint, Frontend, ServicePort};
 
-    /// The four service maps, simulated.
+    /// The service maps of both families, simulated: a per-family map is one map here, keyed
+    /// by addresses of both families (backends by id: ids must not collide across families).
     #[derive(Default, Debug)]
     struct Maps {
-        services: BTreeMap<FrontendKey, Service>,
+        services: BTreeMap<AnyFrontendKey, AnyService>,
         slots: BTreeMap<SlotKey, Slot>,
         members: BTreeMap<MemberKey, Member>,
         maglev: BTreeMap<u32, Vec<u32>>,
-        backends: BTreeMap<u32, Backend>,
-        vips: BTreeMap<VipKey, Vip>,
-        node_addr_entries: BTreeMap<VipKey, Vip>,
-        source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
+        backends: BTreeMap<u32, AnyBackend>,
+        vips: BTreeMap<AnyVipKey, Vip>,
+        node_addr_entries: BTreeMap<AnyVipKey, Vip>,
+        source_ranges: BTreeSet<(u32, IpAddr, u8)>,
     }
 
     impl Maps {
         fn apply(&mut self, op: &Op) {
             match op.clone() {
-                Op::PutBackend(id, b) => drop(self.backends.insert(id, b)),
+                Op::PutBackend(id, b) => {
+                    if let Some(old) = self.backends.insert(id, b) {
+                        let (was, is) = (IpFamily::of(old.addr), IpFamily::of(b.addr));
+                        assert_eq!(was, is, "backend id {id} used in both families");
+                    }
+                }
                 Op::PutMember(k, v) => drop(self.members.insert(k, v)),
                 Op::PutMaglev(id, table) => drop(self.maglev.insert(id, table)),
                 Op::PatchMaglev(id, entries) => {
@@ -741,7 +827,11 @@ mod tests {
                 Op::PutSourceRange(id, a, l) => drop(self.source_ranges.insert((id, a, l))),
                 Op::DeleteSourceRange(id, a, l) => drop(self.source_ranges.remove(&(id, a, l))),
                 Op::PutSlot(k, v) => drop(self.slots.insert(k, v)),
-                Op::PutService(k, v) => drop(self.services.insert(k, v)),
+                Op::PutService(k, v) => {
+                    let (key, snat) = (IpFamily::of(k.addr), IpFamily::of(v.snat_addr));
+                    assert_eq!(key, snat, "{op:?}: SNAT address of the other family");
+                    self.services.insert(k, v);
+                }
                 Op::PutVip(k, v) => drop(self.vips.insert(k, v)),
                 Op::DeleteVip(k) => drop(self.vips.remove(&k)),
                 Op::PutNodeAddr(k, v) => drop(self.node_addr_entries.insert(k, v)),
@@ -749,7 +839,11 @@ mod tests {
                 Op::DeleteService(k) => drop(self.services.remove(&k)),
                 Op::DeleteSlot(k) => drop(self.slots.remove(&k)),
                 Op::DeleteMember(k) => drop(self.members.remove(&k)),
-                Op::DeleteBackend(id) => drop(self.backends.remove(&id)),
+                Op::DeleteBackend(family, id) => {
+                    if let Some(b) = self.backends.remove(&id) {
+                        assert_eq!(IpFamily::of(b.addr), family, "{op:?} names the wrong map");
+                    }
+                }
             }
         }
 
@@ -825,8 +919,13 @@ mod tests {
                     .map(|fe| (fe, SCOPE_HOST, &port.endpoints));
                 for (fe, scope, endpoints) in cluster.chain(external).chain(host) {
                     want_frontends += 1;
+                    // Only the endpoints of the frontend's family.
+                    let endpoints: BTreeSet<Endpoint> = (endpoints.iter())
+                        .filter(|e| e.family() == fe.family())
+                        .copied()
+                        .collect();
                     let key = FrontendKey {
-                        addr: fe.addr.octets(),
+                        addr: fe.addr,
                         port_be: fe.port.to_be(),
                         proto: fe.protocol.number(),
                         scope,
@@ -843,32 +942,32 @@ mod tests {
                             }];
                             let b = self.backends[&s.backend_id];
                             Endpoint {
-                                addr: Ipv4Addr::from(b.addr),
+                                addr: b.addr,
                                 port: u16::from_be(b.port_be),
                             }
                         })
                         .collect();
-                    assert_eq!(&got, endpoints, "{name}");
+                    assert_eq!(got, endpoints, "{name} {fe}");
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
-            let node_addrs: BTreeSet<[u8; 4]> =
-                desired.node_addrs.iter().map(|a| a.octets()).collect();
+            let node_addrs = &desired.node_addrs;
             assert_eq!(
                 self.node_addr_entries
                     .keys()
                     .map(|k| k.addr)
                     .collect::<BTreeSet<_>>(),
-                node_addrs,
+                *node_addrs,
                 "node addresses"
             );
             for b in self.backends.values() {
                 let host = node_addrs.contains(&b.addr);
                 assert_eq!(b.state == BACKEND_HOST, host, "backend {:?} state", b.addr);
             }
-            // Exactly the ranges of the services whose LoadBalancer frontends check them.
+            // Exactly the ranges (of their family) of the services whose LoadBalancer
+            // frontends check them.
             let mut want_ranges = BTreeSet::new();
-            for svc in self.services.values() {
+            for (key, svc) in &self.services {
                 if svc.flags & SVC_F_SOURCE_RANGES != 0 {
                     let port = desired.services.values().find(|p| {
                         let frontends = p.frontends.iter().chain(p.external_frontends.keys());
@@ -877,7 +976,10 @@ mod tests {
                             .any(|k| self.services[&k].svc_id == svc.svc_id)
                     });
                     let port = port.expect("a desired port for a ranged service");
-                    want_ranges.extend(port.source_ranges.iter().map(|&(a, l)| (svc.svc_id, a, l)));
+                    let family = IpFamily::of(key.addr);
+                    let ranges = port.source_ranges.iter();
+                    let ranges = ranges.filter(|r| IpFamily::of(r.0) == family);
+                    want_ranges.extend(ranges.map(|&(a, l)| (svc.svc_id, a, l)));
                 }
             }
             assert_eq!(self.source_ranges, want_ranges, "source ranges");
@@ -918,12 +1020,12 @@ mod tests {
                 maglev_users,
                 "a table exactly for each service using Maglev"
             );
-            let vips: BTreeSet<[u8; 4]> = self
+            let vips: BTreeSet<IpAddr> = self
                 .services
                 .keys()
                 .filter(|k| k.scope == SCOPE_ALL)
                 .map(|k| k.addr)
-                .filter(|a| !desired.node_addrs.contains(&Ipv4Addr::from(*a)))
+                .filter(|a| !desired.node_addrs.contains(a))
                 .collect();
             assert_eq!(
                 self.vips.keys().map(|k| k.addr).collect::<BTreeSet<_>>(),
@@ -944,19 +1046,38 @@ mod tests {
     fn port(vip: [u8; 4], vport: u16, eps: &[u8]) -> ServicePort {
         ServicePort {
             frontends: [Frontend {
-                addr: Ipv4Addr::from(vip),
+                addr: IpAddr::from(vip),
                 port: vport,
                 protocol: Protocol::Tcp,
             }]
             .into(),
-            endpoints: eps
-                .iter()
-                .map(|i| Endpoint {
-                    addr: Ipv4Addr::new(10, 1, 0, *i),
-                    port: 8080,
-                })
-                .collect(),
+            endpoints: eps.iter().map(|i| endpoint4(*i)).collect(),
             ..ServicePort::default()
+        }
+    }
+
+    /// Endpoint 10.1.0.`i`:8080.
+    fn endpoint4(i: u8) -> Endpoint {
+        Endpoint {
+            addr: IpAddr::from([10, 1, 0, i]),
+            port: 8080,
+        }
+    }
+
+    /// Endpoint [fd00:1::`i`]:8080.
+    fn endpoint6(i: u8) -> Endpoint {
+        Endpoint {
+            addr: IpAddr::from(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, i.into())),
+            port: 8080,
+        }
+    }
+
+    /// Frontend [fd00:96::`i`]:`port`.
+    fn vip6(i: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: IpAddr::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, i.into())),
+            port,
+            protocol: Protocol::Tcp,
         }
     }
 
@@ -1031,7 +1152,7 @@ mod tests {
     #[test]
     fn external_frontends_get_their_flags_and_a_local_policy_its_own_backend_set() {
         let mut maps = Maps::default();
-        let node = Ipv4Addr::new(192, 168, 0, 10);
+        let node = IpAddr::from([192, 168, 0, 10]);
         let node_port = |port: u16| Frontend {
             addr: node,
             port,
@@ -1061,7 +1182,7 @@ mod tests {
         );
         let svc = |maps: &Maps, fe: Frontend| maps.services[&frontend_key(&fe)];
         let vip = |addr: [u8; 4]| Frontend {
-            addr: Ipv4Addr::from(addr),
+            addr: IpAddr::from(addr),
             port: 80,
             protocol: Protocol::Tcp,
         };
@@ -1072,7 +1193,7 @@ mod tests {
         );
         assert_eq!(clusterip.flags, 0);
         assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
-        assert_eq!(external.snat_addr, node.octets());
+        assert_eq!(external.snat_addr, node);
         assert_eq!(
             external.svc_id, clusterip.svc_id,
             "policy Cluster: one backend set"
@@ -1115,23 +1236,23 @@ mod tests {
     fn source_ranges_guard_only_load_balancer_frontends_and_follow_changes() {
         let mut maps = Maps::default();
         let lb_ip = Frontend {
-            addr: Ipv4Addr::new(198, 51, 100, 9),
+            addr: IpAddr::from([198, 51, 100, 9]),
             port: 80,
             protocol: Protocol::Tcp,
         };
         let external_ip = Frontend {
-            addr: Ipv4Addr::new(203, 0, 113, 7),
+            addr: IpAddr::from([203, 0, 113, 7]),
             ..lb_ip
         };
         let e = |load_balancer| External {
-            snat_addr: Ipv4Addr::new(192, 168, 0, 10),
+            snat_addr: IpAddr::from([192, 168, 0, 10]),
             load_balancer,
         };
         let mut lb = port([10, 96, 0, 1], 80, &[1, 2]);
         lb.external_frontends = [(lb_ip, e(true)), (external_ip, e(false))].into();
         lb.source_ranges = [
-            (Ipv4Addr::new(10, 0, 0, 0), 8),
-            (Ipv4Addr::new(192, 0, 2, 0), 24),
+            (IpAddr::from([10, 0, 0, 0]), 8),
+            (IpAddr::from([192, 0, 2, 0]), 24),
         ]
         .into();
         let (p, ops) = step(
@@ -1154,7 +1275,7 @@ mod tests {
         );
 
         // One range less: one delete, nothing else.
-        lb.source_ranges.remove(&(Ipv4Addr::new(192, 0, 2, 0), 24));
+        lb.source_ranges.remove(&(IpAddr::from([192, 0, 2, 0]), 24));
         let (p, ops) = step(p, &mut maps, &state(&[("lb", lb.clone())]));
         assert_eq!(kinds(&ops), ["del-source-range"]);
 
@@ -1170,7 +1291,7 @@ mod tests {
         let mut maps = Maps::default();
         // Endpoints 10.1.0.1 and 10.1.0.2; the first is an address of this node.
         let mut desired = state(&[("a", port([10, 96, 0, 1], 80, &[1, 2]))]);
-        let node = Ipv4Addr::new(10, 1, 0, 1);
+        let node = IpAddr::from([10, 1, 0, 1]);
         desired.node_addrs.insert(node);
         let (p, ops) = step(Programmed::default(), &mut maps, &desired);
         assert_eq!(
@@ -1178,10 +1299,10 @@ mod tests {
             "put-node-addr",
             "before any backend: {ops:?}"
         );
-        let states: BTreeMap<[u8; 4], u8> =
+        let states: BTreeMap<IpAddr, u8> =
             maps.backends.values().map(|b| (b.addr, b.state)).collect();
-        assert_eq!(states[&node.octets()], BACKEND_HOST);
-        assert_eq!(states[&[10, 1, 0, 2]], BACKEND_ACTIVE);
+        assert_eq!(states[&node], BACKEND_HOST);
+        assert_eq!(states[&IpAddr::from([10, 1, 0, 2])], BACKEND_ACTIVE);
         assert_eq!(maps.node_addr_entries.len(), 1);
 
         // The endpoint leaves the service: the node address stays known to egress (its open
@@ -1275,7 +1396,7 @@ mod tests {
         }];
         assert_eq!(
             maps.backends[&slot.backend_id].addr,
-            [10, 1, 0, 1],
+            IpAddr::from([10, 1, 0, 1]),
             "a (first by name) wins"
         );
         assert_eq!(maps.services.len(), 1);
@@ -1360,7 +1481,7 @@ mod tests {
             Op::PutBackend(
                 41,
                 Backend {
-                    addr: [10, 1, 0, 9],
+                    addr: IpAddr::from([10, 1, 0, 9]),
                     ..dup
                 },
             ),
@@ -1428,8 +1549,101 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_port_is_one_backend_set_per_family() {
+        let mut maps = Maps::default();
+        let node4 = IpAddr::from([192, 168, 0, 10]);
+        let node6 = IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+        let mut sp = port([10, 96, 0, 1], 80, &[1, 2]);
+        sp.frontends.insert(vip6(1, 80));
+        sp.endpoints
+            .extend([endpoint6(1), endpoint6(2), endpoint6(3)]);
+        sp.algorithm = Some(Algorithm::Maglev);
+        let lb = |addr, snat_addr| {
+            let fe = Frontend {
+                addr,
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            let e = External {
+                snat_addr,
+                load_balancer: true,
+            };
+            (fe, e)
+        };
+        let lb4 = lb(IpAddr::from([198, 51, 100, 9]), node4);
+        let lb6 = lb(
+            IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0xee, 0, 0, 0, 0, 9)),
+            node6,
+        );
+        sp.external_frontends = [lb4, lb6].into();
+        // Ranges of IPv4 only: the IPv6 LoadBalancer IP accepts every client.
+        sp.source_ranges = [(IpAddr::from([10, 0, 0, 0]), 8)].into();
+        let mut desired = state(&[("a", sp.clone())]);
+        desired.node_addrs = [node4, node6].into();
+        let (p, ops) = step(Programmed::default(), &mut maps, &desired);
+
+        let svc = |fe: &Frontend| maps.services[&frontend_key(fe)];
+        let (c4, c6) = (
+            svc(&port([10, 96, 0, 1], 80, &[]).frontends.pop_first().unwrap()),
+            svc(&vip6(1, 80)),
+        );
+        assert_ne!(c4.svc_id, c6.svc_id, "one service id per family");
+        assert_eq!((c4.backend_count, c6.backend_count), (2, 3));
+        let (e4, e6) = (svc(&lb4.0), svc(&lb6.0));
+        assert_eq!((e4.svc_id, e6.svc_id), (c4.svc_id, c6.svc_id));
+        assert_eq!((e4.snat_addr, e6.snat_addr), (node4, node6));
+        assert_eq!(c6.snat_addr, IpAddr::from(Ipv6Addr::UNSPECIFIED));
+        assert_ne!(e4.flags & SVC_F_SOURCE_RANGES, 0);
+        assert_eq!(e6.flags & SVC_F_SOURCE_RANGES, 0, "no IPv6 ranges: open");
+        assert_eq!(
+            maps.source_ranges,
+            [(c4.svc_id, IpAddr::from([10, 0, 0, 0]), 8)].into()
+        );
+        assert_eq!(maps.maglev.len(), 2, "a Maglev table per family");
+        let ids: BTreeSet<u32> = maps.backends.keys().copied().collect();
+        assert_eq!(ids.len(), 5, "backend ids unique across families");
+        assert_eq!(
+            maps.vips.len(),
+            4,
+            "ClusterIPs and LoadBalancer IPs of both"
+        );
+        assert_eq!(maps.node_addr_entries.len(), 2);
+
+        // The IPv6 endpoints go: only the IPv6 backend set shrinks, and its backends are
+        // deleted from the IPv6 map.
+        sp.endpoints.retain(|e| e.family() == IpFamily::V4);
+        let mut desired = state(&[("a", sp.clone())]);
+        desired.node_addrs = [node4, node6].into();
+        let (p, ops2) = step(p, &mut maps, &desired);
+        assert!(
+            ops2.iter().all(|op| match op {
+                Op::PutService(k, _) => IpFamily::of(k.addr) == IpFamily::V6,
+                Op::DeleteBackend(family, _) => *family == IpFamily::V6,
+                _ => true,
+            }),
+            "{ops2:?}"
+        );
+        assert_eq!(svc_count(&ops2, "del-backend"), 3);
+        assert!(ops.len() > ops2.len());
+
+        // A restart adopts both families and writes nothing.
+        let (_, ops) = step(Programmed::adopt(maps.pinned()), &mut maps, &desired);
+        assert_eq!(
+            kinds(&ops),
+            ["put-maglev"],
+            "only the v4 table, contents unknown"
+        );
+        drop(p);
+    }
+
+    fn svc_count(ops: &[Op], kind: &str) -> usize {
+        kinds(ops).iter().filter(|k| **k == kind).count()
+    }
+
+    #[test]
     fn random_walk_of_states_never_exposes_a_hole() {
-        // A deterministic walk over service sets, endpoint sets and VIP sharing.
+        // A deterministic walk over service sets, endpoint sets, VIP sharing and families:
+        // IPv4-only, IPv6-only and dual-stack ports, with endpoints of both.
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move |n: u64| {
             seed ^= seed << 13;
@@ -1437,30 +1651,71 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
+        let node4 = |i: u8| IpAddr::from([192, 168, 0, 10 + i]);
+        let node6 = |i: u8| {
+            IpAddr::from(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0x10 + u16::from(i),
+            ))
+        };
         let mut maps = Maps::default();
         let mut p = Programmed::default();
         let mut walked = 0;
+        let mut both_families = 0;
         for _ in 0..300 {
             let mut services = Vec::new();
             for s in 0..next(6) {
-                let eps: Vec<u8> = (0..next(6)).map(|_| 1 + next(8) as u8).collect();
-                let vip = [10, 96, 0, 1 + next(3) as u8];
-                let mut sp = port(vip, 80 + next(2) as u16, &eps);
+                // 0: IPv4 only, 1: IPv6 only, 2: dual-stack.
+                let stack = next(3);
+                let mut sp = port([10, 96, 0, 1 + next(3) as u8], 80 + next(2) as u16, &[]);
+                if stack == 1 {
+                    sp.frontends.clear();
+                }
+                if stack >= 1 {
+                    sp.frontends
+                        .insert(vip6(1 + next(3) as u8, 80 + next(2) as u16));
+                }
+                // Endpoints of either family, whatever the port's: the plan must never make
+                // one of the other family a backend.
+                sp.endpoints = (0..next(7))
+                    .map(|_| {
+                        let i = 1 + next(8) as u8;
+                        if next(2) == 0 {
+                            endpoint4(i)
+                        } else {
+                            endpoint6(i)
+                        }
+                    })
+                    .collect();
                 sp.algorithm =
                     [None, Some(Algorithm::Random), Some(Algorithm::Maglev)][next(3) as usize];
-                // Sometimes node-facing too: a NodePort or LoadBalancer IP, under either
-                // traffic policy, with or without source ranges.
+                // Sometimes node-facing too: a NodePort or LoadBalancer IP per family, under
+                // either traffic policy, with or without source ranges of either family.
                 if next(2) == 0 {
-                    let frontend = Frontend {
-                        addr: Ipv4Addr::new(192, 168, 0, 10 + next(2) as u8),
-                        port: 30000 + s as u16,
-                        protocol: Protocol::Tcp,
-                    };
-                    let external = External {
-                        snat_addr: Ipv4Addr::new(192, 168, 0, 10),
-                        load_balancer: next(2) == 0,
-                    };
-                    sp.external_frontends = [(frontend, external)].into();
+                    let load_balancer = next(2) == 0;
+                    let families: Vec<IpFamily> = sp.frontends.iter().map(|f| f.family()).collect();
+                    for family in families {
+                        let (addr, snat_addr) = match family {
+                            IpFamily::V4 => (node4(next(2) as u8), node4(0)),
+                            IpFamily::V6 => (node6(next(2) as u8), node6(0)),
+                        };
+                        let frontend = Frontend {
+                            addr,
+                            port: 30000 + s as u16,
+                            protocol: Protocol::Tcp,
+                        };
+                        let external = External {
+                            snat_addr,
+                            load_balancer,
+                        };
+                        sp.external_frontends.insert(frontend, external);
+                    }
                     sp.external_local = next(2) == 0;
                     sp.local_endpoints = sp
                         .endpoints
@@ -1468,8 +1723,14 @@ mod tests {
                         .filter(|_| next(2) == 0)
                         .copied()
                         .collect();
-                    sp.source_ranges = (0..next(3))
-                        .map(|i| (Ipv4Addr::new(10, i as u8, 0, 0), 16))
+                    sp.source_ranges = (0..next(4))
+                        .map(|i| match next(2) {
+                            0 => (IpAddr::from([10, i as u8, 0, 0]), 16),
+                            _ => (
+                                IpAddr::from(Ipv6Addr::new(0xfd00, i as u16, 0, 0, 0, 0, 0, 0)),
+                                32,
+                            ),
+                        })
                         .collect();
                 }
                 services.push((format!("svc{s}"), sp));
@@ -1483,16 +1744,26 @@ mod tests {
                 .collect();
             let mut desired = state(&refs);
             // Some endpoints are at node addresses (hostNetwork), which come and go.
-            desired.node_addrs = (1..=3)
-                .filter(|_| next(2) == 0)
-                .map(|i| Ipv4Addr::new(10, 1, 0, i))
+            let hosts: Vec<IpAddr> = (1..=3)
+                .flat_map(|i| [endpoint4(i).addr, endpoint6(i).addr])
                 .collect();
+            desired.node_addrs = hosts.into_iter().filter(|_| next(2) == 0).collect();
             p = step(p, &mut maps, &desired).0;
+            let families: BTreeSet<IpFamily> = maps
+                .backends
+                .values()
+                .map(|b| IpFamily::of(b.addr))
+                .collect();
+            both_families += usize::from(families.len() == 2);
             walked += 1;
             if walked % 25 == 0 {
                 // A restart: start again from what the maps hold.
                 p = Programmed::adopt(maps.pinned());
             }
         }
+        assert!(
+            both_families > walked / 4,
+            "the walk often holds backends of both families: {both_families} of {walked}"
+        );
     }
 }
