@@ -13,7 +13,7 @@
 //! short, so a broken datapath fails a test within seconds.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -233,11 +233,16 @@ impl UdpServer {
 }
 
 /// A TCP and a UDP server in every backend of a topology, named `backend-<i>`, listening on
-/// the backend's address.
+/// the backend's IPv4 address, and another pair with the same name on its IPv6 address.
+/// Separate listeners rather than one on `[::]` keep each bound to the backend's own
+/// address, and keep the IPv4 counters counting IPv4 only.
 #[derive(Debug)]
 pub struct BackendServers {
     pub tcp: Vec<TcpServer>,
     pub udp: Vec<UdpServer>,
+    /// On the backends' IPv6 addresses (`Host::addr6`), in the same order.
+    pub tcp6: Vec<TcpServer>,
+    pub udp6: Vec<UdpServer>,
 }
 
 impl BackendServers {
@@ -246,20 +251,26 @@ impl BackendServers {
         let mut servers = BackendServers {
             tcp: Vec::new(),
             udp: Vec::new(),
+            tcp6: Vec::new(),
+            udp6: Vec::new(),
         };
         for (i, host) in topology.backends.iter().enumerate() {
             let name = backend_name(i + 1);
-            let ip = host.addr.into();
-            servers.tcp.push(TcpServer::start(
-                &host.ns,
-                SocketAddr::new(ip, tcp_port),
-                &name,
-            )?);
-            servers.udp.push(UdpServer::start(
-                &host.ns,
-                SocketAddr::new(ip, udp_port),
-                &name,
-            )?);
+            for (ip, tcp, udp) in [
+                (host.addr.into(), &mut servers.tcp, &mut servers.udp),
+                (host.addr6.into(), &mut servers.tcp6, &mut servers.udp6),
+            ] {
+                tcp.push(TcpServer::start(
+                    &host.ns,
+                    SocketAddr::new(ip, tcp_port),
+                    &name,
+                )?);
+                udp.push(UdpServer::start(
+                    &host.ns,
+                    SocketAddr::new(ip, udp_port),
+                    &name,
+                )?);
+            }
         }
         Ok(servers)
     }
@@ -350,10 +361,15 @@ pub fn tcp_name(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
     TcpSession::connect(addr, timeout).map(|s| s.name)
 }
 
-/// Sends `payload` in one datagram from a fresh connected socket and returns the whole
-/// answer. An ICMP port unreachable in reply surfaces as `ErrorKind::ConnectionRefused`.
+/// Sends `payload` in one datagram from a fresh connected socket (of `addr`'s family) and
+/// returns the whole answer. An ICMP or ICMPv6 port unreachable in reply surfaces as
+/// `ErrorKind::ConnectionRefused`.
 pub fn udp_exchange(addr: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<String> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let any: IpAddr = match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(any, 0))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send(payload)?;
