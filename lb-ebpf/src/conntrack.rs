@@ -163,6 +163,10 @@ pub struct NewFlow<A> {
 /// their translation. The client's retry chooses again.
 // A BPF function of its own (see `family`: the stack).
 #[inline(never)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the scratch entries and keys would be copied onto the stack"
+)]
 pub fn create<F: Family>(
     pkt: &Packet<F::Addr>,
     flow: &NewFlow<F::Addr>,

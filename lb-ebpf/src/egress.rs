@@ -91,9 +91,7 @@ fn try_family<F: Family>(ctx: &TcContext) -> Option<Verdict> {
     let parsed = F::parse_in_scratch(ctx)?;
     match parsed.kind {
         Kind::IcmpError if icmp => counted(icmp::translate_error::<F>(ctx, &parsed.icmp_error())),
-        Kind::LaterFragment if !icmp => {
-            counted(fragment::translate::<F>(ctx, &parsed.fragment()))
-        }
+        Kind::LaterFragment if !icmp => counted(fragment::translate::<F>(ctx, &parsed.fragment())),
         Kind::L4 if !icmp => reply::<F>(ctx, &parsed.pkt),
         _ => None,
     }

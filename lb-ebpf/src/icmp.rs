@@ -9,9 +9,7 @@
 //! counterpart (`CtEntry::other_key`) is exactly the quoted packet before translation.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{
-    stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey,
-};
+use lb_common::{stats::DROP_REWRITE_FAILED, stats::PASS_OTHER, stats::XLATE_ICMP_ERROR, CtKey};
 
 use crate::{
     action,

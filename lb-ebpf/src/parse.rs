@@ -476,8 +476,7 @@ fn transport<F: Frame, A: Addr>(
         }
         out.pkt.tuple.sport_be = tcp.sport_be;
         out.pkt.tuple.dport_be = tcp.dport_be;
-        out.pkt.tcp_flags =
-            tcp.flags & (tcpf::FIN | tcpf::SYN | tcpf::RST | tcpf::PSH | tcpf::ACK);
+        out.pkt.tcp_flags = tcp.flags & (tcpf::FIN | tcpf::SYN | tcpf::RST | tcpf::PSH | tcpf::ACK);
         out.pkt.tcp_seq = u32::from_be(tcp.seq_be);
         out.pkt.tcp_ack = u32::from_be(tcp.ack_be);
         out.pkt.l4_payload_len = (l4_len - doff) as u32;

@@ -10,8 +10,9 @@ use aya_ebpf::{
 use lb_common::{
     checksum::{fold, pseudo_header, sum_bytes},
     conntrack::flags as tcpf,
-    proto, Addr,
+    proto,
     stats::{DROP_NO_BACKEND, DROP_REWRITE_FAILED, REJECT_ICMP_UNREACH, REJECT_TCP_RST},
+    Addr,
 };
 
 use crate::{
@@ -258,5 +259,10 @@ fn port_unreachable<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result
     };
     let check = fold(sum_bytes(seed, &icmp[..icmp_len]));
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    send_back(ctx, frame, ETH_HLEN + icmp_len + ip_len, REJECT_ICMP_UNREACH)
+    send_back(
+        ctx,
+        frame,
+        ETH_HLEN + icmp_len + ip_len,
+        REJECT_ICMP_UNREACH,
+    )
 }

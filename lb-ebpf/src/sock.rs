@@ -26,8 +26,8 @@ use lb_common::{
 
 use crate::{
     affinity,
-    maps::{BACKENDS, BACKEND_SLOTS, SERVICES, SOCK_REVNAT},
     family::V4Family,
+    maps::{BACKENDS, BACKEND_SLOTS, SERVICES, SOCK_REVNAT},
     service::select_backend,
 };
 

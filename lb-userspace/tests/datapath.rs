@@ -758,7 +758,11 @@ fn traffic_not_for_a_service_passes_untouched() {
             stats::PASS_OTHER,
         ),
         ("arp", arp_frame(), stats::PASS_NOT_IP),
-        ("ipv6 without an upper-layer header", ipv6_frame(), stats::PASS_OTHER),
+        (
+            "ipv6 without an upper-layer header",
+            ipv6_frame(),
+            stats::PASS_OTHER,
+        ),
         (
             "truncated tcp to a non-service address",
             truncate_l4(Frame::tcp(CLIENT, 46000, OTHER, 80, tcp::SYN).build(), 10),
