@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -53,6 +53,10 @@ const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 /// ClusterIP of the NodePort service.
 const NODEPORT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 16);
+
+/// The IPv6 fixtures: the same behaviours through the same program, on IPv6 services.
+#[path = "datapath/ipv6.rs"]
+mod ipv6;
 
 /// Load options with a small connection-tracking table, so tests that fill it stay quick.
 fn small_tables() -> LoadOptions {
@@ -192,8 +196,10 @@ fn desired(b: &Backends) -> DesiredState {
             ranged_load_balancer(),
             host_network_service(),
         ]
-        .into(),
-        node_addrs: [NODE_IP.into()].into(),
+        .into_iter()
+        .chain(ipv6::services())
+        .collect(),
+        node_addrs: [NODE_IP.into(), ipv6::NODE_IP6.into()].into(),
     }
 }
 
@@ -1557,6 +1563,11 @@ fn neighbour_mac(addr: Ipv4Addr) -> [u8; 6] {
 
 impl RoutedNetns {
     fn enter(with_neighbours: &[Ipv4Addr]) -> RoutedNetns {
+        RoutedNetns::enter_dual(with_neighbours, &[])
+    }
+
+    /// As `enter`, with IPv6 neighbours too (lbr0 also has `fd00::1/16`, forwarding on).
+    fn enter_dual(with_neighbours: &[Ipv4Addr], with_neighbours6: &[Ipv6Addr]) -> RoutedNetns {
         let original = std::fs::File::open("/proc/thread-self/ns/net").expect("current netns");
         // SAFETY: unshare affects only this thread's network namespace.
         assert_eq!(
@@ -1588,8 +1599,16 @@ impl RoutedNetns {
         ip(&["link", "set", "lbr1", "up"]);
         ip(&["link", "set", "lbr0", "up"]);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
-        for addr in with_neighbours {
-            let mac = neighbour_mac(*addr)
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("ipv6 forwarding");
+        ip(&["addr", "add", "fd00::1/16", "dev", "lbr0", "nodad"]);
+        let v4 = with_neighbours
+            .iter()
+            .map(|a| (IpAddr::from(*a), neighbour_mac(*a)));
+        let v6 = with_neighbours6
+            .iter()
+            .map(|a| (IpAddr::from(*a), ipv6::neighbour_mac6(*a)));
+        for (addr, mac) in v4.chain(v6) {
+            let mac = mac
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<Vec<_>>()

@@ -394,6 +394,14 @@ impl EbpfDataplane {
             .map_err(|source| map_err(names::XDP_TARGETS, source))
     }
 
+    /// Stops the XDP fast path redirecting to interface `ifindex` (it no longer runs XDP).
+    pub fn remove_xdp_target(&mut self, ifindex: u32) -> Result<(), LoadError> {
+        match self.maps.xdp_targets.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_err(names::XDP_TARGETS, source)),
+        }
+    }
+
     /// The XDP program, for tests that run it with BPF_PROG_TEST_RUN.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
         xdp_mut(&mut self.ebpf)

@@ -1,0 +1,570 @@
+//! IPv6 datapath fixtures: the behaviours of the IPv4 ones, on IPv6 services, through the same
+//! programs. Every output frame is checked with `verify6`, which recomputes its TCP, UDP or
+//! ICMPv6 checksum over the IPv6 pseudo-header with arithmetic of its own (checked against
+//! etherparse in the test bed's unit tests), independent of both the datapath and the builder.
+
+use super::*;
+use lb_userspace::testbed::packet::{
+    fragments6, icmp6, reassemble6, verify6, Ext6, Frame6, Ipv6View,
+};
+
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 2);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 1);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x99, 0, 0, 0, 0, 9);
+/// web6: TCP 80 over `backends6(3)`:8080, UDP 53 over `DNS_BACKEND6`:5353.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// empty6: TCP 80 and UDP 53 without endpoints.
+const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+/// sticky6: TCP 80, ClientIP affinity for 3 hours.
+const STICKY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x12);
+/// nodeport6's ClusterIP; its NodePort is 30090 on `NODE_IP6`, policy Cluster.
+const NODEPORT_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x16);
+/// ranged6's LoadBalancer IP, accepting only fd00:0:1::/64 (`CLIENT6` is in it).
+const RANGED_LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
+const DNS_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x11, 0, 0, 0, 0, 2);
+
+/// Backends fd00:0:11::2, fd00:0:12::2, ... port 8080.
+fn backends6(n: u16) -> BTreeSet<Endpoint> {
+    (1..=n)
+        .map(|i| Endpoint {
+            addr: Ipv6Addr::new(0xfd00, 0, 0x10 + i, 0, 0, 0, 0, 2).into(),
+            port: 8080,
+        })
+        .collect()
+}
+
+fn is_backend6(addr: Ipv6Addr) -> bool {
+    backends6(3).iter().any(|e| e.addr == addr)
+}
+
+/// MAC of IPv6 neighbour `addr` in the routed namespace.
+pub fn neighbour_mac6(addr: Ipv6Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0xbb, o[12], o[13], o[14], o[15]]
+}
+
+fn port6(
+    name: &str,
+    port: &str,
+    protocol: Protocol,
+    vip: Ipv6Addr,
+    vport: u16,
+    endpoints: BTreeSet<Endpoint>,
+) -> (ServicePortName, ServicePort) {
+    let (name, mut sp) = service_port(
+        name,
+        port,
+        protocol,
+        Ipv4Addr::UNSPECIFIED,
+        vport,
+        endpoints,
+    );
+    sp.frontends = [Frontend {
+        addr: vip.into(),
+        port: vport,
+        protocol,
+    }]
+    .into();
+    (name, sp)
+}
+
+/// The IPv6 services of the fixture (`desired` adds them to the IPv4 ones).
+pub fn services() -> Vec<(ServicePortName, ServicePort)> {
+    let dns = [Endpoint {
+        addr: DNS_BACKEND6.into(),
+        port: 5353,
+    }];
+    let (sticky_name, mut sticky) =
+        port6("sticky6", "", Protocol::Tcp, STICKY_VIP6, 80, backends6(3));
+    sticky.affinity_timeout_s = Some(10_800);
+    let (np_name, mut np) = port6(
+        "nodeport6",
+        "",
+        Protocol::Tcp,
+        NODEPORT_VIP6,
+        80,
+        backends6(3),
+    );
+    np.external_frontends = [(
+        Frontend {
+            addr: NODE_IP6.into(),
+            port: 30090,
+            protocol: Protocol::Tcp,
+        },
+        External {
+            snat_addr: NODE_IP6.into(),
+            load_balancer: false,
+        },
+    )]
+    .into();
+    let (ranged_name, mut ranged) = port6(
+        "ranged6",
+        "",
+        Protocol::Tcp,
+        Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x19),
+        80,
+        backends6(3),
+    );
+    ranged.external_frontends = [(
+        Frontend {
+            addr: RANGED_LB_IP6.into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        External {
+            snat_addr: NODE_IP6.into(),
+            load_balancer: true,
+        },
+    )]
+    .into();
+    ranged.source_ranges = [(Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 0).into(), 64)].into();
+    vec![
+        port6("web6", "http", Protocol::Tcp, VIP6, 80, backends6(3)),
+        port6("web6", "dns", Protocol::Udp, VIP6, 53, dns.into()),
+        port6("empty6", "", Protocol::Tcp, EMPTY_VIP6, 80, BTreeSet::new()),
+        port6(
+            "empty6",
+            "udp",
+            Protocol::Udp,
+            EMPTY_VIP6,
+            53,
+            BTreeSet::new(),
+        ),
+        (sticky_name, sticky),
+        (np_name, np),
+        (ranged_name, ranged),
+    ]
+}
+
+/// The output frame, its checksum verified.
+struct Out6 {
+    saddr: Ipv6Addr,
+    daddr: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    hop_limit: u8,
+    l4_payload: Vec<u8>,
+}
+
+fn verified6(frame: &[u8]) -> Out6 {
+    let v = verify6(frame).unwrap_or_else(|e| panic!("output frame: {e}"));
+    let (sport, dport) = v.ports().unwrap_or((0, 0));
+    Out6 {
+        saddr: v.saddr,
+        daddr: v.daddr,
+        sport,
+        dport,
+        hop_limit: v.hop_limit,
+        l4_payload: v.l4_payload().to_vec(),
+    }
+}
+
+/// A new TCP flow from `client`:`sport` to `vip`:80; its backend and the counted reason.
+fn new_flow6(f: &mut Fixture, client: Ipv6Addr, sport: u16, vip: Ipv6Addr) -> (Ipv6Addr, u32) {
+    let run = f.run(&Frame6::tcp(client, sport, vip, 80, tcp::SYN).build());
+    let reason = run
+        .counted
+        .iter()
+        .position(|n| *n == 1)
+        .expect("one counter") as u32;
+    (verified6(&run.out).daddr, reason)
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_syn_to_vip_is_translated_and_reply_is_reversed() {
+    let mut f = fixture();
+    let syn = Frame6::tcp(CLIENT6, 40001, VIP6, 80, tcp::SYN)
+        .payload(b"hello")
+        .build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(run.action, TC_ACT_OK);
+    let out = verified6(&run.out);
+    assert_eq!((out.saddr, out.sport), (CLIENT6, 40001), "source untouched");
+    assert!(
+        is_backend6(out.daddr),
+        "destination {} is a backend",
+        out.daddr
+    );
+    assert_eq!(out.dport, 8080);
+    assert_eq!(out.l4_payload, b"hello");
+    assert_eq!(out.hop_limit, 64, "left to the stack, which decrements it");
+    assert_eq!(run.out.len(), syn.len());
+    let backend = out.daddr;
+
+    let synack = Frame6::tcp(backend, 8080, CLIENT6, 40001, tcp::SYN | tcp::ACK).build();
+    let run = f.run(&synack);
+    run.counted_as(stats::XLATE_REPLY);
+    let out = verified6(&run.out);
+    assert_eq!(
+        (out.saddr, out.sport),
+        (VIP6, 80),
+        "reply comes from the VIP"
+    );
+    assert_eq!((out.daddr, out.dport), (CLIENT6, 40001));
+
+    for _ in 0..20 {
+        let run = f.run(&Frame6::tcp(CLIENT6, 40001, VIP6, 80, tcp::ACK).build());
+        run.counted_as(stats::XLATE_FORWARD);
+        assert_eq!(
+            verified6(&run.out).daddr,
+            backend,
+            "the flow keeps its backend"
+        );
+    }
+
+    // New flows use every backend.
+    let mut seen = BTreeMap::new();
+    for sport in 41000..41150 {
+        let (backend, _) = new_flow6(&mut f, CLIENT6, sport, VIP6);
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "all three backends chosen: {seen:?}");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_udp_behind_extension_headers_is_translated_and_they_are_kept() {
+    let mut f = fixture();
+    let query = Frame6::udp(CLIENT6, 42000, VIP6, 53)
+        .ext(Ext6::HopByHop(vec![]))
+        .ext(Ext6::DestOpts(vec![]))
+        .payload(b"query")
+        .build();
+    let run = f.run(&query);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let v = verify6(&run.out).expect("output frame");
+    assert_eq!(
+        v.ext,
+        [0, 60],
+        "hop-by-hop and destination options kept, in order"
+    );
+    assert_eq!((v.saddr, v.daddr), (CLIENT6, DNS_BACKEND6));
+    assert_eq!(v.ports(), Some((42000, 5353)));
+
+    let answer = Frame6::udp(DNS_BACKEND6, 5353, CLIENT6, 42000)
+        .payload(b"answer")
+        .build();
+    let run = f.run(&answer);
+    run.counted_as(stats::XLATE_REPLY);
+    let out = verified6(&run.out);
+    assert_eq!(
+        (out.saddr, out.sport, out.daddr, out.dport),
+        (VIP6, 53, CLIENT6, 42000)
+    );
+    assert_eq!(out.l4_payload, b"answer");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_traffic_not_for_a_service_passes_and_unparseable_service_traffic_is_dropped() {
+    let mut f = fixture();
+    let neighbour_solicitation = Frame6::new(
+        CLIENT6,
+        VIP6,
+        L4::Icmp {
+            icmp_type: 135,
+            code: 0,
+            rest: [0; 4],
+        },
+    )
+    .payload(&VIP6.octets())
+    .build();
+    let echo = Frame6::new(
+        CLIENT6,
+        VIP6,
+        L4::Icmp {
+            icmp_type: icmp6::ECHO_REQUEST,
+            code: 0,
+            rest: [0, 1, 0, 1],
+        },
+    )
+    .build();
+    let cases = [
+        (
+            "tcp to a non-service address",
+            Frame6::tcp(CLIENT6, 46000, OTHER6, 80, tcp::SYN).build(),
+            stats::PASS_NOT_SERVICE,
+        ),
+        (
+            "tcp to the VIP on another port",
+            Frame6::tcp(CLIENT6, 46000, VIP6, 81, tcp::SYN).build(),
+            stats::PASS_NOT_SERVICE,
+        ),
+        (
+            "neighbour solicitation",
+            neighbour_solicitation,
+            stats::PASS_OTHER,
+        ),
+        ("echo request to the VIP", echo, stats::PASS_OTHER),
+    ];
+    for (what, frame, reason) in cases {
+        println!("case: {what}");
+        f.run(&frame).untouched(&frame).counted_as(reason);
+    }
+
+    // Five extension headers: more than the parser walks, so the ports are unknown. For a
+    // service they are dropped rather than let through untranslated; otherwise passed.
+    let long_chain = |daddr| {
+        let mut frame = Frame6::tcp(CLIENT6, 46001, daddr, 80, tcp::SYN);
+        for _ in 0..5 {
+            frame = frame.ext(Ext6::DestOpts(vec![]));
+        }
+        frame.build()
+    };
+    let run = f.run(&long_chain(VIP6));
+    run.counted_as(stats::DROP_MALFORMED_L4);
+    assert_eq!(run.action, TC_ACT_SHOT);
+    let other = long_chain(OTHER6);
+    f.run(&other)
+        .untouched(&other)
+        .counted_as(stats::PASS_NOT_SERVICE);
+
+    // A later fragment for the VIP whose first fragment was never seen: dropped.
+    let datagram = Frame6::udp(CLIENT6, 46002, VIP6, 53)
+        .payload(&[1; 64])
+        .build();
+    let (_, later) = fragments6(&datagram, 32, 0x1234);
+    f.run(&later).counted_as(stats::DROP_FRAGMENT);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_services_without_backends_answer_with_rst_and_port_unreachable() {
+    let mut f = fixture();
+    let syn = Frame6::tcp(CLIENT6, 43000, EMPTY_VIP6, 80, tcp::SYN)
+        .payload(b"abc")
+        .build();
+    let run = f.run(&syn);
+    run.counted_as(stats::REJECT_TCP_RST);
+    assert_eq!(run.action, TC_ACT_REDIRECT, "sent back out");
+    assert_eq!(run.out[0..6], syn[6..12], "to the sender's MAC");
+    let v = verify6(&run.out).expect("RST");
+    assert_eq!((v.saddr, v.daddr), (EMPTY_VIP6, CLIENT6));
+    assert_eq!(v.ports(), Some((80, 43000)));
+    let flags = v.l4[13];
+    assert_eq!(flags, tcp::RST | tcp::ACK);
+    let ack = u32::from_be_bytes([v.l4[8], v.l4[9], v.l4[10], v.l4[11]]);
+    assert_eq!(ack, 1000 + 3 + 1, "acknowledges the SYN and its payload");
+
+    let query = Frame6::udp(CLIENT6, 43001, EMPTY_VIP6, 53)
+        .payload(b"q")
+        .build();
+    let run = f.run(&query);
+    run.counted_as(stats::REJECT_ICMP_UNREACH);
+    let v = verify6(&run.out).expect("ICMPv6 error");
+    assert_eq!((v.saddr, v.daddr, v.proto), (EMPTY_VIP6, CLIENT6, 58));
+    assert_eq!(
+        (v.l4[0], v.l4[1]),
+        (icmp6::DEST_UNREACHABLE, icmp6::PORT_UNREACHABLE)
+    );
+    let quoted = Ipv6View::packet(v.l4_payload()).expect("quoted packet");
+    assert_eq!((quoted.saddr, quoted.daddr), (CLIENT6, EMPTY_VIP6));
+    assert_eq!(quoted.ports(), Some((43001, 53)));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_client_ip_affinity_keeps_a_client_on_one_backend() {
+    let mut f = fixture();
+    let client = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 0x50);
+    let (first, reason) = new_flow6(&mut f, client, 44000, STICKY_VIP6);
+    assert_eq!(reason, stats::XLATE_NEW_FLOW);
+    for sport in 44001..44016 {
+        let (backend, reason) = new_flow6(&mut f, client, sport, STICKY_VIP6);
+        assert_eq!(reason, stats::XLATE_NEW_FLOW_AFFINITY);
+        assert_eq!(
+            backend, first,
+            "connection from port {sport} kept its backend"
+        );
+    }
+    // Other clients spread.
+    let mut seen = BTreeSet::new();
+    for i in 0..60u16 {
+        let other = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 1, i);
+        seen.insert(new_flow6(&mut f, other, 44100, STICKY_VIP6).0);
+    }
+    assert_eq!(seen.len(), 3, "clients spread over every backend: {seen:?}");
+}
+
+/// The output was routed: redirected to `next_hop`'s MAC from lbr0's, hop limit one lower.
+fn assert_routed6(run: &Run, net: &RoutedNetns, next_hop: Ipv6Addr) {
+    assert_eq!(run.action, TC_ACT_REDIRECT, "routed packets are redirected");
+    assert_eq!(run.out[0..6], neighbour_mac6(next_hop), "destination MAC");
+    assert_eq!(run.out[6..12], net.lbr0_mac, "source MAC");
+    assert_eq!(run.out[14 + 7], 63, "hop limit decremented");
+}
+
+fn routed_neighbours() -> Vec<Ipv6Addr> {
+    let mut all = vec![CLIENT6];
+    all.extend(backends6(3).iter().map(|e| match e.addr {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a} among IPv6 backends"),
+    }));
+    all
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
+    let mut f = fixture();
+    let net = RoutedNetns::enter_dual(&[], &routed_neighbours());
+    let syn = Frame6::tcp(CLIENT6, 40100, NODE_IP6, 30090, tcp::SYN).build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let out = verified6(&run.out);
+    assert!(is_backend6(out.daddr), "to a backend: {}", out.daddr);
+    assert_eq!(out.dport, 8080);
+    assert_eq!(out.saddr, NODE_IP6, "source-NATed to the node");
+    assert!(
+        out.sport >= lb_common::snat::PORT_MIN,
+        "SNAT port {}",
+        out.sport
+    );
+    assert_routed6(&run, &net, out.daddr);
+
+    let reply = Frame6::tcp(out.daddr, 8080, NODE_IP6, out.sport, tcp::SYN | tcp::ACK).build();
+    let run = f.run(&reply);
+    run.counted_as(stats::XLATE_REPLY);
+    let back = verified6(&run.out);
+    assert_eq!(
+        (back.saddr, back.sport),
+        (NODE_IP6, 30090),
+        "from the NodePort"
+    );
+    assert_eq!((back.daddr, back.dport), (CLIENT6, 40100), "to the client");
+    assert_routed6(&run, &net, CLIENT6);
+
+    // The XDP fast path takes the next flow when lbr0 is an XDP target.
+    // SAFETY: a NUL-terminated name.
+    let lbr0 = unsafe { libc::if_nametoindex(c"lbr0".as_ptr()) };
+    f.dp.add_xdp_target(lbr0).expect("lbr0 as an XDP target");
+    let syn = Frame6::tcp(CLIENT6, 40101, NODE_IP6, 30090, tcp::SYN)
+        .payload(b"x")
+        .build();
+    let run = f.run_xdp(&syn);
+    run.counted_as(stats::XLATE_XDP_NEW_FLOW);
+    assert_eq!(run.action, XDP_REDIRECT);
+    let out = verified6(&run.out);
+    assert!(is_backend6(out.daddr));
+    assert_eq!((out.saddr, out.dport), (NODE_IP6, 8080));
+    assert_eq!(run.out[14 + 7], 63, "hop limit decremented");
+    let run = f.run_xdp(&Frame6::tcp(CLIENT6, 40101, NODE_IP6, 30090, tcp::ACK).build());
+    run.counted_as(stats::XLATE_XDP_TRACKED);
+    assert_eq!(verified6(&run.out).daddr, out.daddr, "same backend");
+    // The IPv4 XDP fixture starts from a datapath with no target.
+    f.dp.remove_xdp_target(lbr0).expect("removing lbr0");
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_packet_too_big_about_a_translated_flow_is_translated_back() {
+    let mut f = fixture();
+    let router = Ipv6Addr::new(0xfd00, 0, 0x99, 0, 0, 0, 0, 1);
+    let (backend, _) = new_flow6(&mut f, CLIENT6, 40500, VIP6);
+    let sent = Frame6::tcp(CLIENT6, 40500, backend, 8080, tcp::ACK)
+        .payload(&[0; 200])
+        .build();
+
+    // From a router between node and backend, to the client: must quote client -> VIP.
+    let error = Frame6::packet_too_big(router, CLIENT6, 1280, &sent).build();
+    let run = f.run(&error);
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let v = verify6(&run.out).expect("ICMPv6 error, checksum over the new addresses");
+    assert_eq!((v.saddr, v.daddr), (router, CLIENT6));
+    assert_eq!(v.l4[0], icmp6::PACKET_TOO_BIG);
+    assert_eq!(
+        u32::from_be_bytes([v.l4[4], v.l4[5], v.l4[6], v.l4[7]]),
+        1280,
+        "MTU kept"
+    );
+    let q = Ipv6View::packet(v.l4_payload()).expect("quoted packet");
+    assert_eq!(
+        (q.saddr, q.daddr, q.ports()),
+        (CLIENT6, VIP6, Some((40500, 80)))
+    );
+
+    // From a router between client and node, about the VIP's reply: reaches the backend.
+    let reply = Frame6::tcp(VIP6, 80, CLIENT6, 40500, tcp::ACK).build();
+    let error = Frame6::time_exceeded(router, VIP6, icmp6::HOP_LIMIT_EXCEEDED, &reply).build();
+    let run = f.run(&error);
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let v = verify6(&run.out).expect("ICMPv6 error");
+    assert_eq!(v.daddr, backend, "the error goes to the backend");
+    let q = Ipv6View::packet(v.l4_payload()).expect("quoted packet");
+    assert_eq!(
+        (q.saddr, q.daddr, q.ports()),
+        (backend, CLIENT6, Some((8080, 40500)))
+    );
+
+    // The node's own error leaving through egress is translated too.
+    let error = Frame6::packet_too_big(NODE_IP6, CLIENT6, 1400, &sent).build();
+    let run = f.run_egress(&error);
+    run.counted_as(stats::XLATE_ICMP_ERROR);
+    let v = verify6(&run.out).expect("ICMPv6 error");
+    let q = Ipv6View::packet(v.l4_payload()).expect("quoted packet");
+    assert_eq!((q.daddr, q.ports()), (VIP6, Some((40500, 80))));
+
+    // Errors about anything else pass untouched.
+    let stranger = Frame6::tcp(CLIENT6, 40501, OTHER6, 8080, tcp::ACK).build();
+    let error = Frame6::packet_too_big(router, CLIENT6, 1280, &stranger).build();
+    f.run(&error)
+        .untouched(&error)
+        .counted_as(stats::PASS_OTHER);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_fragmented_datagrams_are_translated_whole_in_both_directions() {
+    let mut f = fixture();
+    let query = Frame6::udp(CLIENT6, 41000, VIP6, 53)
+        .payload(&[7u8; 100])
+        .build();
+    let (first, later) = fragments6(&query, 56, 0xabcd);
+    let run = f.run(&first);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let first_out = run.out.clone();
+    let run = f.run(&later);
+    run.counted_as(stats::XLATE_FRAGMENT);
+    let whole = reassemble6(&first_out, &run.out).expect("the fragments reassemble");
+    let out = verified6(&whole);
+    assert_eq!(
+        (out.saddr, out.daddr, out.sport, out.dport),
+        (CLIENT6, DNS_BACKEND6, 41000, 5353),
+        "the whole datagram reaches the backend, its checksum intact"
+    );
+    assert_eq!(out.l4_payload, [7u8; 100]);
+
+    let answer = Frame6::udp(DNS_BACKEND6, 5353, CLIENT6, 41000)
+        .payload(&[9u8; 100])
+        .build();
+    let (first, later) = fragments6(&answer, 56, 0xabce);
+    let run = f.run(&first);
+    run.counted_as(stats::XLATE_REPLY);
+    let first_out = run.out.clone();
+    let run = f.run(&later);
+    run.counted_as(stats::XLATE_FRAGMENT);
+    let out = verified6(&reassemble6(&first_out, &run.out).expect("reassembles"));
+    assert_eq!(
+        (out.saddr, out.daddr, out.sport, out.dport),
+        (VIP6, CLIENT6, 53, 41000)
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_load_balancer_source_ranges_admit_only_listed_clients() {
+    let mut f = fixture();
+    let _net = RoutedNetns::enter_dual(&[], &routed_neighbours());
+    let run = f.run(&Frame6::tcp(CLIENT6, 40700, RANGED_LB_IP6, 80, tcp::SYN).build());
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let outsider = Ipv6Addr::new(0xfd00, 0, 2, 0, 0, 0, 0, 2);
+    let run = f.run(&Frame6::tcp(outsider, 40700, RANGED_LB_IP6, 80, tcp::SYN).build());
+    run.counted_as(stats::DROP_SOURCE_RANGE);
+    assert_eq!(run.action, TC_ACT_SHOT);
+    // The service's ClusterIP is not a LoadBalancer frontend: open to everyone.
+    let ranged_cluster_ip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x19);
+    let run = f.run(&Frame6::tcp(outsider, 40701, ranged_cluster_ip, 80, tcp::SYN).build());
+    run.counted_as(stats::XLATE_NEW_FLOW);
+}
