@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 use lb_userspace::testbed::agent::{Agent, SyncInfo};
 use lb_userspace::testbed::bed::{self, FIRST_SYNC, MANIFEST, RESYNC};
 use lb_userspace::testbed::manifest::{
-    demo as demo_manifest, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP,
+    demo as demo_manifest, demo_dual, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6,
 };
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
-use lb_userspace::testbed::topology::{Topology, NODE_IP, NODE_NAME};
+use lb_userspace::testbed::topology::{
+    backend_ip6, Topology, CLIENT_IP6, NODE_IP, NODE_IP6, NODE_NAME,
+};
 use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
 
 fn tcp_vip() -> SocketAddr {
@@ -902,5 +904,87 @@ endpoints:
             assert_eq!(name, "host", "{frontend}");
             assert_eq!(peer.to_string(), "10.0.1.2", "{frontend}: no source NAT");
         }
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_and_dual_stack_cluster_ips_reach_every_backend() {
+    let bed = Bed::start(3, &demo_dual(&[1, 2, 3], None));
+    let tcp6 = SocketAddr::from((VIP6, TCP_PORT));
+    let udp6 = SocketAddr::from((VIP6, UDP_PORT));
+    let answers = bed.in_client(move || {
+        (0..150)
+            .map(|_| tcp_name(tcp6, CLIENT_TIMEOUT))
+            .collect::<Vec<_>>()
+    });
+    assert_every_backend(
+        "TCP over IPv6",
+        &tally("TCP over IPv6", answers),
+        &[1, 2, 3],
+    );
+    let answers = bed.in_client(move || {
+        (0..150)
+            .map(|_| udp_name(udp6, CLIENT_TIMEOUT))
+            .collect::<Vec<_>>()
+    });
+    assert_every_backend(
+        "UDP over IPv6",
+        &tally("UDP over IPv6", answers),
+        &[1, 2, 3],
+    );
+    // The same service's IPv4 ClusterIP, from its own EndpointSlice.
+    let tcp = tally("TCP over IPv4", bed.tcp_names(90));
+    assert_every_backend("TCP over IPv4", &tcp, &[1, 2, 3]);
+    // Each family's backend saw the client's own address of that family.
+    let (_, peer) = names_and_peers(&bed, tcp6, 1).remove(0);
+    assert_eq!(peer, std::net::IpAddr::from(CLIENT_IP6));
+}
+
+/// An IPv6-only NodePort service (30090, ClusterIP fd00:10:96::20) over the three backends.
+fn node_port6_manifest() -> String {
+    let endpoints: String = (1..=3)
+        .map(|i| format!("  - {{addresses: [\"{}\"]}}\n", backend_ip6(i)))
+        .collect();
+    format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata: {{name: web6, namespace: default}}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: fd00:10:96::20
+  clusterIPs: [\"fd00:10:96::20\"]
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: {TCP_TARGET}, nodePort: 30090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web6-1, namespace: default, labels: {{kubernetes.io/service-name: web6}}}}
+addressType: IPv6
+ports: [{{name: http, protocol: TCP, port: {TCP_TARGET}}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_node_port_reaches_every_backend_source_nated_to_the_node() {
+    let (node_ip, node_ip6) = (NODE_IP.to_string(), NODE_IP6.to_string());
+    let bed = Bed::start_with(
+        3,
+        &node_port6_manifest(),
+        &["--node-ip", &node_ip, "--node-ip", &node_ip6],
+    );
+    let frontend = SocketAddr::from((NODE_IP6, 30090));
+    let answers = names_and_peers(&bed, frontend, 30);
+    let counts = tally(
+        "IPv6 NodePort",
+        answers.iter().map(|(n, _)| Ok(n.clone())).collect(),
+    );
+    assert_every_backend("IPv6 NodePort", &counts, &[1, 2, 3]);
+    for (name, peer) in &answers {
+        assert_eq!(peer.to_string(), node_ip6, "{name} saw the node (SNAT)");
     }
 }
