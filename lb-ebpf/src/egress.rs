@@ -12,7 +12,7 @@
 //! before deciding, so they are never pulled (which would copy their head).
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{stats::PASS_OTHER, stats::XLATE_REPLY, CtEntry, CtKey, VipKey, CT_REVERSE};
+use lb_common::{stats::PASS_OTHER, stats::XLATE_REPLY, CtKey, VipKey, CT_REVERSE};
 
 use crate::{
     conntrack::{self, Lookup},
@@ -100,13 +100,13 @@ fn try_family<F: Family>(ctx: &TcContext) -> Option<Verdict> {
 /// A hostNetwork backend's reply of a tracked flow: translated back to its frontend.
 #[inline(always)]
 fn reply<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Option<Verdict> {
-    let mut e = CtEntry::default();
-    match conntrack::lookup::<F>(pkt, &mut e) {
+    let e = F::entry_in_scratch()?;
+    match conntrack::lookup::<F>(pkt, e) {
         Lookup::Hit if e.direction == CT_REVERSE => {
             if pkt.first_fragment != 0 {
                 fragment::remember::<F>(pkt);
             }
-            Some(service::translate::<F>(ctx, pkt, &e, XLATE_REPLY))
+            Some(service::translate::<F>(ctx, pkt, e, XLATE_REPLY))
         }
         _ => None,
     }

@@ -76,6 +76,13 @@ pub trait Family: 'static {
         Self::scratches().get_ptr_mut(0)
     }
 
+    /// This CPU's `Scratch::entry`.
+    #[inline(always)]
+    fn entry_in_scratch() -> Option<&'static mut CtEntry<Self::Addr>> {
+        // SAFETY: this CPU's slot; `entry` has one user at a time (see `Scratch`).
+        Some(unsafe { &mut (*Self::scratch()?).entry })
+    }
+
     /// Parses the packet into this CPU's `Scratch::parsed` and returns it; `None` only if
     /// the scratch map has no slot, which cannot happen.
     #[inline(always)]
@@ -123,10 +130,13 @@ pub trait Family: 'static {
 /// the programs using it (tc ingress and egress, XDP) never interleave on a CPU (ingress and
 /// XDP run in softirq, egress with softirqs off, and redirects happen after the program
 /// returns), and within a program each field has one user at a time: `parsed` the entry
-/// point, `flow` `service::start_flow`, `reverse` and `key` `conntrack::create`, `frame`
+/// point, `entry` the entry point (through `conntrack::lookup` or `create`), `flow`
+/// `service::start_flow`, `reverse` and `key` `conntrack::create`, `frame`
 /// `reject`.
 pub struct Scratch<A> {
     pub parsed: Parsed<A>,
+    /// The packet's flow entry, as conntrack found or created it.
+    pub entry: CtEntry<A>,
     pub flow: NewFlow<A>,
     pub reverse: CtEntry<A>,
     pub key: CtKey<A>,

@@ -81,12 +81,12 @@ fn try_family<F: Family>(ctx: &TcContext) -> Result<Verdict, u32> {
     let pkt = &parsed.pkt;
 
     // One call site for the translation, so the verifier walks it once.
-    let mut entry = CtEntry::default();
-    let reason = match conntrack::lookup::<F>(pkt, &mut entry) {
+    let entry = F::entry_in_scratch().ok_or(DROP_CT_FULL)?;
+    let reason = match conntrack::lookup::<F>(pkt, entry) {
         Lookup::Hit if entry.direction == CT_FORWARD => XLATE_FORWARD,
         Lookup::Hit => XLATE_REPLY,
         // A stale entry is overwritten if this packet starts a new flow to a frontend.
-        other => match start_flow::<F>(pkt, matches!(other, Lookup::Stale), &mut entry)? {
+        other => match start_flow::<F>(pkt, matches!(other, Lookup::Stale), entry)? {
             Start::NotService => return pass(PASS_NOT_SERVICE),
             Start::Reject => return Ok(reject::no_backend::<F>(ctx, pkt)),
             Start::Tracked(reason) => reason,
@@ -95,7 +95,7 @@ fn try_family<F: Family>(ctx: &TcContext) -> Result<Verdict, u32> {
     if pkt.first_fragment != 0 {
         fragment::remember::<F>(pkt);
     }
-    Ok(translate::<F>(ctx, pkt, &entry, reason))
+    Ok(translate::<F>(ctx, pkt, entry, reason))
 }
 
 /// How a packet without a live tracking entry starts, decided without touching the packet

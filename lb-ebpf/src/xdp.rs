@@ -26,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{
     checksum, proto,
     stats::{XLATE_XDP_NEW_FLOW, XLATE_XDP_TRACKED},
-    Addr, CtEntry, CtKey, CT_F_ROUTE,
+    Addr, CtKey, CT_F_ROUTE,
 };
 
 use crate::{
@@ -84,10 +84,10 @@ fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
     if pkt.first_fragment != 0 {
         return None;
     }
-    let mut entry = CtEntry::default();
-    let reason = match conntrack::lookup::<F>(pkt, &mut entry) {
+    let entry = F::entry_in_scratch()?;
+    let reason = match conntrack::lookup::<F>(pkt, entry) {
         Lookup::Hit => XLATE_XDP_TRACKED,
-        other => match service::start_flow::<F>(pkt, matches!(other, Lookup::Stale), &mut entry) {
+        other => match service::start_flow::<F>(pkt, matches!(other, Lookup::Stale), entry) {
             Ok(Start::Tracked(_)) => XLATE_XDP_NEW_FLOW,
             Ok(_) => return None,
             Err(reason) => return Some(Err(reason)),
@@ -99,7 +99,15 @@ fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
     let to = entry.translated(&pkt.tuple);
     // Routed first, rewritten after: a packet the fast path cannot send on reaches tc as it
     // arrived.
-    let (ifindex, dmac, smac) = route::<F>(ctx, pkt, &to)?;
+    let mut hop = NextHop::default();
+    if !route::<F>(ctx, pkt, &to, &mut hop) {
+        return None;
+    }
+    let NextHop {
+        ifindex,
+        dmac,
+        smac,
+    } = hop;
     let ingress = ctx.ingress_ifindex() as u32;
     if ifindex != ingress && XDP_TARGETS.get_ptr(ifindex).is_none() {
         return None;
@@ -117,15 +125,25 @@ fn try_family<F: Family>(ctx: &XdpContext) -> Option<Result<Verdict, u32>> {
     }))
 }
 
-/// The egress interface and Ethernet addresses for `to`, when the FIB has them all.
-#[inline(always)]
+/// Where the FIB sends a packet: the egress interface and the Ethernet addresses.
+#[derive(Default)]
+struct NextHop {
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+/// Fills `hop` for `to` and returns true when the FIB has it all. A BPF function of its own
+/// (see `family`: the stack), so it writes to the caller's `hop` (see `Verdict`).
+#[inline(never)]
 fn route<F: Family>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
     to: &CtKey<F::Addr>,
-) -> Option<(u32, [u8; 6], [u8; 6])> {
+    hop: &mut NextHop,
+) -> bool {
     if pkt.ttl <= 1 {
-        return None;
+        return false;
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
@@ -144,7 +162,13 @@ fn route<F: Family>(
             0,
         )
     } as u32;
-    (rc == BPF_FIB_LKUP_RET_SUCCESS).then_some((fib.ifindex, fib.dmac, fib.smac))
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return false;
+    }
+    hop.ifindex = fib.ifindex;
+    hop.dmac = fib.dmac;
+    hop.smac = fib.smac;
+    true
 }
 
 /// Rewrites `pkt` to the tuple `to`, one hop further (TTL / hop limit), with the given
