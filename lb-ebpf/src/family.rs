@@ -132,7 +132,7 @@ pub trait Family: 'static {
 /// returns), and within a program each field has one user at a time: `parsed` the entry
 /// point, `entry` the entry point (through `conntrack::lookup` or `create`), `flow`
 /// `service::start_flow`, `reverse` and `key` `conntrack::create`, `frame`
-/// `reject`.
+/// `reject`, `fib` `route::forward`.
 pub struct Scratch<A> {
     pub parsed: Parsed<A>,
     /// The packet's flow entry, as conntrack found or created it.
@@ -142,6 +142,8 @@ pub struct Scratch<A> {
     pub key: CtKey<A>,
     /// `reject`'s answer frame.
     pub frame: [u8; crate::reject::MAX_LEN],
+    /// `route::forward`'s FIB request.
+    pub fib: FibLookup,
 }
 
 pub struct V4Family;

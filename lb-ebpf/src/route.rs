@@ -30,19 +30,24 @@ pub fn forward<F: Family>(ctx: &TcContext, to: &CtKey<F::Addr>, ttl: u8) -> Resu
     if ttl <= 1 {
         return Err(DROP_TTL_EXCEEDED);
     }
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    // The request lives in scratch memory: on the stack it would push the longest call
+    // chains past 512 bytes on kernels that round each frame up (6.1; see `family`).
+    let work = F::scratch().ok_or(DROP_NO_ROUTE)?;
+    // SAFETY: this CPU's slot; `fib` has one user at a time (see `Scratch`). An all-zero
+    // bpf_fib_lookup is a valid (empty) request.
+    let fib = unsafe { &mut (*work).fib };
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = F::AF;
     fib.l4_protocol = to.proto;
     // tot_len 0: the helper checks the skb against the egress MTU itself, GSO-aware.
-    F::fib_addrs(&mut fib, to.saddr, to.daddr);
+    F::fib_addrs(fib, to.saddr, to.daddr);
     // SAFETY: the skb pointer is the program's own context.
     fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the params live on our stack and are as long as declared.
+    // SAFETY: the params are as long as declared.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<FibLookup>() as i32,
             0,
         )
@@ -58,7 +63,7 @@ pub fn forward<F: Family>(ctx: &TcContext, to: &CtKey<F::Addr>, ttl: u8) -> Resu
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
         // The next hop's address is not resolved yet: let the kernel's neighbour code resolve
         // it (and queue the packet meanwhile). The FIB wrote the next hop as the destination.
-        let mut nh = F::fib_next_hop(&fib);
+        let mut nh = F::fib_next_hop(fib);
         // SAFETY: params on our stack, as long as declared.
         let action = unsafe {
             bpf_redirect_neigh(
