@@ -22,6 +22,9 @@ pub trait Addr:
     fn bytes(&self) -> &[u8];
     /// Mixes the address into a running hash word by word (`maglev::flow_index`).
     fn mix_into(&self, h: u32, mix: fn(u32, u32) -> u32) -> u32;
+    /// An address whose last four bytes are `w` (native order) and the rest zero: stands in
+    /// for a socket's unknown source address in a hashed tuple.
+    fn from_low_word(w: u32) -> Self;
 }
 
 impl Addr for V4 {
@@ -32,6 +35,10 @@ impl Addr for V4 {
     #[inline(always)]
     fn mix_into(&self, h: u32, mix: fn(u32, u32) -> u32) -> u32 {
         mix(h, u32::from_ne_bytes(*self))
+    }
+    #[inline(always)]
+    fn from_low_word(w: u32) -> V4 {
+        w.to_ne_bytes()
     }
 }
 
@@ -51,6 +58,12 @@ impl Addr for V6 {
             i += 4;
         }
         h
+    }
+    #[inline(always)]
+    fn from_low_word(w: u32) -> V6 {
+        let mut a = [0; 16];
+        a[12..].copy_from_slice(&w.to_ne_bytes());
+        a
     }
 }
 
@@ -79,7 +92,7 @@ pub mod names {
     pub const NODE_ADDRS6: &str = "NODE_ADDRS6";
     pub const AFFINITY6: &str = "AFFINITY6";
     /// Every map the agent pins, in the order it creates and adopts them.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -103,6 +116,7 @@ pub mod names {
         AFFINITY6,
         // Socket-level load balancing (`crate::sock`).
         crate::sock::names::SOCK_REVNAT,
+        crate::sock::names::SOCK_REVNAT6,
         crate::sock::names::SOCK_AFFINITY,
         crate::sock::names::SOCK_STATS,
     ];

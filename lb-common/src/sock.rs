@@ -7,14 +7,16 @@
 //! routes anything. No packet is translated afterwards. What the process later reads back
 //! (`recvmsg()` source, `getpeername()`) is rewritten to the frontend again from `SOCK_REVNAT`.
 
+use crate::{V4, V6};
+
 /// Key of `SOCK_REVNAT`: a socket and the backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RevNatKey {
+pub struct RevNatKey<A = V4> {
     /// `bpf_get_socket_cookie()`: unique per socket for the whole boot.
     pub cookie: u64,
     /// Backend address, network byte order.
-    pub backend_addr: [u8; 4],
+    pub backend_addr: A,
     /// Backend port, network byte order.
     pub backend_port_be: u16,
     pub _pad: [u8; 2],
@@ -24,9 +26,9 @@ pub struct RevNatKey {
 /// from there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RevNatEntry {
+pub struct RevNatEntry<A = V4> {
     /// Frontend address (the ClusterIP), network byte order.
-    pub vip: [u8; 4],
+    pub vip: A,
     /// Frontend port, network byte order.
     pub vport_be: u16,
     pub _pad: [u8; 2],
@@ -54,6 +56,8 @@ pub struct NetnsAffinityKey {
 /// Map names (pinned under the agent's bpffs directory, listed in `names::ALL`).
 pub mod names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// `SOCK_REVNAT` for IPv6 sockets.
+    pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
     pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
     pub const SOCK_STATS: &str = "SOCK_STATS";
 }
@@ -128,6 +132,8 @@ pub const fn mix64(mut x: u64) -> u64 {
 const _: () = {
     assert!(core::mem::size_of::<RevNatKey>() == 16);
     assert!(core::mem::size_of::<RevNatEntry>() == 12);
+    assert!(core::mem::size_of::<RevNatKey<V6>>() == 32);
+    assert!(core::mem::size_of::<RevNatEntry<V6>>() == 24);
     assert!(core::mem::size_of::<NetnsAffinityKey>() == 16);
 };
 
@@ -137,7 +143,13 @@ mod user {
     //! byte arrays only, no implicit padding (the size assertions prove it).
     use super::*;
 
-    plain_old_data!(RevNatKey, RevNatEntry, NetnsAffinityKey);
+    plain_old_data!(
+        RevNatKey<V4>,
+        RevNatEntry<V4>,
+        RevNatKey<V6>,
+        RevNatEntry<V6>,
+        NetnsAffinityKey
+    );
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    family::{Family, V4Family},
+    family::Family,
     maps::{MEMBERS, SOCK_AFFINITY},
     service::select_backend,
 };
@@ -41,11 +41,11 @@ pub fn select<F: Family>(
 /// connections are remembered per namespace (`lb_common::sock::NetnsAffinityKey` says why),
 /// with the same timeout and membership rules. `choose` picks a backend when none is reused.
 #[inline(always)]
-pub fn select_for_netns(
+pub fn select_for_netns<F: Family>(
     netns_cookie: u64,
-    svc: &Service,
-    choose: impl FnOnce() -> Result<(u32, Backend), u32>,
-) -> Result<(u32, Backend, bool), u32> {
+    svc: &Service<F::Addr>,
+    choose: impl FnOnce() -> Result<(u32, Backend<F::Addr>), u32>,
+) -> Result<(u32, Backend<F::Addr>, bool), u32> {
     let key = NetnsAffinityKey {
         netns_cookie,
         svc_id: svc.svc_id,
@@ -55,7 +55,7 @@ pub fn select_for_netns(
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: pointer from a successful lookup, copied out at once.
     let previous = SOCK_AFFINITY.get_ptr(key).map(|a| unsafe { *a });
-    let (id, backend, reused) = match previous.and_then(|a| still_valid::<V4Family>(a, svc, now)) {
+    let (id, backend, reused) = match previous.and_then(|a| still_valid::<F>(a, svc, now)) {
         Some((id, backend)) => (id, backend, true),
         None => {
             let (id, backend) = choose()?;

@@ -12,11 +12,14 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibLookup, BPF_F_PSEUDO_HDR},
     btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::bpf_csum_diff,
-    programs::TcContext,
+    programs::{SockAddrContext, TcContext},
 };
 use lb_common::{
-    capacity, snat, stats::DROP_REWRITE_FAILED, Addr, Affinity, AffinityKey, Backend, CtEntry,
-    CtKey, FragKey, FragPorts, FrontendKey, Service, SourceRange, Vip, VipKey, V4, V6,
+    capacity, snat,
+    sock::{RevNatEntry, RevNatKey},
+    stats::DROP_REWRITE_FAILED,
+    Addr, Affinity, AffinityKey, Backend, CtEntry, CtKey, FragKey, FragPorts, FrontendKey, Service,
+    SourceRange, Vip, VipKey, V4, V6,
 };
 
 use crate::{
@@ -33,6 +36,8 @@ pub type NodeAddrs<A> = HashMap<VipKey<A>, Vip, { capacity::NODE_ADDRS as usize 
 pub type Conntrack<A> = LruHashMap<CtKey<A>, CtEntry<A>, { capacity::CONNTRACK as usize }>;
 pub type Fragments<A> = LruHashMap<FragKey<A>, FragPorts, { capacity::FRAGMENTS as usize }>;
 pub type Scratches<A> = PerCpuArray<Scratch<A>, 1>;
+pub type SockRevNats<A> =
+    LruHashMap<RevNatKey<A>, RevNatEntry<A>, { lb_common::sock::capacity::SOCK_REVNAT as usize }>;
 pub type Affinities<A> = LruHashMap<AffinityKey<A>, Affinity, { capacity::AFFINITY as usize }>;
 
 /// One IP family: its layout, its maps, and the few operations that differ by family.
@@ -69,6 +74,12 @@ pub trait Family: 'static {
     fn fragments() -> &'static Fragments<Self::Addr>;
     fn affinity() -> &'static Affinities<Self::Addr>;
     fn scratches() -> &'static Scratches<Self::Addr>;
+    fn sock_revnat() -> &'static SockRevNats<Self::Addr>;
+
+    /// A socket call's address, port (the wire bytes, read natively) and protocol.
+    fn user_addr(ctx: &SockAddrContext) -> (Self::Addr, u16, u32);
+    /// Rewrites a socket call's address and port.
+    fn set_user_addr(ctx: &SockAddrContext, addr: Self::Addr, port_be: u16);
 
     /// This CPU's scratch memory (`Scratch`).
     #[inline(always)]
@@ -217,6 +228,34 @@ impl Family for V4Family {
     fn scratches() -> &'static Scratches<V4> {
         &SCRATCH
     }
+    #[inline(always)]
+    fn sock_revnat() -> &'static SockRevNats<V4> {
+        &SOCK_REVNAT
+    }
+
+    #[inline(always)]
+    fn user_addr(ctx: &SockAddrContext) -> (V4, u16, u32) {
+        let sa = ctx.sock_addr;
+        // SAFETY: the kernel passes a valid context. Whole 32-bit reads: narrower loads of
+        // these fields are refused by older verifiers (cilium reads them the same way).
+        unsafe {
+            let ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
+            let port = core::ptr::read_volatile(&raw const (*sa).user_port);
+            let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
+            (ip.to_ne_bytes(), port as u16, protocol)
+        }
+    }
+
+    #[inline(always)]
+    fn set_user_addr(ctx: &SockAddrContext, addr: V4, port_be: u16) {
+        let sa = ctx.sock_addr;
+        // SAFETY: the kernel passes a valid context whose user_ip4/user_port are writable in
+        // the connect4, sendmsg4, recvmsg4 and getpeername4 hooks; only whole 32-bit writes.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(addr));
+            core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+        }
+    }
 
     #[inline(always)]
     fn hairpin_addr() -> V4 {
@@ -337,6 +376,40 @@ impl Family for V6Family {
     #[inline(always)]
     fn scratches() -> &'static Scratches<V6> {
         &SCRATCH6
+    }
+    #[inline(always)]
+    fn sock_revnat() -> &'static SockRevNats<V6> {
+        &SOCK_REVNAT6
+    }
+
+    #[inline(always)]
+    fn user_addr(ctx: &SockAddrContext) -> (V6, u16, u32) {
+        let sa = ctx.sock_addr;
+        // SAFETY: as for IPv4; user_ip6 is read one whole 32-bit word at a time.
+        unsafe {
+            let mut ip = [0u8; 16];
+            for i in 0..4 {
+                let w = core::ptr::read_volatile(&raw const (*sa).user_ip6[i]);
+                ip[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            let port = core::ptr::read_volatile(&raw const (*sa).user_port);
+            let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
+            (ip, port as u16, protocol)
+        }
+    }
+
+    #[inline(always)]
+    fn set_user_addr(ctx: &SockAddrContext, addr: V6, port_be: u16) {
+        let sa = ctx.sock_addr;
+        let w = words(addr);
+        // SAFETY: writable in the connect6, sendmsg6, recvmsg6 and getpeername6 hooks; whole
+        // 32-bit writes.
+        unsafe {
+            for (i, word) in w.iter().enumerate() {
+                core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], *word);
+            }
+            core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+        }
     }
 
     #[inline(always)]

@@ -32,6 +32,7 @@ use aya_ebpf::{
 };
 // The cgroup socket programs'.
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use family::{V4Family, V6Family};
 
 /// tc actions as a classifier returns them.
 #[allow(
@@ -106,26 +107,49 @@ const SYS_REJECT: i32 = 0;
 /// `connect()` of TCP and UDP sockets on the node: the backend is chosen once, here.
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock::try_forward(&ctx, sock::Call::Connect))
+    sock_verdict(sock::try_forward::<V4Family>(&ctx, sock::Call::Connect))
 }
 
 /// `sendmsg()` with an address (unconnected UDP): the backend is chosen per datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock::try_forward(&ctx, sock::Call::Sendmsg))
+    sock_verdict(sock::try_forward::<V4Family>(&ctx, sock::Call::Sendmsg))
 }
 
 /// `recvmsg()` of UDP sockets: a reply's source shows the frontend the socket sent to.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    stats::count_sock(sock::reverse(&ctx));
+    stats::count_sock(sock::reverse::<V4Family>(&ctx));
     SYS_PROCEED
 }
 
 /// `getpeername()`: a connected socket's peer shows as the frontend it connected to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    stats::count_sock(sock::reverse(&ctx));
+    stats::count_sock(sock::reverse::<V4Family>(&ctx));
+    SYS_PROCEED
+}
+
+/// The four above, for IPv6 sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::try_forward::<V6Family>(&ctx, sock::Call::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::try_forward::<V6Family>(&ctx, sock::Call::Sendmsg))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    stats::count_sock(sock::reverse::<V6Family>(&ctx));
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    stats::count_sock(sock::reverse::<V6Family>(&ctx));
     SYS_PROCEED
 }
 

@@ -120,6 +120,14 @@ pub static STATS: PerCpuArray<Counter, { REASONS as usize }> = PerCpuArray::new(
 // Socket-level load balancing (the cgroup programs in `sock`).
 use lb_common::sock::{self, NetnsAffinityKey, RevNatEntry, RevNatKey};
 
+/// `SOCK_REVNAT` for IPv6 sockets.
+#[btf_map]
+pub static SOCK_REVNAT6: LruHashMap<
+    RevNatKey<V6>,
+    RevNatEntry<V6>,
+    { sock::capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
 /// (socket cookie, backend) -> the frontend the socket addressed, to rewrite what recvmsg and
 /// getpeername report back to it; LRU, so closed sockets' entries age out.
 #[btf_map]

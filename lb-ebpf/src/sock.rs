@@ -5,7 +5,9 @@
 //! packet of the flow is ever translated; `recvmsg()` and `getpeername()` show the frontend
 //! again, from `SOCK_REVNAT`. Backends are chosen as on the tc path (`service::select_backend`,
 //! ClientIP affinity from `affinity`), from the same `SERVICES`/`BACKEND_SLOTS`/`BACKENDS`/
-//! `MAGLEV` maps.
+//! `MAGLEV` maps. The `*4` programs serve IPv4 sockets, the `*6` ones IPv6 sockets, through
+//! the same code generic over the family (IPv4-mapped addresses on IPv6 sockets are left
+//! alone).
 //!
 //! cgroups are not per network namespace: a program on the cgroup root runs for every socket
 //! on the machine. Only sockets of the namespace the agent serves (`LB_NETNS_COOKIE`) are
@@ -21,15 +23,10 @@ use lb_common::{
     proto,
     sock::{mix64, stats::*, RevNatEntry, RevNatKey},
     stats::DROP_NO_BACKEND_ENTRY,
-    Backend, CtKey, FrontendKey, Service, SlotKey, ALG_MAGLEV, SCOPE_ALL, SCOPE_HOST,
+    Addr, Backend, CtKey, FrontendKey, Service, SlotKey, ALG_MAGLEV, SCOPE_ALL, SCOPE_HOST,
 };
 
-use crate::{
-    affinity,
-    family::V4Family,
-    maps::{BACKENDS, BACKEND_SLOTS, SERVICES, SOCK_REVNAT},
-    service::select_backend,
-};
+use crate::{affinity, family::Family, maps::BACKEND_SLOTS, service::select_backend};
 
 /// The network namespace served: its cookie (`SO_NETNS_COOKIE`), written by the agent at load
 /// time (`lb_common::sock::NETNS_COOKIE_GLOBAL`). 0 (never a real cookie) serves none.
@@ -64,47 +61,20 @@ fn served_netns(ctx: &SockAddrContext) -> Option<u64> {
     (served != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == served).then_some(served)
 }
 
-/// The address, port (network byte order, as `[u8; 4]` and a `u16` holding the wire bytes)
-/// and protocol of the call.
+/// connect / sendmsg: a frontend address becomes one of its backends.
 #[inline(always)]
-fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16, u32) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel passes a valid context. Whole 32-bit reads: narrower loads of these
-    // fields are refused by older verifiers (cilium reads them the same way).
-    unsafe {
-        let ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
-        let port = core::ptr::read_volatile(&raw const (*sa).user_port);
-        let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
-        (ip.to_ne_bytes(), port as u16, protocol)
-    }
-}
-
-/// Rewrites the call's address; the kernel accepts only whole 32-bit writes.
-#[inline(always)]
-fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port_be: u16) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel passes a valid context whose user_ip4/user_port are writable in the
-    // connect4, sendmsg4, recvmsg4 and getpeername4 hooks.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(addr));
-        core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
-    }
-}
-
-/// connect4 / sendmsg4: a frontend address becomes one of its backends.
-#[inline(always)]
-pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
+pub fn try_forward<F: Family>(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
     let Some(netns) = served_netns(ctx) else {
         return Ok(OTHER_NETNS);
     };
-    let (vip, vport_be, protocol) = user_addr(ctx);
+    let (vip, vport_be, protocol) = F::user_addr(ctx);
     let proto = match protocol {
         6 => proto::TCP,
         17 => proto::UDP,
         // Ping, raw and SCTP sockets: not balanced here.
         _ => return Ok(NOT_SERVICE),
     };
-    let Some(svc) = frontend(vip, vport_be, proto) else {
+    let Some(svc) = frontend::<F>(vip, vport_be, proto) else {
         return Ok(NOT_SERVICE);
     };
     // kube-proxy REJECTs these with ICMP port unreachable, which a TCP client sees as
@@ -118,11 +88,11 @@ pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let tuple = socket_tuple(cookie, vip, vport_be, proto);
-    let choose = || choose_backend(&svc, &tuple, cookie);
+    let choose = || choose_backend::<F>(&svc, &tuple, cookie);
     let chosen = if svc.affinity_timeout_s == 0 {
         choose().map(|(id, backend)| (id, backend, false))
     } else {
-        affinity::select_for_netns(netns, &svc, choose)
+        affinity::select_for_netns::<F>(netns, &svc, choose)
     };
     // A service with backends whose entries are missing (the agent writes them before the
     // count, so this should not happen): sending to the frontend address untranslated would
@@ -135,13 +105,13 @@ pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
     };
     // Without its reverse entry an unconnected UDP socket would see replies from an address
     // it never sent to; as cilium, fail rather than half-translate.
-    if remember_frontend(cookie, &backend, vip, vport_be, svc.svc_id).is_err() {
+    if remember_frontend::<F>(cookie, &backend, vip, vport_be, svc.svc_id).is_err() {
         return Err(Reject {
             reason: REJECT_ERROR,
             errno: ENOMEM,
         });
     }
-    set_user_addr(ctx, backend.addr, backend.port_be);
+    F::set_user_addr(ctx, backend.addr, backend.port_be);
     Ok(match (reused, call) {
         (true, _) => AFFINITY_REUSED,
         (false, Call::Connect) => CONNECT_XLATE,
@@ -149,14 +119,14 @@ pub fn try_forward(ctx: &SockAddrContext, call: Call) -> Result<u32, Reject> {
     })
 }
 
-/// recvmsg4 / getpeername4: a backend's address the socket was sent to becomes the frontend
-/// it addressed. Never fails the call (the kernel does not let these hooks).
+/// recvmsg / getpeername: a backend's address the socket was sent to becomes the frontend it
+/// addressed. Never fails the call (the kernel does not let these hooks).
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> u32 {
+pub fn reverse<F: Family>(ctx: &SockAddrContext) -> u32 {
     if served_netns(ctx).is_none() {
         return OTHER_NETNS;
     }
-    let (addr, port_be, protocol) = user_addr(ctx);
+    let (addr, port_be, protocol) = F::user_addr(ctx);
     let key = RevNatKey {
         // SAFETY: plain helper call on the program's context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -164,21 +134,21 @@ pub fn reverse(ctx: &SockAddrContext) -> u32 {
         backend_port_be: port_be,
         _pad: [0; 2],
     };
-    let Some(entry) = SOCK_REVNAT.get_ptr(key) else {
+    let Some(entry) = F::sock_revnat().get_ptr(key) else {
         return NOT_SERVICE;
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
     let entry = unsafe { *entry };
     // Only while the frontend still belongs to the same service port: otherwise the socket
     // may now be talking to that address for its own sake, and must see it as it is.
-    match frontend(entry.vip, entry.vport_be, protocol as u8) {
+    match frontend::<F>(entry.vip, entry.vport_be, protocol as u8) {
         Some(svc) if svc.svc_id == entry.svc_id => {}
         _ => {
-            let _ = SOCK_REVNAT.remove(key);
+            let _ = F::sock_revnat().remove(key);
             return REVNAT_STALE;
         }
     }
-    set_user_addr(ctx, entry.vip, entry.vport_be);
+    F::set_user_addr(ctx, entry.vip, entry.vport_be);
     REVNAT
 }
 
@@ -187,9 +157,9 @@ pub fn reverse(ctx: &SockAddrContext) -> u32 {
 /// both: different sockets hash apart, and one unconnected UDP socket hashes the same for
 /// every datagram, so it keeps its backend as a tracked flow would.
 #[inline(always)]
-fn socket_tuple(cookie: u64, vip: [u8; 4], vport_be: u16, proto: u8) -> CtKey {
+fn socket_tuple<A: Addr>(cookie: u64, vip: A, vport_be: u16, proto: u8) -> CtKey<A> {
     CtKey {
-        saddr: (cookie as u32).to_ne_bytes(),
+        saddr: A::from_low_word(cookie as u32),
         daddr: vip,
         sport_be: (cookie >> 32) as u16,
         dport_be: vport_be,
@@ -204,9 +174,13 @@ fn socket_tuple(cookie: u64, vip: [u8; 4], vport_be: u16, proto: u8) -> CtKey {
 /// on one backend (while the backend count stays), as a tracked UDP flow does on the tc path
 /// and as kube-proxy's conntrack keeps it; Maglev is stable per socket by construction.
 #[inline(always)]
-fn choose_backend(svc: &Service, tuple: &CtKey, cookie: u64) -> Result<(u32, Backend), u32> {
+fn choose_backend<F: Family>(
+    svc: &Service<F::Addr>,
+    tuple: &CtKey<F::Addr>,
+    cookie: u64,
+) -> Result<(u32, Backend<F::Addr>), u32> {
     if tuple.proto != proto::UDP || svc.algorithm == ALG_MAGLEV {
-        return select_backend::<V4Family>(svc, tuple);
+        return select_backend::<F>(svc, tuple);
     }
     let count = svc.backend_count as u64;
     // Checked again so the verifier sees no division by zero.
@@ -222,7 +196,7 @@ fn choose_backend(svc: &Service, tuple: &CtKey, cookie: u64) -> Result<(u32, Bac
     };
     // SAFETY: pointer from a successful lookup, copied out at once.
     let backend_id = unsafe { (*s).backend_id };
-    let Some(b) = BACKENDS.get_ptr(backend_id) else {
+    let Some(b) = F::backends().get_ptr(backend_id) else {
         return Err(DROP_NO_BACKEND_ENTRY);
     };
     // SAFETY: as above.
@@ -232,10 +206,10 @@ fn choose_backend(svc: &Service, tuple: &CtKey, cookie: u64) -> Result<(u32, Bac
 /// Records that socket `cookie` sent to `backend` for the frontend `vip:vport_be`; written
 /// only when it changes, so a busy UDP socket does not rewrite it on every datagram.
 #[inline(always)]
-fn remember_frontend(
+fn remember_frontend<F: Family>(
     cookie: u64,
-    backend: &Backend,
-    vip: [u8; 4],
+    backend: &Backend<F::Addr>,
+    vip: F::Addr,
     vport_be: u16,
     svc_id: u32,
 ) -> Result<(), i32> {
@@ -251,28 +225,29 @@ fn remember_frontend(
         _pad: [0; 2],
         svc_id,
     };
-    if let Some(e) = SOCK_REVNAT.get_ptr(key) {
+    if let Some(e) = F::sock_revnat().get_ptr(key) {
         // SAFETY: pointer from a successful lookup, read at once.
         if unsafe { *e } == entry {
             return Ok(());
         }
     }
-    SOCK_REVNAT.insert(key, entry, BPF_ANY as u64)
+    F::sock_revnat().insert(key, entry, BPF_ANY as u64)
 }
 
 /// The service entry a node process's connection to `addr:port_be` uses: its own
 /// (`SCOPE_HOST`) where there is one, else everyone's.
 #[inline(always)]
-fn frontend(addr: [u8; 4], port_be: u16, proto: u8) -> Option<Service> {
+fn frontend<F: Family>(addr: F::Addr, port_be: u16, proto: u8) -> Option<Service<F::Addr>> {
     let key = |scope| FrontendKey {
         addr,
         port_be,
         proto,
         scope,
     };
-    let svc = SERVICES
+    let services = F::services();
+    let svc = services
         .get_ptr(key(SCOPE_HOST))
-        .or_else(|| SERVICES.get_ptr(key(SCOPE_ALL)))?;
+        .or_else(|| services.get_ptr(key(SCOPE_ALL)))?;
     // SAFETY: pointer from a successful lookup, copied out at once.
     Some(unsafe { *svc })
 }

@@ -1,6 +1,6 @@
 //! Tier 3, socket-level load balancing: processes in the node's own network namespace reach
 //! services through the agent's cgroup programs (connect4, sendmsg4, recvmsg4,
-//! getpeername4), and processes of every other namespace are left to the tc path.
+//! getpeername4, and their IPv6 twins), and processes of every other namespace are left to the tc path.
 //!
 //! The test-bed node has no route for the service CIDR, so a connection from the node to a
 //! ClusterIP works only if the socket programs rewrote its address before routing, and the
@@ -23,7 +23,9 @@ use lb_common::sock::stats as sock_stats;
 use lb_common::stats;
 use lb_userspace::dataplane::ebpf::{inspect, socket_lb};
 use lb_userspace::testbed::bed;
-use lb_userspace::testbed::manifest::{demo as demo_manifest, TCP_PORT, UDP_PORT, VIP};
+use lb_userspace::testbed::manifest::{
+    demo as demo_manifest, demo_dual, TCP_PORT, UDP_PORT, VIP, VIP6,
+};
 use lb_userspace::testbed::netns::NetNs;
 use lb_userspace::testbed::servers::{backend_name, tcp_name, udp_name, CLIENT_TIMEOUT};
 use lb_userspace::testbed::{require_root, unique_name};
@@ -626,4 +628,64 @@ endpoints:
         }),
     );
     assert_backends("the node's own connections", &counts, &[1, 2]);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and Linux 5.18+: run through `cargo xtask test`"]
+fn node_ipv6_tcp_and_udp_reach_every_backend_through_the_socket_programs() {
+    let bed = Bed::start(3, &demo_dual(&[1, 2, 3], None), &[]);
+    let before = bed.snapshot();
+    let tcp6 = SocketAddr::from((VIP6, TCP_PORT));
+    let udp6 = SocketAddr::from((VIP6, UDP_PORT));
+    let counts = tally(
+        "TCP over IPv6 from the node",
+        bed.in_node(|| (0..30).map(|_| tcp_name(tcp6, CLIENT_TIMEOUT)).collect()),
+    );
+    assert_backends("TCP over IPv6 from the node", &counts, &[1, 2, 3]);
+    let peer = bed.in_node(|| {
+        let s = TcpStream::connect_timeout(&tcp6, CLIENT_TIMEOUT).expect("connecting");
+        s.peer_addr().unwrap()
+    });
+    assert_eq!(peer, tcp6, "getpeername() after connect() to the IPv6 VIP");
+
+    let answers = bed.in_node(|| {
+        (0..30)
+            .map(|_| {
+                let socket = UdpSocket::bind("[::]:0")?;
+                socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+                socket.send_to(b"", udp6)?;
+                let mut buf = [0u8; 2048];
+                let (n, from) = socket.recv_from(&mut buf)?;
+                Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+            })
+            .collect::<Vec<io::Result<(String, SocketAddr)>>>()
+    });
+    let mut names = Vec::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        let (name, from) = a.unwrap_or_else(|e| panic!("UDP exchange #{i} failed: {e}"));
+        assert_eq!(from, udp6, "recvfrom() source of {name:?}");
+        names.push(Ok(name));
+    }
+    let counts = tally("unconnected UDP over IPv6 from the node", names);
+    assert_backends(
+        "unconnected UDP over IPv6 from the node",
+        &counts,
+        &[1, 2, 3],
+    );
+
+    let after = bed.snapshot();
+    assert_eq!(
+        sock(&after, sock_stats::CONNECT_XLATE) - sock(&before, sock_stats::CONNECT_XLATE),
+        31,
+        "connect() calls translated by lb_connect6"
+    );
+    assert!(
+        sock(&after, sock_stats::SENDMSG_XLATE) - sock(&before, sock_stats::SENDMSG_XLATE) >= 30,
+        "sendmsg() calls translated by lb_sendmsg6"
+    );
+    assert_eq!(
+        tc(&after, stats::XLATE_NEW_FLOW),
+        tc(&before, stats::XLATE_NEW_FLOW),
+        "no packet translated"
+    );
 }

@@ -211,6 +211,8 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     let sock_counters: PerCpuArray<_, u64> = open(dir, sock::names::SOCK_STATS)?.try_into()?;
     let sock_revnat: HashMap<_, sock::RevNatKey, sock::RevNatEntry> =
         open(dir, sock::names::SOCK_REVNAT)?.try_into()?;
+    let sock_revnat6: HashMap<_, sock::RevNatKey<lb_common::V6>, sock::RevNatEntry<lb_common::V6>> =
+        open(dir, sock::names::SOCK_REVNAT6)?.try_into()?;
 
     let mut snap = Snapshot::default();
     let v4 = FamilyNames {
@@ -237,7 +239,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     snap.sock_counters = (0..sock::stats::REASONS)
         .map(|reason| Ok(counters_sum(&sock_counters.get(&reason, 0)?)))
         .collect::<Result<_, MapError>>()?;
-    snap.sock_revnat = sock_revnat.keys().count();
+    snap.sock_revnat = sock_revnat.keys().count() + sock_revnat6.keys().count();
     let xdp_targets: HashMap<_, u32, u32> = open(dir, names::XDP_TARGETS)?.try_into()?;
     for key in xdp_targets.keys() {
         snap.xdp_targets.push(key?);

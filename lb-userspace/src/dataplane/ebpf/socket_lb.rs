@@ -1,6 +1,7 @@
 //! Socket-level load balancing: attaching the datapath's cgroup `sock_addr` programs
-//! (`lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4`, `lb_getpeername4`) to a cgroup v2 directory,
-//! so processes on the node reach services without any packet translation.
+//! (`lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4`, `lb_getpeername4` and their IPv6 twins) to a
+//! cgroup v2 directory, so processes on the node reach services without any packet
+//! translation.
 //!
 //! A program on a cgroup runs for the sockets of every process in it and below, whatever
 //! their network namespace; the programs act only on sockets of the namespace whose cookie
@@ -21,11 +22,15 @@ use aya::{
 };
 
 /// The socket programs, in the order they are loaded and attached.
-pub const PROGRAMS: [&str; 4] = [
+pub const PROGRAMS: [&str; 8] = [
     "lb_connect4",
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
 ];
 
 /// Kernel the programs need: `bpf_set_retval` (5.18) to fail a connect() with
