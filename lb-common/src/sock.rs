@@ -13,8 +13,9 @@ use crate::{V4, V6};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RevNatKey<A = V4> {
-    /// `bpf_get_socket_cookie()`: unique per socket for the whole boot.
-    pub cookie: u64,
+    /// `bpf_get_socket_cookie()` (unique per socket for the whole boot), as its native bytes:
+    /// a `u64` would align the key to 8 and leave the IPv6 key 4 bytes of implicit padding.
+    pub cookie: [u8; 8],
     /// Backend address, network byte order.
     pub backend_addr: A,
     /// Backend port, network byte order.
@@ -132,7 +133,7 @@ pub const fn mix64(mut x: u64) -> u64 {
 const _: () = {
     assert!(core::mem::size_of::<RevNatKey>() == 16);
     assert!(core::mem::size_of::<RevNatEntry>() == 12);
-    assert!(core::mem::size_of::<RevNatKey<V6>>() == 32);
+    assert!(core::mem::size_of::<RevNatKey<V6>>() == 28);
     assert!(core::mem::size_of::<RevNatEntry<V6>>() == 24);
     assert!(core::mem::size_of::<NetnsAffinityKey>() == 16);
 };

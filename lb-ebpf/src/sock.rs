@@ -129,7 +129,7 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext) -> u32 {
     let (addr, port_be, protocol) = F::user_addr(ctx);
     let key = RevNatKey {
         // SAFETY: plain helper call on the program's context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }.to_ne_bytes(),
         backend_addr: addr,
         backend_port_be: port_be,
         _pad: [0; 2],
@@ -214,7 +214,7 @@ fn remember_frontend<F: Family>(
     svc_id: u32,
 ) -> Result<(), i32> {
     let key = RevNatKey {
-        cookie,
+        cookie: cookie.to_ne_bytes(),
         backend_addr: backend.addr,
         backend_port_be: backend.port_be,
         _pad: [0; 2],
