@@ -426,6 +426,11 @@ impl Family for V6Family {
 
     /// A 16-byte field is past `bpf_l4_csum_replace`'s sizes: its difference is computed
     /// with `bpf_csum_diff` and folded in as one (size 0, "`to` is a difference").
+    ///
+    /// A pseudo-header change also says `BPF_F_IPV6`: without it the helper adjusts a
+    /// CHECKSUM_COMPLETE skb's `skb->csum` as IPv4 needs (its header checksum absorbs the
+    /// change) and IPv6 does not, and the receiver logs "hw csum failure". Kernels before the
+    /// flag refuse it (EINVAL, before touching anything): then the call is made without.
     #[inline(always)]
     fn l4_csum_replace(
         ctx: &TcContext,
@@ -448,7 +453,15 @@ impl Family for V6Family {
         if diff < 0 {
             return Err(DROP_REWRITE_FAILED);
         }
-        ctx.l4_csum_replace(check_off, 0, diff as u32 as u64, flags)
+        let diff = diff as u32 as u64;
+        if flags & PSEUDO_HDR != 0
+            && ctx
+                .l4_csum_replace(check_off, 0, diff, flags | F_IPV6)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(check_off, 0, diff, flags)
             .map_err(|_| DROP_REWRITE_FAILED)
     }
 
@@ -488,3 +501,5 @@ fn words(a: V6) -> [u32; 4] {
 
 /// `BPF_F_PSEUDO_HDR` as the L4 helpers take it.
 pub const PSEUDO_HDR: u64 = BPF_F_PSEUDO_HDR as u64;
+/// `BPF_F_IPV6` (`bpf_l4_csum_replace`; newer than the bindings): the packet is IPv6.
+const F_IPV6: u64 = 1 << 7;
