@@ -9,9 +9,9 @@
 //! the verifier walks each family's monomorphised copy on its own branch.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibLookup, BPF_F_PSEUDO_HDR},
+    bindings::{bpf_fib_lookup as FibLookup, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_csum_update},
     programs::{SockAddrContext, TcContext},
 };
 use lb_common::{
@@ -58,6 +58,11 @@ pub trait Family: 'static {
     const HAS_L3_CSUM: bool;
     /// The ICMP checksum covers the IP addresses through a pseudo-header (ICMPv6).
     const ICMP_PSEUDO_HDR: bool;
+    /// Flags for storing header bytes no checksum in the packet compensates (IPv6's hop
+    /// limit, a later fragment's addresses): IPv6 asks for `BPF_F_RECOMPUTE_CSUM`, so a
+    /// CHECKSUM_COMPLETE skb's `skb->csum` follows the change; IPv4's header checksum
+    /// compensates its own fields, so 0.
+    const UNCOMPENSATED_STORE: u64;
 
     /// Parses a packet of this family (the EtherType was checked) into `out`, which starts
     /// zeroed (`Parsed::default()`).
@@ -182,6 +187,7 @@ impl Family for V4Family {
     const RANGE_KEY_BITS: u32 = 32 + 32;
     const HAS_L3_CSUM: bool = true;
     const ICMP_PSEUDO_HDR: bool = false;
+    const UNCOMPENSATED_STORE: u64 = 0;
 
     #[inline(always)]
     fn parse<F: Frame>(ctx: &F, out: &mut Parsed<V4>) {
@@ -331,6 +337,7 @@ impl Family for V6Family {
     const RANGE_KEY_BITS: u32 = 32 + 128;
     const HAS_L3_CSUM: bool = false;
     const ICMP_PSEUDO_HDR: bool = true;
+    const UNCOMPENSATED_STORE: u64 = BPF_F_RECOMPUTE_CSUM as u64;
 
     #[inline(always)]
     fn parse<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
@@ -430,7 +437,8 @@ impl Family for V6Family {
     /// A pseudo-header change also says `BPF_F_IPV6`: without it the helper adjusts a
     /// CHECKSUM_COMPLETE skb's `skb->csum` as IPv4 needs (its header checksum absorbs the
     /// change) and IPv6 does not, and the receiver logs "hw csum failure". Kernels before the
-    /// flag refuse it (EINVAL, before touching anything): then the call is made without.
+    /// flag refuse it (EINVAL, before touching anything): then the call is made without, and
+    /// the sum given back with `bpf_csum_update`.
     #[inline(always)]
     fn l4_csum_replace(
         ctx: &TcContext,
@@ -453,16 +461,25 @@ impl Family for V6Family {
         if diff < 0 {
             return Err(DROP_REWRITE_FAILED);
         }
-        let diff = diff as u32 as u64;
-        if flags & PSEUDO_HDR != 0
+        let pseudo = flags & PSEUDO_HDR != 0;
+        let diff = diff as u32;
+        if pseudo
             && ctx
-                .l4_csum_replace(check_off, 0, diff, flags | F_IPV6)
+                .l4_csum_replace(check_off, 0, diff as u64, flags | F_IPV6)
                 .is_ok()
         {
             return Ok(());
         }
-        ctx.l4_csum_replace(check_off, 0, diff, flags)
-            .map_err(|_| DROP_REWRITE_FAILED)
+        ctx.l4_csum_replace(check_off, 0, diff as u64, flags)
+            .map_err(|_| DROP_REWRITE_FAILED)?;
+        if pseudo {
+            // Without the flag the helper took `diff` off a CHECKSUM_COMPLETE skb's csum, as
+            // for IPv4; for IPv6 the packet's sum did not change: give it back. (A no-op,
+            // failing harmlessly, for any other skb.)
+            // SAFETY: plain helper call on the program's own skb.
+            let _ = unsafe { bpf_csum_update(ctx.skb.skb, diff) };
+        }
+        Ok(())
     }
 
     #[inline(always)]
@@ -480,10 +497,10 @@ impl Family for V6Family {
         nh
     }
 
-    /// The hop limit is covered by no checksum.
+    /// The hop limit is covered by no checksum in the packet.
     #[inline(always)]
     fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), u32> {
-        ctx.store(Self::TTL_OFF, &(ttl - 1), 0)
+        ctx.store(Self::TTL_OFF, &(ttl - 1), Self::UNCOMPENSATED_STORE)
             .map_err(|_| DROP_REWRITE_FAILED)
     }
 }

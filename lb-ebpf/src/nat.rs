@@ -34,7 +34,8 @@ impl End {
 }
 
 /// Rewrites one address of a later fragment (no L4 header: the datagram's L4 checksum, in the
-/// first fragment, already accounts for the change), fixing the IPv4 header checksum.
+/// first fragment, already accounts for the change), fixing the IPv4 header checksum (for
+/// IPv6, a CHECKSUM_COMPLETE skb's sum: `Family::UNCOMPENSATED_STORE`).
 #[inline(always)]
 pub fn rewrite_addr<F: Family>(
     ctx: &TcContext,
@@ -43,7 +44,7 @@ pub fn rewrite_addr<F: Family>(
     new: F::Addr,
 ) -> Result<(), u32> {
     F::l3_csum_replace(ctx, IP_CHECK_OFF, old, new)?;
-    ctx.store(end.addr_off::<F>(), &new, 0)
+    ctx.store(end.addr_off::<F>(), &new, F::UNCOMPENSATED_STORE)
         .map_err(|_| DROP_REWRITE_FAILED)
 }
 

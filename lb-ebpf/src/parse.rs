@@ -315,8 +315,8 @@ pub fn parse_ipv4<F: Frame>(ctx: &F, out: &mut Parsed<V4>) {
     out.pkt.tuple.daddr = ip.daddr;
     out.pkt.tuple.proto = ip.proto;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be(ip.tot_len_be) as usize;
     let frame_l3_len = ctx.len() as usize - ETH_HLEN;
+    let tot_len = big_packet_len(u16::from_be(ip.tot_len_be) as usize, frame_l3_len);
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl || tot_len > frame_l3_len {
         return;
     }
@@ -332,7 +332,7 @@ pub fn parse_ipv4<F: Frame>(ctx: &F, out: &mut Parsed<V4>) {
     }
     out.fragment = fragment;
     out.pkt.l4_off = l4_off;
-    out.pkt.l4_len = (tot_len - ihl) as u16;
+    out.pkt.l4_len = min_u16(tot_len - ihl);
     out.pkt.has_ip_options = ihl > IPV4_HLEN;
     out.pkt.ttl = ip.ttl;
     out.pkt.ip_id_be = ip.id_be as u32;
@@ -367,8 +367,11 @@ pub fn parse_ipv6<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
     let ip = unsafe { core::ptr::read_unaligned(ip) };
     out.pkt.tuple.saddr = ip.saddr;
     out.pkt.tuple.daddr = ip.daddr;
-    let payload_len = u16::from_be(ip.payload_len_be) as usize;
     let frame_l3_len = ctx.len() as usize - ETH_HLEN;
+    let payload_len = big_packet_len(
+        u16::from_be(ip.payload_len_be) as usize,
+        frame_l3_len.saturating_sub(IPV6_HLEN),
+    );
     // (A jumbogram, RFC 2675, has a payload length of 0 behind a hop-by-hop header: its
     // chain then ends past the payload, below, and it is not translated. None cross
     // Ethernet.)
@@ -385,15 +388,24 @@ pub fn parse_ipv6<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
     let mut fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         let off = ETH_HLEN + IPV6_HLEN + ext_len;
-        let len = match next {
+        let this = next;
+        let len = match this {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
-                // SAFETY: `ptr_at` checks bounds; plain byte loads.
-                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
+                // Next header, length, and for a routing header its type and segments left.
+                // SAFETY: `ptr_at` checks bounds; plain byte loads (every one of these headers
+                // is at least 8 bytes).
+                let Some(h) = ptr_at::<[u8; 4]>(ctx, off) else {
                     return;
                 };
                 let h = unsafe { *h };
+                // Segments left: the destination is an intermediate one, and the L4 checksum
+                // covers the final one (RFC 8200 8.1). Not a packet to translate.
+                if this == NEXTHDR_ROUTING && h[3] != 0 {
+                    return;
+                }
                 next = h[0];
-                if next == NEXTHDR_AUTH {
+                // The authentication header counts 4-byte words, the others 8-byte ones.
+                if this == NEXTHDR_AUTH {
                     (h[1] as usize + 2) * 4
                 } else {
                     (h[1] as usize + 1) * 8
@@ -417,12 +429,21 @@ pub fn parse_ipv6<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
         if ext_len > MAX_EXT_OFF {
             return;
         }
+        // Behind a later fragment's header is data from the middle of the datagram, not
+        // headers.
+        if frag_word & IP6_OFFSET != 0 {
+            break;
+        }
     }
-    // Still an extension header after the walk: a chain longer than the parser follows.
-    if matches!(
-        next,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST | NEXTHDR_AUTH
-    ) || ext_len > payload_len
+    // Still an extension header after the walk (and not a later fragment's data): a chain
+    // longer than the parser follows.
+    let later_fragment = frag_word & IP6_OFFSET != 0;
+    if (!later_fragment
+        && matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST | NEXTHDR_AUTH
+        ))
+        || ext_len > payload_len
     {
         return;
     }
@@ -435,11 +456,33 @@ pub fn parse_ipv6<F: Frame>(ctx: &F, out: &mut Parsed<V6>) {
     }
     out.fragment = fragment;
     out.pkt.l4_off = l4_off;
-    out.pkt.l4_len = (payload_len - ext_len) as u16;
+    out.pkt.l4_len = min_u16(payload_len - ext_len);
     out.pkt.has_ip_options = ext_len != 0;
     out.pkt.ttl = ip.hop_limit;
     let first_fragment = core::hint::black_box((frag_word & IP6_MF) as usize);
-    transport(ctx, out, frag_word & IP6_OFFSET != 0, first_fragment);
+    transport(ctx, out, later_fragment, first_fragment);
+}
+
+/// A length field's value (IPv4's total length, IPv6's payload length), or, for a packet
+/// longer than the field can say (BIG TCP: GRO and GSO packets past 64 KiB carry 0 there),
+/// the `available` bytes the field would count, from the skb.
+#[inline(always)]
+fn big_packet_len(field: usize, available: usize) -> usize {
+    if field == 0 && available > 0xffff {
+        available
+    } else {
+        field
+    }
+}
+
+/// A length for a 16-bit field, saturated (only BIG TCP packets exceed it).
+#[inline(always)]
+fn min_u16(len: usize) -> u16 {
+    if len > 0xffff {
+        0xffff
+    } else {
+        len as u16
+    }
 }
 
 /// The TCP or UDP header behind the IP layer, for both families: completes `out`, whose IP

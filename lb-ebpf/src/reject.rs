@@ -34,6 +34,11 @@ const NEXTHDR_ICMPV6: u8 = 58;
 // A BPF function of its own (see `family`: the stack).
 #[inline(never)]
 pub fn no_backend<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Verdict {
+    // An answer to a multicast or unspecified source would go nowhere it should
+    // (RFC 1812 4.3.2.7, RFC 4443 2.4 (e)).
+    if !unicast(pkt.tuple.saddr) {
+        return Verdict::of(Err(DROP_NO_BACKEND));
+    }
     Verdict::of(match pkt.tuple.proto {
         // Never answer an RST with an RST.
         proto::TCP if pkt.tcp_flags & tcpf::RST == 0 => tcp_rst::<F>(ctx, pkt),
@@ -42,6 +47,19 @@ pub fn no_backend<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Verdict 
         proto::UDP if !pkt.has_ip_options => port_unreachable::<F>(ctx, pkt),
         _ => Err(DROP_NO_BACKEND),
     })
+}
+
+/// True unless `addr` is unspecified, multicast (IPv4 224/4 and above, broadcast included;
+/// IPv6 ff00::/8).
+#[inline(always)]
+fn unicast<A: Addr>(addr: A) -> bool {
+    let bytes = addr.bytes();
+    let multicast = if bytes.len() == 4 {
+        bytes[0] >= 224
+    } else {
+        bytes[0] == 0xff
+    };
+    !multicast && bytes.iter().any(|b| *b != 0)
 }
 
 /// The IP header length of family `F` (without options).

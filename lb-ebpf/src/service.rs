@@ -42,9 +42,6 @@ pub fn try_ingress(ctx: &TcContext) -> Verdict {
     let Some(ether_type) = parse::ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
         return not_ip;
     };
-    // IPv6 is parsed and translated by the same generic code (`ingress::<V6Family>`), but not
-    // dispatched yet: with it, the program's call chain needs more than the 512 bytes of
-    // stack BPF allows (README, "Known gaps"), so IPv6 passes untouched, as before.
     if ether_type == V4Family::ETH_P_BE {
         ingress::<V4Family>(ctx)
     } else if ether_type == V6Family::ETH_P_BE {

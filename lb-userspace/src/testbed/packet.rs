@@ -273,6 +273,7 @@ pub mod proto6 {
     pub const HOP_BY_HOP: u8 = 0;
     pub const ROUTING: u8 = 43;
     pub const FRAGMENT: u8 = 44;
+    pub const AUTH: u8 = 51;
     pub const ICMPV6: u8 = 58;
     pub const NO_NEXT_HEADER: u8 = 59;
     pub const DEST_OPTS: u8 = 60;

@@ -5,7 +5,7 @@
 
 use super::*;
 use lb_userspace::testbed::packet::{
-    fragments6, icmp6, reassemble6, verify6, Ext6, Frame6, Ipv6View,
+    fragments6, icmp6, proto6, reassemble6, verify6, Ext6, Frame6, Ipv6View,
 };
 
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 2);
@@ -22,6 +22,52 @@ const NODEPORT_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x16)
 /// ranged6's LoadBalancer IP, accepting only fd00:0:1::/64 (`CLIENT6` is in it).
 const RANGED_LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
 const DNS_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x11, 0, 0, 0, 0, 2);
+/// maglev6: TCP 80 over `maglev_backends6()` by Maglev.
+const MAGLEV_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x14);
+/// NodePorts on `NODE_IP6`, policy Local: 30091 (backend 1 is local), 30092 (none is), and
+/// 30093, whose one endpoint is a process on the node (hostNetwork, `NODE_IP6`:9090).
+const LOCAL_PORT6: u16 = 30091;
+const NO_LOCAL_PORT6: u16 = 30092;
+const HOST_NETWORK_PORT6: u16 = 30093;
+
+/// Ten backends fd00:0:20::1 .. fd00:0:20::a, port 8080, for maglev6.
+fn maglev_backends6() -> BTreeSet<Endpoint> {
+    (1..=10)
+        .map(|i| Endpoint {
+            addr: Ipv6Addr::new(0xfd00, 0, 0x20, 0, 0, 0, 0, i).into(),
+            port: 8080,
+        })
+        .collect()
+}
+
+/// A TCP NodePort service on `NODE_IP6` with ClusterIP `vip`, over `endpoints`, with
+/// externalTrafficPolicy Local when `local` is given (the endpoints that are this node's).
+fn node_port6(
+    name: &str,
+    vip: Ipv6Addr,
+    node_port: u16,
+    endpoints: BTreeSet<Endpoint>,
+    local: Option<BTreeSet<Endpoint>>,
+) -> (ServicePortName, ServicePort) {
+    let (name, mut port) = port6(name, "", Protocol::Tcp, vip, 80, endpoints);
+    port.external_frontends = [(
+        Frontend {
+            addr: NODE_IP6.into(),
+            port: node_port,
+            protocol: Protocol::Tcp,
+        },
+        External {
+            snat_addr: NODE_IP6.into(),
+            load_balancer: false,
+        },
+    )]
+    .into();
+    if let Some(local) = local {
+        port.external_local = true;
+        port.local_endpoints = local;
+    }
+    (name, port)
+}
 
 /// Backends fd00:0:11::2, fd00:0:12::2, ... port 8080.
 fn backends6(n: u16) -> BTreeSet<Endpoint> {
@@ -77,26 +123,21 @@ pub fn services() -> Vec<(ServicePortName, ServicePort)> {
     let (sticky_name, mut sticky) =
         port6("sticky6", "", Protocol::Tcp, STICKY_VIP6, 80, backends6(3));
     sticky.affinity_timeout_s = Some(10_800);
-    let (np_name, mut np) = port6(
-        "nodeport6",
+    let (np_name, np) = node_port6("nodeport6", NODEPORT_VIP6, 30090, backends6(3), None);
+    let (maglev_name, mut maglev) = port6(
+        "maglev6",
         "",
         Protocol::Tcp,
-        NODEPORT_VIP6,
+        MAGLEV_VIP6,
         80,
-        backends6(3),
+        maglev_backends6(),
     );
-    np.external_frontends = [(
-        Frontend {
-            addr: NODE_IP6.into(),
-            port: 30090,
-            protocol: Protocol::Tcp,
-        },
-        External {
-            snat_addr: NODE_IP6.into(),
-            load_balancer: false,
-        },
-    )]
-    .into();
+    maglev.algorithm = Some(Algorithm::Maglev);
+    let vip = |last| Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last);
+    let host = [Endpoint {
+        addr: NODE_IP6.into(),
+        port: 9090,
+    }];
     let (ranged_name, mut ranged) = port6(
         "ranged6",
         "",
@@ -133,6 +174,22 @@ pub fn services() -> Vec<(ServicePortName, ServicePort)> {
         (sticky_name, sticky),
         (np_name, np),
         (ranged_name, ranged),
+        (maglev_name, maglev),
+        node_port6(
+            "local6",
+            vip(0x17),
+            LOCAL_PORT6,
+            backends6(3),
+            Some(backends6(1)),
+        ),
+        node_port6(
+            "nolocal6",
+            vip(0x18),
+            NO_LOCAL_PORT6,
+            backends6(3),
+            Some(BTreeSet::new()),
+        ),
+        node_port6("hostnet6", vip(0x20), HOST_NETWORK_PORT6, host.into(), None),
     ]
 }
 
@@ -567,4 +624,262 @@ fn ipv6_load_balancer_source_ranges_admit_only_listed_clients() {
     let ranged_cluster_ip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x19);
     let run = f.run(&Frame6::tcp(outsider, 40701, ranged_cluster_ip, 80, tcp::SYN).build());
     run.counted_as(stats::XLATE_NEW_FLOW);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_a_backend_reaching_itself_is_source_nated_to_the_hairpin_address() {
+    let mut f = fixture();
+    let hairpin = Ipv6Addr::from(lb_common::snat::HAIRPIN_ADDR6);
+    // The dns port has one backend: asking it through the VIP is a hairpin.
+    let net = RoutedNetns::enter_dual(&[], &[DNS_BACKEND6]);
+    let query = Frame6::udp(DNS_BACKEND6, 40400, VIP6, 53)
+        .payload(b"q")
+        .build();
+    let run = f.run(&query);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    let out = verified6(&run.out);
+    assert_eq!((out.daddr, out.dport), (DNS_BACKEND6, 5353));
+    assert_eq!(
+        out.saddr, hairpin,
+        "source-NATed, so the answer comes back here"
+    );
+    assert!(out.sport >= lb_common::snat::PORT_MIN);
+    assert_routed6(&run, &net, DNS_BACKEND6);
+
+    let answer = Frame6::udp(DNS_BACKEND6, 5353, hairpin, out.sport)
+        .payload(b"a")
+        .build();
+    let run = f.run(&answer);
+    run.counted_as(stats::XLATE_REPLY);
+    let back = verified6(&run.out);
+    assert_eq!((back.saddr, back.sport), (VIP6, 53), "from the service");
+    assert_eq!(
+        (back.daddr, back.dport),
+        (DNS_BACKEND6, 40400),
+        "to the asking backend"
+    );
+    assert_routed6(&run, &net, DNS_BACKEND6);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_local_policy_keeps_the_client_address_and_uses_only_local_backends() {
+    let mut f = fixture();
+    let net = RoutedNetns::enter_dual(&[], &routed_neighbours());
+    let local_backend = Ipv6Addr::new(0xfd00, 0, 0x11, 0, 0, 0, 0, 2);
+    for sport in 40200..40215 {
+        let syn = Frame6::tcp(CLIENT6, sport, NODE_IP6, LOCAL_PORT6, tcp::SYN).build();
+        let run = f.run(&syn);
+        run.counted_as(stats::XLATE_NEW_FLOW);
+        let out = verified6(&run.out);
+        assert_eq!(
+            (out.saddr, out.sport),
+            (CLIENT6, sport),
+            "client address kept"
+        );
+        assert_eq!(out.daddr, local_backend, "only the local backend");
+        assert_routed6(&run, &net, local_backend);
+    }
+    let run = f.run(&Frame6::tcp(CLIENT6, 40300, NODE_IP6, NO_LOCAL_PORT6, tcp::SYN).build());
+    run.counted_as(stats::DROP_NO_LOCAL_BACKEND);
+    assert_eq!(run.action, TC_ACT_SHOT);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_host_network_backend_gets_its_flows_locally_and_its_replies_translated_at_egress() {
+    let mut f = fixture();
+    let syn = Frame6::tcp(CLIENT6, 40900, NODE_IP6, HOST_NETWORK_PORT6, tcp::SYN).build();
+    let run = f.run(&syn);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(run.action, TC_ACT_OK, "delivered by the stack, not routed");
+    let out = verified6(&run.out);
+    assert_eq!((out.saddr, out.sport), (CLIENT6, 40900), "no source NAT");
+    assert_eq!((out.daddr, out.dport), (NODE_IP6, 9090));
+
+    let reply = Frame6::tcp(NODE_IP6, 9090, CLIENT6, 40900, tcp::SYN | tcp::ACK).build();
+    let run = f.run_egress(&reply);
+    run.counted_as(stats::XLATE_REPLY);
+    assert_eq!(run.action, TC_ACT_OK);
+    let back = verified6(&run.out);
+    assert_eq!(
+        (back.saddr, back.sport),
+        (NODE_IP6, HOST_NETWORK_PORT6),
+        "from the NodePort"
+    );
+    assert_eq!((back.daddr, back.dport), (CLIENT6, 40900));
+
+    // Other traffic of the same process (no tracked flow) leaves untouched and uncounted.
+    let other = Frame6::tcp(NODE_IP6, 9090, OTHER6, 41000, tcp::ACK).build();
+    let run = f.run_egress(&other);
+    run.untouched(&other);
+    assert!(
+        run.counted.iter().all(|n| *n == 0),
+        "egress counts only what it translates"
+    );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_maglev_maps_a_flow_by_its_whole_tuple() {
+    let mut f = fixture();
+    // Clients differing in one 32-bit word of the address each, so the whole address must be
+    // hashed for every group to spread.
+    let tuples: Vec<(Ipv6Addr, u16)> = (0..400u16)
+        .map(|i| {
+            let mut seg = [0xfd00, 0, 1, 0, 0, 0, 0, 2];
+            seg[usize::from(i % 4) * 2 + 1] = 0x100 + i;
+            (Ipv6Addr::from(seg), 54000)
+        })
+        .collect();
+    let choose = |f: &mut Fixture, (client, sport): (Ipv6Addr, u16)| {
+        let (b, reason) = new_flow6(f, client, sport, MAGLEV_VIP6);
+        assert_eq!(reason, stats::XLATE_NEW_FLOW);
+        f.run(&Frame6::tcp(client, sport, MAGLEV_VIP6, 80, tcp::RST).build())
+            .counted_as(stats::XLATE_FORWARD);
+        b
+    };
+    let first: Vec<Ipv6Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
+    let again: Vec<Ipv6Addr> = tuples.iter().map(|t| choose(&mut f, *t)).collect();
+    assert_eq!(first, again, "a tuple maps to the same backend every time");
+    for word in 0..4 {
+        let used: BTreeSet<Ipv6Addr> = first.iter().skip(word).step_by(4).copied().collect();
+        assert!(
+            used.len() >= 8,
+            "clients differing in address word {word} spread over only {} backends",
+            used.len()
+        );
+    }
+}
+
+/// `frame` (an IPv6 frame as built, without extension headers) with the raw extension
+/// headers `exts` ((type, bytes) in order; each one's first byte, its next header, is filled
+/// in) inserted before the L4 header. The L4 checksum stays valid: the pseudo-header's length
+/// is the upper layer's, whatever precedes it.
+fn with_raw_ext(frame: &[u8], exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let (head, l4) = frame.split_at(14 + 40);
+    let mut out = head.to_vec();
+    let l4_type = out[14 + 6];
+    out[14 + 6] = exts[0].0;
+    for (i, (_, bytes)) in exts.iter().enumerate() {
+        let mut h = bytes.clone();
+        h[0] = exts.get(i + 1).map_or(l4_type, |e| e.0);
+        out.extend_from_slice(&h);
+    }
+    out.extend_from_slice(l4);
+    let payload_len = (out.len() - 14 - 40) as u16;
+    out[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out
+}
+
+/// The UDP ports and addresses of an output frame, its UDP checksum checked by etherparse
+/// (whose IPv6 parser walks authentication headers too).
+fn udp6_checked(frame: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("output is not IPv6")
+    };
+    let h = ip.header().to_header();
+    let Some(TransportSlice::Udp(u)) = p.transport else {
+        panic!("no UDP header found")
+    };
+    let want = u
+        .to_header()
+        .calc_checksum_ipv6(&h, u.payload())
+        .expect("udp checksum");
+    assert_eq!(u.checksum(), want, "UDP checksum");
+    (
+        h.source.into(),
+        u.source_port(),
+        h.destination.into(),
+        u.destination_port(),
+    )
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_extension_headers_of_every_length_rule_are_stepped_over() {
+    let mut f = fixture();
+    // A 16-byte hop-by-hop header (length in 8-byte units, less one: 1) and a 24-byte
+    // authentication header (length in 4-byte units, less two: 4): each sized by its own rule.
+    let mut hop = vec![0u8, 1, 1, 12];
+    hop.resize(16, 0);
+    let mut auth = vec![0u8, 4];
+    auth.resize(24, 0xa5);
+    let query = Frame6::udp(CLIENT6, 42100, VIP6, 53)
+        .payload(b"query")
+        .build();
+    let frame = with_raw_ext(
+        &query,
+        &[(proto6::HOP_BY_HOP, hop), (proto6::AUTH, auth.clone())],
+    );
+    let run = f.run(&frame);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(udp6_checked(&run.out), (CLIENT6, 42100, DNS_BACKEND6, 5353));
+    assert_eq!(
+        run.out[14 + 40 + 16..14 + 40 + 40],
+        frame[14 + 40 + 16..14 + 40 + 40],
+        "the headers are kept as they were"
+    );
+
+    // The authentication header first, then a destination options header.
+    let dest = vec![0u8, 0, 1, 4, 0, 0, 0, 0];
+    let frame = with_raw_ext(&query, &[(proto6::AUTH, auth), (proto6::DEST_OPTS, dest)]);
+    let frame = {
+        // Another client port: a new flow.
+        let mut f2 = frame;
+        let l4 = 14 + 40 + 24 + 8;
+        f2[l4..l4 + 2].copy_from_slice(&42101u16.to_be_bytes());
+        // The port is in the checksum: one's-complement adjust it by the change.
+        let old = u16::from_be_bytes([f2[l4 + 6], f2[l4 + 7]]);
+        let new =
+            lb_common::checksum::replace(old, &42100u16.to_be_bytes(), &42101u16.to_be_bytes());
+        f2[l4 + 6..l4 + 8].copy_from_slice(&new.to_be_bytes());
+        f2
+    };
+    let run = f.run(&frame);
+    run.counted_as(stats::XLATE_NEW_FLOW);
+    assert_eq!(udp6_checked(&run.out), (CLIENT6, 42101, DNS_BACKEND6, 5353));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_packets_not_safely_translatable_are_dropped_for_services_and_passed_otherwise() {
+    let mut f = fixture();
+    // A routing header with segments left: the VIP is not the final destination, and the L4
+    // checksum covers the final one. Not translated; for a service, dropped.
+    let routing = |segments_left: u8| {
+        let mut h = vec![0u8, 2, 0, segments_left, 0, 0, 0, 0];
+        h.extend_from_slice(&OTHER6.octets());
+        h
+    };
+    let syn = Frame6::tcp(CLIENT6, 46100, VIP6, 80, tcp::SYN).build();
+    let run = f.run(&with_raw_ext(&syn, &[(proto6::ROUTING, routing(1))]));
+    run.counted_as(stats::DROP_MALFORMED_L4);
+    // Segments left 0: the VIP is the final destination; translated.
+    let run = f.run(&with_raw_ext(&syn, &[(proto6::ROUTING, routing(0))]));
+    run.counted_as(stats::XLATE_NEW_FLOW);
+
+    // A later fragment whose fragmentable part began with destination options: behind its
+    // fragment header is data, never parsed as headers. Its ports are unknown: for a
+    // service, dropped.
+    let datagram = Frame6::udp(CLIENT6, 46101, VIP6, 53)
+        .ext(Ext6::DestOpts(vec![]))
+        .payload(&[3; 64])
+        .build();
+    let (_, later) = fragments6(&datagram, 32, 0x4321);
+    f.run(&later).counted_as(stats::DROP_FRAGMENT);
+
+    // No answer to a multicast source.
+    let query = Frame6::udp(
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        46102,
+        EMPTY_VIP6,
+        53,
+    )
+    .build();
+    let run = f.run(&query);
+    run.counted_as(stats::DROP_NO_BACKEND);
+    assert_eq!(run.action, TC_ACT_SHOT);
 }

@@ -114,13 +114,19 @@ impl Collector {
             .spawn(move || {
                 while !sleep_unless_stopped(&flag, every) {
                     let started = std::time::Instant::now();
-                    match collect(&mut ct4).and_then(|n| Ok(n + collect(&mut ct6)?)) {
-                        Ok(0) => {}
-                        Ok(n) => debug!(
-                            "conntrack: deleted {n} entries of finished flows in {:?}",
-                            started.elapsed()
-                        ),
-                        Err(e) => warn!("conntrack garbage collection failed: {e}"),
+                    // Each family on its own: a failure in one does not spare the other.
+                    for (name, result) in [
+                        (names::CONNTRACK, collect(&mut ct4)),
+                        (names::CONNTRACK6, collect(&mut ct6)),
+                    ] {
+                        match result {
+                            Ok(0) => {}
+                            Ok(n) => debug!(
+                                "{name}: deleted {n} entries of finished flows in {:?}",
+                                started.elapsed()
+                            ),
+                            Err(e) => warn!("{name}: garbage collection failed: {e}"),
+                        }
                     }
                 }
             })
