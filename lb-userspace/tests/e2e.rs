@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use lb_userspace::testbed::agent::{Agent, SyncInfo};
 use lb_userspace::testbed::bed::{self, FIRST_SYNC, MANIFEST, RESYNC};
 use lb_userspace::testbed::manifest::{
-    demo as demo_manifest, demo_dual, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6,
+    demo as demo_manifest, demo6, demo_dual, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6,
 };
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
@@ -986,5 +986,52 @@ fn ipv6_node_port_reaches_every_backend_source_nated_to_the_node() {
     assert_every_backend("IPv6 NodePort", &counts, &[1, 2, 3]);
     for (name, peer) in &answers {
         assert_eq!(peer.to_string(), node_ip6, "{name} saw the node (SNAT)");
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_path_mtu_discovery_works_through_a_cluster_ip() {
+    let bed = Bed::start(1, &demo6(&[1], None));
+    // As for IPv4, but IPv6 routers never fragment: the node's "packet too big" about
+    // client -> backend (from its egress) must reach the client as one about client -> VIP.
+    bed.topo
+        .node
+        .ip(&[
+            "link",
+            "set",
+            &bed.topo.backend(1).node_iface,
+            "mtu",
+            "1400",
+        ])
+        .expect("narrowing the node's backend link");
+    let line = "x".repeat(20_000);
+    let vip = SocketAddr::from((VIP6, TCP_PORT));
+    let echoed = bed.in_client(|| {
+        let mut s = TcpSession::connect(vip, CLIENT_TIMEOUT)?;
+        s.echo(&line)
+    });
+    let echoed = echoed.unwrap_or_else(|e| {
+        panic!("20 kB through a 1400-byte link did not come back ({e}): PMTU discovery failed")
+    });
+    assert_eq!(echoed, format!("{}: {line}", backend_name(1)));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
+    let bed = Bed::start(3, &demo6(&[1, 2, 3], None));
+    let payload = vec![b'f'; 4000];
+    let vip = SocketAddr::from((VIP6, UDP_PORT));
+    let answers: Vec<io::Result<String>> = bed.in_client(|| {
+        (0..10)
+            .map(|_| udp_exchange(vip, &payload, CLIENT_TIMEOUT))
+            .collect()
+    });
+    for answer in answers {
+        let answer = answer.unwrap_or_else(|e| panic!("a fragmented datagram got no answer: {e}"));
+        let (name, echoed) = answer.split_once(": ").expect("`<name>: <payload>`");
+        assert!(name.starts_with("backend-"), "answered by {name}");
+        assert_eq!(echoed.len(), payload.len(), "the whole datagram came back");
     }
 }
