@@ -1657,12 +1657,16 @@ impl Drop for RoutedNetns {
 }
 
 /// The output was routed by the datapath: redirected, addressed to `next_hop`'s MAC from
-/// lbr0's, with the TTL one lower than the test frames' 64.
-fn assert_routed(run: &Run, net: &RoutedNetns, next_hop: Ipv4Addr) {
+/// lbr0's, with the TTL (IPv6: hop limit) one lower than the test frames' 64.
+fn assert_routed(run: &Run, net: &RoutedNetns, next_hop: impl Into<IpAddr>) {
+    let (mac, ttl_off) = match next_hop.into() {
+        IpAddr::V4(a) => (neighbour_mac(a), 14 + 8),
+        IpAddr::V6(a) => (ipv6::neighbour_mac6(a), 14 + 7),
+    };
     assert_eq!(run.action, TC_ACT_REDIRECT, "routed packets are redirected");
-    assert_eq!(run.out[0..6], neighbour_mac(next_hop), "destination MAC");
+    assert_eq!(run.out[0..6], mac, "destination MAC");
     assert_eq!(run.out[6..12], net.lbr0_mac, "source MAC");
-    assert_eq!(run.out[14 + 8], 63, "TTL decremented");
+    assert_eq!(run.out[ttl_off], 63, "TTL or hop limit decremented");
 }
 
 #[test]

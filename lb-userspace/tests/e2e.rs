@@ -734,14 +734,13 @@ fn a_backend_reaching_its_own_service_gets_answers_through_hairpin_nat() {
     }
 }
 
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn path_mtu_discovery_works_through_a_cluster_ip() {
-    let bed = Bed::start(1, &manifest(&[1]));
-    // The node's side of the backend link is narrower than both ends think: the backend
-    // advertises an MSS for 1500 bytes, the node cannot forward more than 1400, and tells the
-    // client so with "fragmentation needed" about client -> backend, which only helps once
-    // translated to client -> VIP.
+/// One backend behind `manifest`'s ClusterIP `vip`:`TCP_PORT`, and the node's side of the
+/// backend link narrower than both ends think: the backend advertises an MSS for 1500 bytes,
+/// the node cannot forward more than 1400, and tells the client so ("fragmentation needed",
+/// IPv6's "packet too big") about client -> backend, which only helps once translated to
+/// client -> VIP. A 20 kB echo must come back.
+fn assert_path_mtu_discovery_works(manifest: &str, vip: std::net::IpAddr) {
+    let bed = Bed::start(1, manifest);
     bed.topo
         .node
         .ip(&[
@@ -753,8 +752,9 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
         ])
         .expect("narrowing the node's backend link");
     let line = "x".repeat(20_000);
+    let vip = SocketAddr::from((vip, TCP_PORT));
     let echoed = bed.in_client(|| {
-        let mut s = TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT)?;
+        let mut s = TcpSession::connect(vip, CLIENT_TIMEOUT)?;
         s.echo(&line)
     });
     let echoed = echoed.unwrap_or_else(|e| {
@@ -765,14 +765,27 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
-    let bed = Bed::start(3, &manifest(&[1, 2, 3]));
-    // 4000 bytes: the client's kernel sends three fragments, and the backend's answer (its
-    // name and the payload) comes back in three too.
+fn path_mtu_discovery_works_through_a_cluster_ip() {
+    assert_path_mtu_discovery_works(&manifest(&[1]), VIP.into());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_path_mtu_discovery_works_through_a_cluster_ip() {
+    // IPv6 routers never fragment, and the node's "packet too big" leaves through egress.
+    assert_path_mtu_discovery_works(&demo6(&[1], None), VIP6.into());
+}
+
+/// Three backends behind `manifest`'s ClusterIP `vip`:`UDP_PORT`: 4000-byte datagrams (the
+/// client's kernel sends three fragments, and the backend's answer, its name and the payload,
+/// comes back in three too) cross whole, both ways.
+fn assert_fragmented_udp_crosses(manifest: &str, vip: std::net::IpAddr) {
+    let bed = Bed::start(3, manifest);
     let payload = vec![b'f'; 4000];
+    let vip = SocketAddr::from((vip, UDP_PORT));
     let answers: Vec<io::Result<String>> = bed.in_client(|| {
         (0..10)
-            .map(|_| udp_exchange(udp_vip(), &payload, CLIENT_TIMEOUT))
+            .map(|_| udp_exchange(vip, &payload, CLIENT_TIMEOUT))
             .collect()
     });
     for answer in answers {
@@ -781,6 +794,18 @@ fn fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
         assert!(name.starts_with("backend-"), "answered by {name}");
         assert_eq!(echoed.len(), payload.len(), "the whole datagram came back");
     }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
+    assert_fragmented_udp_crosses(&manifest(&[1, 2, 3]), VIP.into());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn ipv6_fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
+    assert_fragmented_udp_crosses(&demo6(&[1, 2, 3], None), VIP6.into());
 }
 
 /// The packet count of counter `name` in an `lb-agent dump`.
@@ -986,52 +1011,5 @@ fn ipv6_node_port_reaches_every_backend_source_nated_to_the_node() {
     assert_every_backend("IPv6 NodePort", &counts, &[1, 2, 3]);
     for (name, peer) in &answers {
         assert_eq!(peer.to_string(), node_ip6, "{name} saw the node (SNAT)");
-    }
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn ipv6_path_mtu_discovery_works_through_a_cluster_ip() {
-    let bed = Bed::start(1, &demo6(&[1], None));
-    // As for IPv4, but IPv6 routers never fragment: the node's "packet too big" about
-    // client -> backend (from its egress) must reach the client as one about client -> VIP.
-    bed.topo
-        .node
-        .ip(&[
-            "link",
-            "set",
-            &bed.topo.backend(1).node_iface,
-            "mtu",
-            "1400",
-        ])
-        .expect("narrowing the node's backend link");
-    let line = "x".repeat(20_000);
-    let vip = SocketAddr::from((VIP6, TCP_PORT));
-    let echoed = bed.in_client(|| {
-        let mut s = TcpSession::connect(vip, CLIENT_TIMEOUT)?;
-        s.echo(&line)
-    });
-    let echoed = echoed.unwrap_or_else(|e| {
-        panic!("20 kB through a 1400-byte link did not come back ({e}): PMTU discovery failed")
-    });
-    assert_eq!(echoed, format!("{}: {line}", backend_name(1)));
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn ipv6_fragmented_udp_datagrams_cross_a_cluster_ip_both_ways() {
-    let bed = Bed::start(3, &demo6(&[1, 2, 3], None));
-    let payload = vec![b'f'; 4000];
-    let vip = SocketAddr::from((VIP6, UDP_PORT));
-    let answers: Vec<io::Result<String>> = bed.in_client(|| {
-        (0..10)
-            .map(|_| udp_exchange(vip, &payload, CLIENT_TIMEOUT))
-            .collect()
-    });
-    for answer in answers {
-        let answer = answer.unwrap_or_else(|e| panic!("a fragmented datagram got no answer: {e}"));
-        let (name, echoed) = answer.split_once(": ").expect("`<name>: <payload>`");
-        assert!(name.starts_with("backend-"), "answered by {name}");
-        assert_eq!(echoed.len(), payload.len(), "the whole datagram came back");
     }
 }

@@ -445,14 +445,6 @@ fn ipv6_client_ip_affinity_keeps_a_client_on_one_backend() {
     assert_eq!(seen.len(), 3, "clients spread over every backend: {seen:?}");
 }
 
-/// The output was routed: redirected to `next_hop`'s MAC from lbr0's, hop limit one lower.
-fn assert_routed6(run: &Run, net: &RoutedNetns, next_hop: Ipv6Addr) {
-    assert_eq!(run.action, TC_ACT_REDIRECT, "routed packets are redirected");
-    assert_eq!(run.out[0..6], neighbour_mac6(next_hop), "destination MAC");
-    assert_eq!(run.out[6..12], net.lbr0_mac, "source MAC");
-    assert_eq!(run.out[14 + 7], 63, "hop limit decremented");
-}
-
 fn routed_neighbours() -> Vec<Ipv6Addr> {
     let mut all = vec![CLIENT6];
     all.extend(backends6(3).iter().map(|e| match e.addr {
@@ -479,7 +471,7 @@ fn ipv6_node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
         "SNAT port {}",
         out.sport
     );
-    assert_routed6(&run, &net, out.daddr);
+    assert_routed(&run, &net, out.daddr);
 
     let reply = Frame6::tcp(out.daddr, 8080, NODE_IP6, out.sport, tcp::SYN | tcp::ACK).build();
     let run = f.run(&reply);
@@ -491,7 +483,7 @@ fn ipv6_node_port_flows_are_source_nated_to_the_node_and_routed_both_ways() {
         "from the NodePort"
     );
     assert_eq!((back.daddr, back.dport), (CLIENT6, 40100), "to the client");
-    assert_routed6(&run, &net, CLIENT6);
+    assert_routed(&run, &net, CLIENT6);
 
     // The XDP fast path takes the next flow when lbr0 is an XDP target.
     // SAFETY: a NUL-terminated name.
@@ -645,7 +637,7 @@ fn ipv6_a_backend_reaching_itself_is_source_nated_to_the_hairpin_address() {
         "source-NATed, so the answer comes back here"
     );
     assert!(out.sport >= lb_common::snat::PORT_MIN);
-    assert_routed6(&run, &net, DNS_BACKEND6);
+    assert_routed(&run, &net, DNS_BACKEND6);
 
     let answer = Frame6::udp(DNS_BACKEND6, 5353, hairpin, out.sport)
         .payload(b"a")
@@ -659,7 +651,7 @@ fn ipv6_a_backend_reaching_itself_is_source_nated_to_the_hairpin_address() {
         (DNS_BACKEND6, 40400),
         "to the asking backend"
     );
-    assert_routed6(&run, &net, DNS_BACKEND6);
+    assert_routed(&run, &net, DNS_BACKEND6);
 }
 
 #[test]
@@ -679,7 +671,7 @@ fn ipv6_local_policy_keeps_the_client_address_and_uses_only_local_backends() {
             "client address kept"
         );
         assert_eq!(out.daddr, local_backend, "only the local backend");
-        assert_routed6(&run, &net, local_backend);
+        assert_routed(&run, &net, local_backend);
     }
     let run = f.run(&Frame6::tcp(CLIENT6, 40300, NODE_IP6, NO_LOCAL_PORT6, tcp::SYN).build());
     run.counted_as(stats::DROP_NO_LOCAL_BACKEND);
