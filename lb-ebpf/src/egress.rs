@@ -18,7 +18,7 @@ use crate::{
     conntrack::{self, Lookup},
     family::{Family, V4Family, V6Family},
     fragment, icmp,
-    parse::{ptr_at, Head, Kind, Packet},
+    parse::{self, ptr_at, Head, Kind, Packet},
     service, Verdict, UNCOUNTED,
 };
 
@@ -30,8 +30,7 @@ const NOT_OURS: Verdict = Verdict {
 
 #[inline(always)]
 pub fn try_egress(ctx: &TcContext) -> Verdict {
-    // SAFETY: `ptr_at` checks bounds; a plain load.
-    let Some(ether_type) = ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
+    let Some(ether_type) = parse::ether_type(ctx) else {
         return NOT_OURS;
     };
     if ether_type == V4Family::ETH_P_BE {

@@ -103,6 +103,14 @@ pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// The frame's EtherType as it lies in the frame (network order, read natively: compare with
+/// `Family::ETH_P_BE`), if the frame has one. Every entry point picks the family by it.
+#[inline(always)]
+pub fn ether_type(ctx: &impl Frame) -> Option<u16> {
+    // SAFETY: `ptr_at` checks bounds; a plain load.
+    ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p })
+}
+
 /// What parsing found (`Parsed::kind`); the datapath decides from this.
 #[repr(u8)]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]

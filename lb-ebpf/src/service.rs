@@ -38,8 +38,7 @@ pub fn try_ingress(ctx: &TcContext) -> Verdict {
         action: action::OK,
         reason: PASS_NOT_IP,
     };
-    // SAFETY: `ptr_at` checks bounds; a plain load.
-    let Some(ether_type) = parse::ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
+    let Some(ether_type) = parse::ether_type(ctx) else {
         return not_ip;
     };
     if ether_type == V4Family::ETH_P_BE {

@@ -47,8 +47,7 @@ const TO_TC: Verdict = Verdict {
 /// The XDP action (in `Verdict::action`) and the reason to count.
 #[inline(always)]
 pub fn try_xdp(ctx: &XdpContext) -> Verdict {
-    // SAFETY: `ptr_at` checks bounds; a plain load.
-    let Some(ether_type) = ptr_at::<u16>(ctx, 12).map(|p| unsafe { *p }) else {
+    let Some(ether_type) = parse::ether_type(ctx) else {
         return TO_TC;
     };
     if ether_type == V4Family::ETH_P_BE {
