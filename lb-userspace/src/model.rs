@@ -178,6 +178,19 @@ pub struct DesiredState {
     /// This node's addresses, of both families: endpoints at one of them are hostNetwork
     /// endpoints, reached by local delivery.
     pub node_addrs: BTreeSet<IpAddr>,
+    /// The health-check node ports to serve, as kube-proxy does for every LoadBalancer
+    /// service with externalTrafficPolicy Local (`spec.healthCheckNodePort`).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a health-check node port answers for: one service, and how many of its endpoints
+/// are ready on this node (distinct addresses over all its ports; terminating ones do not
+/// count). Load balancers send traffic to the node only while that is above zero.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -4,8 +4,25 @@
 pub mod manifest_dir;
 
 use std::fmt;
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use std::path::PathBuf;
 use std::str::FromStr;
+
+/// One consistent view of everything the model reads, whichever source it comes from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    /// Every Service, sorted by namespace and name.
+    pub services: Vec<Service>,
+    /// Every EndpointSlice, sorted by namespace and name.
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// This node's own Node object, when the source has it: its zone label
+    /// (`topology.kubernetes.io/zone`) is what topology-aware routing compares hints with.
+    pub node: Option<Node>,
+}
 
 /// Where the agent reads Services and EndpointSlices from (`--source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
