@@ -259,6 +259,8 @@ impl std::fmt::Display for Frontend {
 pub enum ObjectKind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: its `ObjectRef` has an empty namespace.
+    Node,
 }
 
 impl ObjectKind {
@@ -267,7 +269,13 @@ impl ObjectKind {
         match self {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
         }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        self != ObjectKind::Node
     }
 
     /// The `apiVersion` this agent reads the kind in.
@@ -275,6 +283,7 @@ impl ObjectKind {
         match self {
             ObjectKind::Service => "v1",
             ObjectKind::EndpointSlice => "discovery.k8s.io/v1",
+            ObjectKind::Node => "v1",
         }
     }
 }
@@ -294,11 +303,15 @@ pub struct ObjectRef {
 }
 
 impl ObjectRef {
-    /// The object `meta` describes; an absent or empty namespace is `default`.
+    /// The object `meta` describes; an absent or empty namespace is `default` (for kinds
+    /// that have namespaces).
     pub fn new(kind: ObjectKind, meta: &ObjectMeta) -> ObjectRef {
         ObjectRef {
             kind,
-            namespace: namespace_of(meta).to_owned(),
+            namespace: match kind.namespaced() {
+                true => namespace_of(meta).to_owned(),
+                false => String::new(),
+            },
             name: meta.name.clone().unwrap_or_default(),
         }
     }
@@ -306,7 +319,10 @@ impl ObjectRef {
 
 impl std::fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        match self.kind.namespaced() {
+            true => write!(f, "{} {}/{}", self.kind, self.namespace, self.name),
+            false => write!(f, "{} {}", self.kind, self.name),
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! Every `.yaml`, `.yml` and `.json` file under PATH is read, recursively; hidden files and
 //! directories (names starting with `.`) and editor leftovers (`~`, `.swp`) are not. A file may
 //! hold several YAML documents, and a document may be a List, exactly as
-//! `kubectl get svc,endpointslices -A -o yaml` prints one. Kinds other than `Service` (v1) and
-//! `EndpointSlice` (discovery.k8s.io/v1) are ignored.
+//! `kubectl get svc,endpointslices -A -o yaml` prints one. Kinds other than `Service` (v1),
+//! `EndpointSlice` (discovery.k8s.io/v1) and `Node` (v1: the agent reads its own node's zone
+//! label from it, as from the API server) are ignored.
 //!
 //! It loses nothing: a broken file or object never stops the others from loading, and an object
 //! that was good is served in its last good version while its definition, or its whole file, is
@@ -27,7 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::de::DeserializeOwned;
@@ -58,11 +59,12 @@ pub struct Scan {
     pub services: Vec<Service>,
     /// Every EndpointSlice, sorted by namespace and name.
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// Every Node, sorted by name.
+    pub nodes: Vec<Node>,
     /// Every problem in the directory now, including those in files this scan had no need to
     /// re-read, in path order. Compare with the previous scan's to report only what is new.
     pub errors: Vec<ManifestError>,
-    /// Whether `services` or `endpoint_slices` differ from the previous scan's (always true
-    /// for the first scan).
+    /// Whether any object differs from the previous scan's (always true for the first scan).
     pub changed: bool,
     /// How many files this scan read; the others had not changed.
     pub files_read: usize,
@@ -290,6 +292,7 @@ impl ManifestDir {
                 Object::EndpointSlice(slice) => {
                     scan.endpoint_slices.push(EndpointSlice::clone(slice))
                 }
+                Object::Node(node) => scan.nodes.push(Node::clone(node)),
             }
         }
         scan
@@ -317,6 +320,7 @@ fn check_dir(path: &Path) -> Result<(), DirError> {
 enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 /// An object and where it is defined.
@@ -604,6 +608,7 @@ impl Loader<'_> {
         let kind = match kind {
             "Service" => ObjectKind::Service,
             "EndpointSlice" => ObjectKind::EndpointSlice,
+            "Node" => ObjectKind::Node,
             other => {
                 log::debug!("{location}: ignoring a {other}");
                 return;
@@ -623,6 +628,7 @@ impl Loader<'_> {
             .and_then(Value::as_str)
             .filter(|namespace| !namespace.is_empty())
             .unwrap_or(DEFAULT_NAMESPACE);
+        let namespace = if kind.namespaced() { namespace } else { "" };
         let key = ObjectRef {
             kind,
             namespace: namespace.to_owned(),
@@ -638,7 +644,9 @@ impl Loader<'_> {
             object.insert("apiVersion".into(), kind.api_version().into());
             object.insert("kind".into(), kind.as_str().into());
             if let Some(Value::Mapping(metadata)) = object.get_mut("metadata") {
-                metadata.insert("namespace".into(), key.namespace.as_str().into());
+                if kind.namespaced() {
+                    metadata.insert("namespace".into(), key.namespace.as_str().into());
+                }
             }
             convert(kind, object)
         } else {
@@ -690,6 +698,7 @@ fn convert(kind: ObjectKind, object: Mapping) -> Result<Object, String> {
     match kind {
         ObjectKind::Service => typed(&object).map(|s| Object::Service(Box::new(s))),
         ObjectKind::EndpointSlice => typed(&object).map(|s| Object::EndpointSlice(Box::new(s))),
+        ObjectKind::Node => typed(&object).map(|n| Object::Node(Box::new(n))),
     }
 }
 

@@ -658,3 +658,39 @@ async fn watcher_signals_changes() {
         "a scan's own reads were reported as a change"
     );
 }
+
+#[test]
+fn node_objects_are_read_without_a_namespace() {
+    let dir = TestDir::new("node");
+    dir.write(
+        "nodes.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels:\n    topology.kubernetes.io/zone: zone-1\n\
+         ---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n  namespace: ignored\n\
+         ---\napiVersion: v2\nkind: Node\nmetadata:\n  name: node-c\n",
+    );
+    let scan = dir.source().scan();
+    let nodes: Vec<_> = (scan.nodes.iter())
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap(),
+                n.metadata.namespace.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("node-a".to_owned(), None),
+            ("node-b".to_owned(), Some("ignored".to_owned()))
+        ],
+        "nodes are cluster-scoped: no namespace is filled in, and a stray one does not key them"
+    );
+    let zone = scan.nodes[0].metadata.labels.as_ref().unwrap();
+    assert_eq!(zone["topology.kubernetes.io/zone"], "zone-1");
+    let errors: Vec<String> = scan.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("Node node-c") && errors[0].contains("apiVersion \"v2\""),
+        "{errors:?}"
+    );
+}
