@@ -8,6 +8,7 @@
 //! the demo and the benchmarks.
 
 pub mod dataplane;
+pub mod host;
 pub mod model;
 pub mod source;
 pub mod testbed;

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bed;
+pub mod http;
 pub mod manifest;
 pub mod netns;
 pub mod packet;
