@@ -2,28 +2,31 @@
 //! EndpointSlices and keeps it in step with them; `dump` shows what the datapath holds.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use log::{error, info, warn};
+use log::{info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
-    dataplane::{
-        ebpf::{conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
-        Dataplane,
+    dataplane::ebpf::{
+        conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR,
     },
     host::{node_addresses, node_name_from_environment, warn_if_ephemeral_ports_overlap_snat},
     model,
-    source::{
+    serve::{
         self,
-        manifest_dir::{ManifestDir, ManifestError},
-        Source,
+        health::{serve_proxier_health, ProxierHealth},
+        metrics::{serve_metrics, Metrics},
+        service_health::ServiceHealthServers,
     },
+    source::{self, kube::KubeSource, manifest_dir::ManifestDir, Source},
+    sync::{Feed, Observers, Syncer},
 };
 
 #[derive(Parser)]
@@ -51,7 +54,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Where Services and EndpointSlices come from: `dir:PATH` (YAML/JSON manifests, watched).
+    /// Where Services and EndpointSlices come from: `kube` (the API server: in-cluster, or
+    /// `--kubeconfig`), or `dir:PATH` (YAML/JSON manifests, watched).
     #[arg(long)]
     source: String,
     /// Interface to attach the datapath to at tc ingress (repeatable): every interface that
@@ -95,9 +99,25 @@ struct RunArgs {
     /// IPv6's (default fd00:a9fe:2a01::1).
     #[arg(long = "hairpin-ip")]
     hairpin_ips: Vec<IpAddr>,
-    /// Full rescan period in seconds, as a safety net behind file notifications.
+    /// Full resync period in seconds, as a safety net behind change notifications
+    /// (kube-proxy's `--iptables-sync-period`). `/healthz` fails when a change waits longer
+    /// than twice this.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// The shortest time between two syncs: changes arriving within it of the last sync wait
+    /// for its end and are applied together (kube-proxy's `--iptables-min-sync-period`). A
+    /// change after a quiet spell is applied at once. E.g. `1s`, `250ms`, `0s`.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_sync_period: Duration,
+    /// kubeconfig file for `--source kube`; without it, the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Where to serve `/healthz` and `/livez` (kube-proxy's address); `off` for nowhere.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind_address)]
+    healthz_bind_address: Option<SocketAddr>,
+    /// Where to serve Prometheus `/metrics` (kube-proxy's address); `off` for nowhere.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
+    metrics_bind_address: Option<SocketAddr>,
     /// cgroup v2 directory to attach the socket programs to, which balance connections made
     /// by processes on this node (those in the directory and below, and only in the agent's
     /// network namespace). Default: the cgroup2 root, found in /proc/self/mountinfo.
@@ -160,78 +180,11 @@ fn attach_socket_lb(dataplane: &mut EbpfDataplane, cgroup: Option<&std::path::Pa
 /// How soon a failed apply is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
-/// Owns the dataplane and applies every change to it, one at a time.
-struct Syncer {
-    dir: ManifestDir,
-    dataplane: EbpfDataplane,
-    node: model::Node,
-    generation: u64,
-    /// The manifest errors last reported: a standing error is logged once, not every scan.
-    reported_errors: Vec<ManifestError>,
-    /// Whether the "no endpoint is on this node" warning was given.
-    warned_node_name: bool,
-}
-
-impl Syncer {
-    /// Warns, once, when endpoints are placed on nodes but none on this one by name: the
-    /// likeliest cause is a wrong node name, under which externalTrafficPolicy Local finds no
-    /// local endpoints and drops every external packet.
-    fn check_node_name(&mut self, slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]) {
-        let Some(name) = self.node.name.as_deref() else {
-            return;
-        };
-        let placed: Vec<&str> = slices
-            .iter()
-            .flat_map(|s| &s.endpoints)
-            .filter_map(|e| e.node_name.as_deref())
-            .collect();
-        if !self.warned_node_name && !placed.is_empty() && !placed.contains(&name) {
-            warn!(
-                "no endpoint is on node {name:?} (they name nodes such as {:?}); if this node is one of them, set --node-name or NODE_NAME, or externalTrafficPolicy: Local services drop all their external traffic here",
-                placed[0]
-            );
-            self.warned_node_name = true;
-        }
-    }
-
-    /// Rescans the source and, if anything changed, applies the new desired state.
-    fn sync(&mut self) {
-        let started = std::time::Instant::now();
-        let scan = self.dir.scan();
-        if scan.errors != self.reported_errors {
-            for e in &scan.errors {
-                error!("{e}");
-            }
-            self.reported_errors = scan.errors.clone();
-        }
-        if !scan.changed && self.generation > 0 && !self.dataplane.needs_retry() {
-            return;
-        }
-        let (desired, warnings) = model::build(&scan.services, &scan.endpoint_slices, &self.node);
-        for w in &warnings {
-            warn!("{w}");
-        }
-        self.check_node_name(&scan.endpoint_slices);
-        match self.dataplane.apply(&desired) {
-            Ok(r) => {
-                self.generation += 1;
-                info!(
-                    "synced generation={} service_ports={} backends={} writes={} deletes={} in {:?}",
-                    self.generation,
-                    r.service_ports,
-                    r.backends,
-                    r.writes,
-                    r.deletes,
-                    started.elapsed()
-                );
-            }
-            Err(e) => error!("applying the desired state failed: {e:#}"),
-        }
-    }
-}
+/// How long a directory change is left to settle: editors write a file in several steps.
+const DIR_SETTLE: Duration = Duration::from_millis(20);
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Source::Dir(path) = args.source.parse::<Source>()?;
+    let source = args.source.parse::<Source>()?;
     let (hairpin_addr, hairpin_addr6) = hairpin_addrs(&args.hairpin_ips)?;
     let node = model::Node {
         service_proxy_name: args.service_proxy_name,
@@ -241,12 +194,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         } else {
             args.node_ips
         },
+        ..model::Node::default()
     };
     info!(
         "node {}: NodePorts on {:?}",
         node.name.as_deref().unwrap_or("<unnamed>"),
         node.addrs
     );
+    let resync_every = Duration::from_secs(args.resync_seconds.max(1));
+
+    // The servers first: a port another proxy holds is a startup error, not a surprise later.
+    // kube-proxy counts itself unhealthy when a change waits longer than twice its sync period.
+    let health = ProxierHealth::new(2 * resync_every);
+    if let Some(addr) = args.healthz_bind_address {
+        let listener = serve::listen(addr, "health checks (/healthz, /livez)").await?;
+        info!("serving /healthz and /livez on {addr}");
+        tokio::spawn(serve_proxier_health(listener, health.clone()));
+    }
+    let mut metrics = Metrics::new();
+    let metrics_listener = match args.metrics_bind_address {
+        Some(addr) => Some((addr, serve::listen(addr, "metrics").await?)),
+        None => None,
+    };
+
     let options = LoadOptions {
         hairpin_addr,
         hairpin_addr6,
@@ -272,35 +242,78 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         attach_socket_lb(&mut dataplane, args.cgroup.as_deref());
     }
     info!("maps pinned under {}", args.bpffs.display());
-    let (_watcher, mut changes) = source::manifest_dir::watch(&path)
-        .with_context(|| format!("watching {}", path.display()))?;
-    let mut syncer = Syncer {
-        dir: ManifestDir::new(&path)?,
-        dataplane,
-        node,
-        generation: 0,
-        warned_node_name: false,
-        reported_errors: Vec::new(),
-    };
-    syncer.sync();
+
+    register_datapath_counters(&mut metrics, &args.bpffs)?;
+    let metrics = Arc::new(metrics);
+    if let Some((addr, listener)) = metrics_listener {
+        info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, metrics.clone()));
+    }
+    let gc_metrics = metrics.clone();
+    let conntrack_gc = conntrack_gc::Collector::spawn(
+        &args.bpffs,
+        CONNTRACK_GC_EVERY,
+        conntrack_gauge(move |entries| gc_metrics.set_conntrack_entries(entries)),
+    )
+    .context("starting conntrack garbage collection")?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
+    let (feed, mut changes, settle) = match source {
+        Source::Dir(path) => {
+            let (watcher, changes) = source::manifest_dir::watch(&path)
+                .with_context(|| format!("watching {}", path.display()))?;
+            let feed = Feed::dir(ManifestDir::new(&path)?);
+            (feed, changes, (Some(watcher), DIR_SETTLE))
+        }
+        Source::Kube { kubeconfig } => {
+            let kubeconfig = kubeconfig.or(args.kubeconfig);
+            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            let (kube, changes) = KubeSource::start(client, node.name.as_deref());
+            info!("waiting for the API server's Services, EndpointSlices and Node to be listed");
+            tokio::select! {
+                ready = kube.ready() => ready?,
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+            }
+            info!("caches ready");
+            (Feed::Kube(kube), changes, (None, Duration::ZERO))
+        }
+    };
+    let (_watcher, settle) = settle;
+    let observers = Observers {
+        service_health: ServiceHealthServers::new(health.clone()),
+        health,
+        metrics,
+    };
+    let mut syncer = Syncer::new(feed, dataplane, node, observers);
+    syncer.sync();
+
+    let min_sync_period = args.min_sync_period;
+    let mut resync = tokio::time::interval(resync_every);
     resync.tick().await;
-    let conntrack_gc = conntrack_gc::Collector::spawn(&args.bpffs, CONNTRACK_GC_EVERY)
-        .context("starting conntrack garbage collection")?;
+    // Set while a change waits for its turn (see `sync` on coalescing).
+    let mut pending: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
-                // Editors write a file in several steps: let the burst settle, then sync once.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                syncer.queued();
+                let allowed = syncer.next_sync_allowed(min_sync_period);
+                let at = allowed.max(std::time::Instant::now() + settle);
+                pending.get_or_insert(tokio::time::Instant::from_std(at));
+            }
+            _ = tokio::time::sleep_until(pending.unwrap_or_else(tokio::time::Instant::now)), if pending.is_some() => {
+                pending = None;
                 while changes.try_recv().is_ok() {}
                 syncer.sync();
             }
-            _ = resync.tick() => syncer.sync(),
+            _ = resync.tick() => {
+                syncer.sync();
+            }
             // A failed apply (a full map, say) is retried soon, not only at the next resync.
-            _ = tokio::time::sleep(RETRY_AFTER), if syncer.dataplane.needs_retry() => syncer.sync(),
+            _ = tokio::time::sleep(RETRY_AFTER), if syncer.needs_retry() => {
+                syncer.sync();
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -323,6 +336,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Exposes the datapath's and socket programs' counters, read from their pinned maps at
+/// every scrape.
+fn register_datapath_counters(metrics: &mut Metrics, bpffs: &Path) -> anyhow::Result<()> {
+    let stats = inspect::open_counters(bpffs)?;
+    metrics.register_datapath_counters(move || inspect::sum_counters(&stats));
+    let sock_stats = inspect::open_sock_counters(bpffs)?;
+    metrics.register_socket_counters(move || inspect::sum_sock_counters(&sock_stats));
+    Ok(())
+}
+
+/// Adds up the two families' conntrack entries, as each family's pass reports them.
+fn conntrack_gauge(
+    set: impl Fn(usize) + Send + 'static,
+) -> impl Fn(&'static str, conntrack_gc::Sweep) + Send + 'static {
+    let by_map = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    move |map, sweep| {
+        let mut by_map = by_map.lock().unwrap_or_else(|e| e.into_inner());
+        by_map.insert(map, sweep.remaining);
+        set(by_map.values().sum());
+    }
+}
+
+/// `1s`, `250ms`, `0s`: a duration as kube-proxy's flags take the common cases.
+fn parse_duration(arg: &str) -> Result<Duration, String> {
+    let bad = || format!("{arg:?} is not a duration such as 1s or 250ms");
+    let (number, unit) = match arg.strip_suffix("ms") {
+        Some(n) => (n, Duration::from_millis(1)),
+        None => (arg.strip_suffix('s').ok_or_else(bad)?, Duration::from_secs(1)),
+    };
+    let n: u32 = number.parse().map_err(|_| bad())?;
+    Ok(unit * n)
+}
+
+/// An address to listen on, or `off`.
+fn parse_bind_address(arg: &str) -> Result<Option<SocketAddr>, String> {
+    match arg {
+        "off" | "" => Ok(None),
+        _ => arg.parse().map(Some).map_err(|_| {
+            format!("{arg:?} is not an address and port such as 0.0.0.0:10256, or off")
+        }),
+    }
 }
 
 /// The hairpin addresses of both families: those given (`--hairpin-ip`, at most one per

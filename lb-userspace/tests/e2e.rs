@@ -1013,3 +1013,181 @@ fn ipv6_node_port_reaches_every_backend_source_nated_to_the_node() {
         assert_eq!(peer.to_string(), node_ip6, "{name} saw the node (SNAT)");
     }
 }
+
+/// The health-check node port of [`health_checked_manifest`].
+const HEALTH_CHECK_PORT: u16 = 32100;
+
+/// How an endpoint of [`health_checked_manifest`] stands.
+#[derive(Clone, Copy)]
+enum Standing {
+    Ready,
+    /// Being deleted but still serving: used only when nothing is ready.
+    Terminating,
+}
+
+/// A LoadBalancer service with externalTrafficPolicy `policy` and a health-check node port
+/// (NodePort 30090), with `endpoints`: (backend, node it runs on, standing). Its slice carries
+/// the trigger-time annotation the EndpointSlice controller writes, set to now.
+fn health_checked_manifest(policy: &str, endpoints: &[(usize, &str, Standing)]) -> String {
+    use lb_userspace::testbed::topology::backend_ip;
+    let endpoints: String = endpoints
+        .iter()
+        .map(|&(i, node, standing)| {
+            let conditions = match standing {
+                Standing::Ready => "{ready: true, serving: true, terminating: false}",
+                Standing::Terminating => "{ready: false, serving: true, terminating: true}",
+            };
+            format!(
+                "  - {{addresses: [\"{}\"], nodeName: {node}, conditions: {conditions}}}\n",
+                backend_ip(i)
+            )
+        })
+        .collect();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata: {{name: checked, namespace: default}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: {policy}
+  healthCheckNodePort: {HEALTH_CHECK_PORT}
+  clusterIP: 10.96.0.40
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: {TCP_TARGET}, nodePort: 30090}}]
+status: {{loadBalancer: {{ingress: [{{ip: \"{LB_IP}\"}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: checked-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: checked}}
+  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{now}\"}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: {TCP_TARGET}}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+/// What the health-check node port answers the client: status, the local endpoint count in
+/// the body, and the weight header kube-proxy sends.
+fn health_check(bed: &Bed) -> io::Result<(u16, u64, String)> {
+    use lb_userspace::testbed::http;
+    let addr = SocketAddr::from((NODE_IP, HEALTH_CHECK_PORT));
+    let answer = bed.in_client(move || http::get(addr, "/", CLIENT_TIMEOUT))?;
+    let body: serde_json::Value = serde_json::from_str(&answer.body)
+        .unwrap_or_else(|e| panic!("health check body {:?}: {e}", answer.body));
+    assert_eq!(
+        body["service"],
+        serde_json::json!({"namespace": "default", "name": "checked"}),
+        "{body}"
+    );
+    let count = body["localEndpoints"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no localEndpoints in {body}"));
+    let weight = answer
+        .header("X-Load-Balancing-Endpoint-Weight")
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(weight, count.to_string(), "weight header and body agree");
+    Ok((answer.status, count, weight))
+}
+
+/// A metric's value on the metrics page: the sum of every sample whose name and labels start
+/// with `series` (e.g. `lbagent_datapath_packets_total{verdict="xlate",reason="xlate_new_flow"`).
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
+fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
+    use lb_userspace::testbed::http;
+    use Standing::{Ready, Terminating};
+    let node_ip = NODE_IP.to_string();
+    let mut bed = Bed::start_with(
+        3,
+        &health_checked_manifest("Local", &[(1, NODE_NAME, Ready), (2, "elsewhere", Ready)]),
+        &[
+            "--node-ip",
+            &node_ip,
+            "--metrics-bind-address",
+            "0.0.0.0:10249",
+        ],
+    );
+    let (status, count, _) = health_check(&bed).expect("asking the health-check node port");
+    assert_eq!((status, count), (200, 1), "one local endpoint");
+
+    bed.rewrite(health_checked_manifest(
+        "Local",
+        &[(1, NODE_NAME, Ready), (3, NODE_NAME, Ready), (2, "elsewhere", Ready)],
+    ));
+    let (status, count, _) = health_check(&bed).unwrap();
+    assert_eq!((status, count), (200, 2), "two local endpoints");
+
+    // The local endpoint terminates while another node's is ready: the node must leave the
+    // load balancer (503, count 0: terminating endpoints do not count), while the flows that
+    // still arrive keep being served by the terminating endpoint, as kube-proxy does.
+    bed.rewrite(health_checked_manifest(
+        "Local",
+        &[(1, NODE_NAME, Terminating), (2, "elsewhere", Ready)],
+    ));
+    let (status, count, _) = health_check(&bed).unwrap();
+    assert_eq!((status, count), (503, 0), "only a terminating local endpoint");
+    let node_port = SocketAddr::from((NODE_IP, 30090));
+    for (name, peer) in names_and_peers(&bed, node_port, 5) {
+        assert_eq!(name, backend_name(1), "the terminating local endpoint serves");
+        assert_eq!(peer.to_string(), "10.0.1.2", "client address kept (Local)");
+    }
+
+    bed.rewrite(health_checked_manifest("Local", &[(2, "elsewhere", Ready)]));
+    let (status, count, _) = health_check(&bed).unwrap();
+    assert_eq!((status, count), (503, 0), "no local endpoint");
+
+    // Policy Cluster needs no health check: the port closes.
+    bed.rewrite(health_checked_manifest("Cluster", &[(2, "elsewhere", Ready)]));
+    match health_check(&bed) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        other => panic!("the health-check port of a Cluster-policy service: {other:?}"),
+    }
+
+    // The proxy's own health, on kube-proxy's port.
+    for path in ["/healthz", "/livez"] {
+        let addr = SocketAddr::from((NODE_IP, 10256));
+        let answer = bed
+            .in_client(move || http::get(addr, path, CLIENT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+        assert!(answer.body.contains("lastUpdated"), "{path}: {}", answer.body);
+    }
+
+    // Metrics: syncs, programming latency from the slices' trigger times, and the datapath's
+    // counters (the connections above were new flows to an external frontend).
+    let addr = SocketAddr::from((NODE_IP, 10249));
+    let page = bed
+        .in_client(move || http::get(addr, "/metrics", CLIENT_TIMEOUT))
+        .expect("scraping the metrics");
+    assert_eq!(page.status, 200);
+    let page = page.body;
+    let syncs = metric(&page, "lbagent_sync_proxy_rules_duration_seconds_count");
+    assert!(syncs >= 6.0, "six applies at least, got {syncs}:\n{page}");
+    let programmed = metric(&page, "lbagent_network_programming_duration_seconds_count");
+    assert!(
+        programmed >= 4.0,
+        "each rewrite's trigger time observed, got {programmed}:\n{page}"
+    );
+    let new_flows = metric(
+        &page,
+        "lbagent_datapath_packets_total{verdict=\"xlate\",reason=\"xlate_new_flow\"",
+    );
+    assert!(new_flows >= 5.0, "new flows counted, got {new_flows}:\n{page}");
+    assert!(
+        metric(&page, "lbagent_service_ports") >= 1.0,
+        "service ports gauge:\n{page}"
+    );
+}

@@ -22,11 +22,20 @@ use log::{debug, warn};
 
 use super::monotonic_ns;
 
+/// What one pass over a conntrack map found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries deleted: flows that were over.
+    pub deleted: usize,
+    /// Entries left (two per tracked flow, one per direction), as of the pass.
+    pub remaining: usize,
+}
+
 /// Deletes the entries of flows that are over (`conntrack::flow_over`, plus the SNAT port
-/// hold), both entries of a flow together, and returns how many.
+/// hold), both entries of a flow together, and says how many went and how many are left.
 pub fn collect<T: BorrowMut<MapData>, A: Addr>(
     ct: &mut HashMap<T, CtKey<A>, CtEntry<A>>,
-) -> Result<usize, MapError>
+) -> Result<Sweep, MapError>
 where
     CtKey<A>: Pod,
     CtEntry<A>: Pod,
@@ -70,7 +79,10 @@ where
             }
         }
     }
-    Ok(deleted)
+    Ok(Sweep {
+        deleted,
+        remaining: entries.len().saturating_sub(deleted),
+    })
 }
 
 /// The entry of `e`'s other direction, if it is really `e`'s: a tuple reused by a new flow
@@ -103,8 +115,13 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Collects the CONNTRACK and CONNTRACK6 maps pinned under `pin_dir` every `every`.
-    pub fn spawn(pin_dir: &Path, every: Duration) -> Result<Collector, MapError> {
+    /// Collects the CONNTRACK and CONNTRACK6 maps pinned under `pin_dir` every `every`, and
+    /// tells `on_sweep` what each pass of each map (named) found.
+    pub fn spawn(
+        pin_dir: &Path,
+        every: Duration,
+        on_sweep: impl Fn(&'static str, Sweep) + Send + 'static,
+    ) -> Result<Collector, MapError> {
         let mut ct4: HashMap<MapData, CtKey<V4>, CtEntry<V4>> = open(pin_dir, names::CONNTRACK)?;
         let mut ct6: HashMap<MapData, CtKey<V6>, CtEntry<V6>> = open(pin_dir, names::CONNTRACK6)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -120,11 +137,16 @@ impl Collector {
                         (names::CONNTRACK6, collect(&mut ct6)),
                     ] {
                         match result {
-                            Ok(0) => {}
-                            Ok(n) => debug!(
-                                "{name}: deleted {n} entries of finished flows in {:?}",
-                                started.elapsed()
-                            ),
+                            Ok(sweep) => {
+                                if sweep.deleted > 0 {
+                                    debug!(
+                                        "{name}: deleted {} entries of finished flows in {:?}",
+                                        sweep.deleted,
+                                        started.elapsed()
+                                    );
+                                }
+                                on_sweep(name, sweep);
+                            }
                             Err(e) => warn!("{name}: garbage collection failed: {e}"),
                         }
                     }

@@ -205,10 +205,25 @@ struct FamilyNames {
     node_addrs: &'static str,
 }
 
+/// The datapath's per-CPU counters (`STATS`) pinned under `dir`, for [`sum_counters`].
+pub type Counters = PerCpuArray<MapData, Counter>;
+/// The socket programs' per-CPU counters (`SOCK_STATS`), for [`sum_sock_counters`].
+pub type SockCounters = PerCpuArray<MapData, u64>;
+
+/// Opens the pinned `STATS` map under `dir`.
+pub fn open_counters(dir: &Path) -> anyhow::Result<Counters> {
+    Ok(open(dir, names::STATS)?.try_into()?)
+}
+
+/// Opens the pinned `SOCK_STATS` map under `dir`.
+pub fn open_sock_counters(dir: &Path) -> anyhow::Result<SockCounters> {
+    Ok(open(dir, sock::names::SOCK_STATS)?.try_into()?)
+}
+
 /// Reads every pinned map under `dir`.
 pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
-    let counters: PerCpuArray<_, Counter> = open(dir, names::STATS)?.try_into()?;
-    let sock_counters: PerCpuArray<_, u64> = open(dir, sock::names::SOCK_STATS)?.try_into()?;
+    let counters = open_counters(dir)?;
+    let sock_counters = open_sock_counters(dir)?;
     let sock_revnat: HashMap<_, sock::RevNatKey, sock::RevNatEntry> =
         open(dir, sock::names::SOCK_REVNAT)?.try_into()?;
     let sock_revnat6: HashMap<_, sock::RevNatKey<lb_common::V6>, sock::RevNatEntry<lb_common::V6>> =
@@ -236,9 +251,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Snapshot> {
     let (conntrack, affinity) = read_family::<V6>(dir, &v6, &mut snap)?;
     (snap.conntrack6, snap.affinity6) = (conntrack, affinity);
     snap.counters = sum_counters(&counters)?;
-    snap.sock_counters = (0..sock::stats::REASONS)
-        .map(|reason| Ok(counters_sum(&sock_counters.get(&reason, 0)?)))
-        .collect::<Result<_, MapError>>()?;
+    snap.sock_counters = sum_sock_counters(&sock_counters)?;
     snap.sock_revnat = sock_revnat.keys().count() + sock_revnat6.keys().count();
     let xdp_targets: HashMap<_, u32, u32> = open(dir, names::XDP_TARGETS)?.try_into()?;
     for key in xdp_targets.keys() {
@@ -309,6 +322,16 @@ where
 
 fn counters_sum(per_cpu: &aya::maps::PerCpuValues<u64>) -> u64 {
     per_cpu.iter().sum()
+}
+
+/// Every socket-program reason's count summed over CPUs, indexed by
+/// `lb_common::sock::stats` reason.
+pub fn sum_sock_counters<T: Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+) -> Result<Vec<u64>, MapError> {
+    (0..sock::stats::REASONS)
+        .map(|reason| Ok(counters_sum(&counters.get(&reason, 0)?)))
+        .collect()
 }
 
 /// Every reason's counter summed over CPUs, indexed by `lb_common::stats` reason.

@@ -465,7 +465,7 @@ impl EbpfDataplane {
             .map_err(|source| map_err(names::CONNTRACK, source))?;
         let v6 = conntrack_gc::collect(&mut self.conntrack6()?)
             .map_err(|source| map_err(names::CONNTRACK6, source))?;
-        Ok(v4 + v6)
+        Ok(v4.deleted + v6.deleted)
     }
 
     /// Where the maps are pinned.

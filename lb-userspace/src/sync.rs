@@ -1,0 +1,334 @@
+//! The owner task: one loop owns the dataplane and applies every change to it, one at a time,
+//! so map writes never race and a failed apply is simply tried again.
+//!
+//! Each sync reads the whole current set of objects from the source (a directory scan, or the
+//! API-server watch caches), builds the desired state with the pure model and hands it to the
+//! dataplane, which writes only the difference. Bursts of changes are coalesced the way
+//! kube-proxy's `BoundedFrequencyRunner` does: a change after a quiet spell is applied at once,
+//! and further changes within `min_sync_period` of a sync wait for the period to end and are
+//! applied together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
+use log::{error, info, warn};
+
+use crate::{
+    dataplane::{ApplyReport, Dataplane},
+    model::{self, DesiredState},
+    serve::{
+        health::{node_is_eligible, ProxierHealth},
+        metrics::Metrics,
+        service_health::ServiceHealthServers,
+    },
+    source::{
+        manifest_dir::{ManifestDir, ManifestError},
+        Objects,
+    },
+};
+
+/// The annotation the EndpointSlice controller stamps with the time of the change that made
+/// it update a slice; kube-proxy measures network programming latency from it.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The label of a Node that carries its zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Where a sync reads the objects from.
+pub enum Feed {
+    /// `--source dir:PATH`.
+    Dir {
+        dir: ManifestDir,
+        /// The manifest errors last reported: a standing error is logged once, not every scan.
+        reported_errors: Vec<ManifestError>,
+    },
+    /// `--source kube`.
+    Kube(crate::source::kube::KubeSource),
+}
+
+impl Feed {
+    /// A directory feed.
+    pub fn dir(dir: ManifestDir) -> Feed {
+        Feed::Dir {
+            dir,
+            reported_errors: Vec::new(),
+        }
+    }
+
+    /// The current objects, or `None` when a directory scan found nothing changed.
+    fn read(&mut self, node_name: Option<&str>) -> Option<Objects> {
+        match self {
+            Feed::Dir {
+                dir,
+                reported_errors,
+            } => {
+                let scan = dir.scan();
+                if scan.errors != *reported_errors {
+                    for e in &scan.errors {
+                        error!("{e}");
+                    }
+                    *reported_errors = scan.errors.clone();
+                }
+                if !scan.changed {
+                    return None;
+                }
+                let node = scan
+                    .nodes
+                    .into_iter()
+                    .find(|n| node_name.is_some() && n.metadata.name.as_deref() == node_name);
+                Some(Objects {
+                    services: scan.services,
+                    endpoint_slices: scan.endpoint_slices,
+                    node,
+                })
+            }
+            Feed::Kube(kube) => Some(kube.snapshot()),
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing changed since the last successful apply.
+    Unchanged,
+    /// The new desired state was applied.
+    Applied(ApplyReport),
+    /// Applying failed; the dataplane asks for a retry.
+    Failed,
+}
+
+/// What reports on the syncs: the proxy's own health, the health-check node ports, metrics.
+pub struct Observers {
+    pub health: ProxierHealth,
+    pub service_health: ServiceHealthServers,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Owns the dataplane and applies every change to it, one at a time.
+pub struct Syncer<D: Dataplane> {
+    observers: Observers,
+    feed: Feed,
+    dataplane: D,
+    /// The node as configured; its zone is filled in from the Node object at every sync.
+    node: model::Node,
+    generation: u64,
+    /// What the dataplane was last given successfully.
+    applied: Option<DesiredState>,
+    /// Whether the "no endpoint is on this node" warning was given.
+    warned_node_name: bool,
+    /// The zone last logged, to log a change once.
+    zone: Option<String>,
+    last_sync: Option<Instant>,
+    /// The health-check ports that could not be opened, as last reported.
+    health_check_errors: Option<String>,
+    /// When the agent started: trigger times before it were programmed by someone else.
+    started: SystemTime,
+    /// The trigger time of every slice whose programming latency was observed.
+    observed_triggers: HashMap<(String, String), SystemTime>,
+}
+
+impl<D: Dataplane> Syncer<D> {
+    pub fn new(feed: Feed, dataplane: D, node: model::Node, observers: Observers) -> Syncer<D> {
+        Syncer {
+            observers,
+            health_check_errors: None,
+            started: SystemTime::now(),
+            observed_triggers: HashMap::new(),
+            feed,
+            dataplane,
+            node,
+            generation: 0,
+            applied: None,
+            warned_node_name: false,
+            zone: None,
+            last_sync: None,
+        }
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    /// True while the last apply failed: sync again soon even without a change.
+    pub fn needs_retry(&self) -> bool {
+        self.dataplane.needs_retry()
+    }
+
+    /// When the next change may be applied: `min_sync_period` after the last sync.
+    pub fn next_sync_allowed(&self, min_sync_period: Duration) -> Instant {
+        match self.last_sync {
+            Some(at) => at + min_sync_period,
+            None => Instant::now(),
+        }
+    }
+
+    /// A change is waiting to be applied: the proxy is unhealthy if it waits too long.
+    pub fn queued(&self) {
+        self.observers.health.queued();
+    }
+
+    /// Reads the source and, if the desired state differs from what the dataplane holds (or
+    /// the last apply failed), applies it; then brings health and metrics up to date.
+    pub fn sync(&mut self) -> Outcome {
+        let started = Instant::now();
+        self.last_sync = Some(started);
+        let retry = self.dataplane.needs_retry();
+        let (outcome, triggers) = match self.feed.read(self.node.name.as_deref()) {
+            None if !retry => (Outcome::Unchanged, Vec::new()),
+            None => match self.applied.take() {
+                Some(desired) => (self.apply(desired, started), Vec::new()),
+                None => (Outcome::Unchanged, Vec::new()),
+            },
+            Some(objects) => {
+                self.note_node(objects.node.as_ref());
+                let (desired, warnings) =
+                    model::build(&objects.services, &objects.endpoint_slices, &self.node);
+                for w in &warnings {
+                    warn!("{w}");
+                }
+                self.check_node_name(&objects.endpoint_slices);
+                let triggers = trigger_times(&objects.endpoint_slices);
+                if !retry && self.applied.as_ref() == Some(&desired) {
+                    (Outcome::Unchanged, triggers)
+                } else {
+                    (self.apply(desired, started), triggers)
+                }
+            }
+        };
+        let metrics = &self.observers.metrics;
+        match outcome {
+            Outcome::Failed => metrics.sync_failed(started.elapsed()),
+            Outcome::Unchanged | Outcome::Applied(_) => {
+                if let Outcome::Applied(report) = &outcome {
+                    metrics.sync_succeeded(started.elapsed(), report);
+                }
+                self.observers.health.updated();
+                self.observe_programming(triggers);
+            }
+        }
+        self.serve_health_checks();
+        outcome
+    }
+
+    /// Observes the network programming latency of every slice whose trigger time is new
+    /// since the last observation and after the agent started (as kube-proxy's endpoints
+    /// change tracker does): the change is in the datapath now.
+    fn observe_programming(&mut self, triggers: Vec<((String, String), SystemTime)>) {
+        if triggers.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut observed = HashMap::with_capacity(triggers.len());
+        for (slice, at) in triggers {
+            let seen = self.observed_triggers.get(&slice) == Some(&at);
+            if !seen && at > self.started {
+                self.observers.metrics.observe_network_programming(at, now);
+            }
+            observed.insert(slice, at);
+        }
+        // Deleted slices are forgotten.
+        self.observed_triggers = observed;
+    }
+
+    /// Opens, updates and closes the health-check node ports to match what was last applied;
+    /// a port that could not be opened is retried here at every sync, and reported when the
+    /// set of failures changes.
+    fn serve_health_checks(&mut self) {
+        let Some(applied) = &self.applied else { return };
+        let result = self.observers.service_health.sync(&applied.health_checks);
+        let errors = result.err().map(|e| e.to_string());
+        if errors != self.health_check_errors {
+            match &errors {
+                Some(e) => error!("{e}"),
+                None if self.health_check_errors.is_some() => {
+                    info!("every health-check node port is open")
+                }
+                None => {}
+            }
+            self.health_check_errors = errors;
+        }
+    }
+
+    fn apply(&mut self, desired: DesiredState, started: Instant) -> Outcome {
+        match self.dataplane.apply(&desired) {
+            Ok(r) => {
+                self.generation += 1;
+                info!(
+                    "synced generation={} service_ports={} backends={} writes={} deletes={} in {:?}",
+                    self.generation,
+                    r.service_ports,
+                    r.backends,
+                    r.writes,
+                    r.deletes,
+                    started.elapsed()
+                );
+                self.applied = Some(desired);
+                Outcome::Applied(r)
+            }
+            Err(e) => {
+                error!("applying the desired state failed: {e:#}");
+                // Kept, so a retry without a source change has something to apply.
+                self.applied = Some(desired);
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Takes the node's zone from its Node object, for topology-aware routing, and whether
+    /// it is being taken out of service, for `/healthz`.
+    fn note_node(&mut self, node: Option<&Node>) {
+        self.observers
+            .health
+            .set_node_eligible(node.is_none_or(node_is_eligible));
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(LABEL_ZONE))
+            .cloned();
+        if zone != self.zone {
+            match &zone {
+                Some(z) => info!("this node is in zone {z:?} (label {LABEL_ZONE})"),
+                None => info!("this node has no zone (no {LABEL_ZONE} label on its Node object)"),
+            }
+            self.zone = zone.clone();
+        }
+        self.node.zone = zone;
+    }
+
+    /// Warns, once, when endpoints are placed on nodes but none on this one by name: the
+    /// likeliest cause is a wrong node name, under which externalTrafficPolicy Local finds no
+    /// local endpoints and drops every external packet.
+    fn check_node_name(&mut self, slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]) {
+        let Some(name) = self.node.name.as_deref() else {
+            return;
+        };
+        let placed: Vec<&str> = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter_map(|e| e.node_name.as_deref())
+            .collect();
+        if !self.warned_node_name && !placed.is_empty() && !placed.contains(&name) {
+            warn!(
+                "no endpoint is on node {name:?} (they name nodes such as {:?}); if this node is one of them, set --node-name or NODE_NAME, or externalTrafficPolicy: Local services drop all their external traffic here",
+                placed[0]
+            );
+            self.warned_node_name = true;
+        }
+    }
+}
+
+/// The trigger time of every slice that carries one, keyed by namespace and name.
+fn trigger_times(slices: &[EndpointSlice]) -> Vec<((String, String), SystemTime)> {
+    slices
+        .iter()
+        .filter_map(|slice| {
+            let meta = &slice.metadata;
+            let stamp = meta.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+            let at = stamp.parse::<k8s_openapi::jiff::Timestamp>().ok()?;
+            let key = (meta.namespace.clone()?, meta.name.clone()?);
+            Some((key, SystemTime::from(at)))
+        })
+        .collect()
+}
