@@ -11,8 +11,10 @@
 //! a port in use is an error at startup rather than a server that never answers.
 
 pub mod health;
+pub mod service_health;
 
 pub use health::{serve_proxier_health, ProxierHealth};
+pub use service_health::ServiceHealthServers;
 
 use std::convert::Infallible;
 use std::future::poll_fn;
