@@ -11,9 +11,11 @@
 //! a port in use is an error at startup rather than a server that never answers.
 
 pub mod health;
+pub mod metrics;
 pub mod service_health;
 
 pub use health::{serve_proxier_health, ProxierHealth};
+pub use metrics::{serve_metrics, Metrics};
 pub use service_health::ServiceHealthServers;
 
 use std::convert::Infallible;
