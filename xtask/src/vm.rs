@@ -5,7 +5,7 @@
 //!
 //! Everything downloaded lives in one cache directory (`$XDG_CACHE_HOME/lb-agent`, else
 //! `~/.cache/lb-agent`), shared by every clone and worktree: the virtme-ng venv and the kernel
-//! unpacked from its Debian package. The guest sees the host's filesystem read-only, so that
+//! unpacked from its Debian package (and helm's venv, from setup). The guest sees the host's filesystem read-only, so that
 //! directory, the venv and the test binaries must not be under a path the guest hides.
 
 use std::io::{BufRead, BufReader};
