@@ -4,8 +4,10 @@
 //! - `test`: runs every test tier (unit, datapath fixtures, end to end, datapath fixtures on
 //!   Debian's 6.1 kernel in a VM) and summarises them.
 //! - `demo`: a walk through the load balancer in network namespaces, for an operator.
+//! - `render-manifests`: renders the Helm chart into `manifests/rendered/lb-agent.yaml`.
 
 mod demo;
+mod manifests;
 mod setup;
 mod tiers;
 mod util;
@@ -22,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian tools, nightly rust-src, bpf-linker, virtme-ng and
-    /// Debian's 6.1 kernel for the VM tier; mount bpffs.
+    /// Install what is missing: Debian tools, nightly rust-src, bpf-linker, helm, virtme-ng
+    /// and Debian's 6.1 kernel for the VM tier; mount bpffs.
     Setup,
     /// Run setup, then every test tier, and print a summary (tiers 2 and 3 need root).
     Test,
@@ -33,6 +35,9 @@ enum Task {
         #[arg(long, hide = true)]
         prepared: bool,
     },
+    /// Render the Helm chart (manifests/charts/lb-agent, default values) into
+    /// manifests/rendered/lb-agent.yaml, after `helm lint --strict`.
+    RenderManifests,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test => tiers::run(),
         Task::Demo { prepared } => demo::run(prepared),
+        Task::RenderManifests => manifests::render(),
     }
 }

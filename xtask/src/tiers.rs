@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every test tier, then a summary.
 //!
-//! 1. unit: `cargo test --workspace --no-fail-fast` (no privileges).
+//! 1. unit: `cargo test --workspace --no-fail-fast` (no privileges), with `LB_HELM` set to
+//!    the helm setup installed, for the manifests test.
 //! 2. datapath: BPF_PROG_TEST_RUN fixtures (`lb-userspace/tests/datapath.rs`), root.
 //! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`, and
 //!    `tests/socket_lb.rs` for the node's own connections), root.
@@ -140,7 +141,13 @@ pub fn run() -> anyhow::Result<()> {
 
     step("tier 1: unit tests (unprivileged)");
     // --no-fail-fast: one failing test binary must not hide the others' results.
-    let (outcome, _) = run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--no-fail-fast"]);
+    // The manifests test runs helm; it fails saying so when this one does not run.
+    if let Ok(helm) = crate::setup::helm_path() {
+        unit.env("LB_HELM", helm);
+    }
+    let (outcome, _) = run_tests(&mut unit)?;
     tiers.push(Tier {
         name: "1 unit",
         outcome,

@@ -5,7 +5,7 @@
 //!
 //! Everything downloaded lives in one cache directory (`$XDG_CACHE_HOME/lb-agent`, else
 //! `~/.cache/lb-agent`), shared by every clone and worktree: the virtme-ng venv and the kernel
-//! unpacked from its Debian package. The guest sees the host's filesystem read-only, so that
+//! unpacked from its Debian package (and helm's venv, from setup). The guest sees the host's filesystem read-only, so that
 //! directory, the venv and the test binaries must not be under a path the guest hides.
 
 use std::io::{BufRead, BufReader};
@@ -49,14 +49,14 @@ const HIDDEN_IN_GUEST: [&str; 10] = [
     "/usr/lib/modules",
 ];
 
-/// The cache directory for what the VM tier downloads.
+/// The cache directory for what setup downloads: helm, and what the VM tier needs.
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(
             std::env::var_os("HOME")
                 .filter(|v| !v.is_empty())
-                .context("neither XDG_CACHE_HOME nor HOME is set: no cache directory for the VM kernel and virtme-ng")?,
+                .context("neither XDG_CACHE_HOME nor HOME is set: no cache directory for helm, virtme-ng and the VM kernel")?,
         )
         .join(".cache"),
     };
@@ -374,48 +374,16 @@ fn report_missing(what: String) -> String {
     what
 }
 
-/// virtme-ng from PyPI, in a venv of its own: this machine's pythons are either Debian's
-/// (externally managed, pip refuses to install into it) or pyenv's (not ours to change).
+/// virtme-ng from PyPI, in a venv of its own (see `setup::pip_venv`).
 fn virtme_ng(cache: &Path) -> anyhow::Result<()> {
     let venv = venv_dir(cache);
     let bin = venv.join("bin");
-    if vng_works(&bin) {
-        println!(
-            "setup: skip  virtme-ng {VIRTME_NG_VERSION}: in {}",
-            venv.display()
-        );
-        return Ok(());
-    }
-    println!(
-        "setup: install virtme-ng {VIRTME_NG_VERSION} into the venv {}",
-        venv.display()
-    );
-    if venv.exists() {
-        // A venv that does not run vng (half made, or its python gone) is made again.
-        std::fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
-    }
-    std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    // Debian's python3 if there is one (python3-venv gives it the venv module), so the venv
-    // does not depend on whichever python a version manager puts first on PATH.
-    let python = if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    };
-    util::run(Command::new(python).args(["-m", "venv"]).arg(&venv))
-        .context("making the venv (on Debian the venv module is the package python3-venv)")?;
-    util::run(
-        Command::new(bin.join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
-    )?;
-    if !vng_works(&bin) {
-        bail!(
-            "installed, but `{} --version` does not report {VIRTME_NG_VERSION}",
-            bin.join("vng").display()
-        );
-    }
-    Ok(())
+    setup::pip_venv(
+        &format!("virtme-ng {VIRTME_NG_VERSION}"),
+        &venv,
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+        || vng_works(&bin),
+    )
 }
 
 /// Debian's newest 6.1 kernel package, unpacked into the cache with its modules indexed
