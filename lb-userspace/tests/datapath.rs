@@ -200,6 +200,7 @@ fn desired(b: &Backends) -> DesiredState {
         .chain(ipv6::services())
         .collect(),
         node_addrs: [NODE_IP.into(), ipv6::NODE_IP6.into()].into(),
+        ..DesiredState::default()
     }
 }
 

@@ -738,6 +738,7 @@ mod tests {
         DesiredState {
             services: [(name, port)].into(),
             node_addrs: [ip("192.168.0.10"), ip("2001:db8::10")].into(),
+            ..DesiredState::default()
         }
     }
 
