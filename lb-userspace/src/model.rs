@@ -1,7 +1,7 @@
 //! The pure model: Kubernetes Services and EndpointSlices in, the desired load-balancer state
 //! out. No I/O and no privileges, so kube-proxy's semantics are table-tested here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{btree_map::Entry, BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
@@ -641,39 +641,49 @@ fn add_service(
     }
 
     // kube-proxy serves a health check for a service it has ports of, when `NeedsHealthCheck`
-    // (pkg/api/v1/service/util.go: type LoadBalancer and externalTrafficPolicy Local) and the
-    // port is set (pkg/proxy/serviceport.go, `newBaseServiceInfo`).
+    // (pkg/api/v1/service/util.go): type LoadBalancer and externalTrafficPolicy Local.
     if any_port && type_ == "LoadBalancer" && external_local {
-        match spec.health_check_node_port {
-            None | Some(0) => warn(Problem::MissingHealthCheckNodePort),
-            Some(number) => match port_number(number) {
-                None => warn(Problem::InvalidHealthCheckNodePort { number }),
-                Some(port) => match state.health_checks.entry(port) {
-                    // Two services on one port: kube-proxy's second listener fails to bind.
-                    std::collections::btree_map::Entry::Occupied(taken) => {
-                        let owner = taken.get();
-                        warn(Problem::HealthCheckNodePortTaken {
-                            port,
-                            owner: ObjectRef {
-                                kind: ObjectKind::Service,
-                                namespace: owner.namespace.clone(),
-                                name: owner.name.clone(),
-                            },
-                        })
-                    }
-                    std::collections::btree_map::Entry::Vacant(free) => {
-                        let local_endpoints = (families.iter())
-                            .map(|&f| endpoints.local_ready(&object.namespace, &object.name, f))
-                            .max()
-                            .unwrap_or(0);
-                        free.insert(HealthCheck {
-                            namespace: object.namespace.clone(),
-                            name: object.name.clone(),
-                            local_endpoints,
-                        });
-                    }
-                },
+        let checks = &mut state.health_checks;
+        add_health_check(spec, &object, &families, endpoints, checks, &mut warn);
+    }
+}
+
+/// Claims the service's `healthCheckNodePort` (kube-proxy takes it when set: pkg/proxy/
+/// serviceport.go, `newBaseServiceInfo`). A port another service holds stays with it: there,
+/// kube-proxy's second listener fails to bind.
+fn add_health_check(
+    spec: &ServiceSpec,
+    object: &ObjectRef,
+    families: &BTreeSet<IpFamily>,
+    endpoints: &EndpointIndex<'_>,
+    checks: &mut BTreeMap<u16, HealthCheck>,
+    warn: &mut impl FnMut(Problem),
+) {
+    let number = spec.health_check_node_port.unwrap_or(0);
+    if number == 0 {
+        return warn(Problem::MissingHealthCheckNodePort);
+    }
+    let Some(port) = port_number(number) else {
+        return warn(Problem::InvalidHealthCheckNodePort { number });
+    };
+    match checks.entry(port) {
+        Entry::Occupied(taken) => warn(Problem::HealthCheckNodePortTaken {
+            port,
+            owner: ObjectRef {
+                kind: ObjectKind::Service,
+                namespace: taken.get().namespace.clone(),
+                name: taken.get().name.clone(),
             },
+        }),
+        Entry::Vacant(free) => {
+            let per_family = families
+                .iter()
+                .map(|&f| endpoints.local_ready(&object.namespace, &object.name, f));
+            free.insert(HealthCheck {
+                namespace: object.namespace.clone(),
+                name: object.name.clone(),
+                local_endpoints: per_family.max().unwrap_or(0),
+            });
         }
     }
 }
@@ -1023,11 +1033,9 @@ impl<'a> EndpointIndex<'a> {
                     // map order, so which of two remote copies wins is unspecified there; here
                     // it is the first slice by name, so a build is reproducible.
                     match merged.entry(endpoint) {
-                        std::collections::btree_map::Entry::Vacant(v) => drop(v.insert(e)),
-                        std::collections::btree_map::Entry::Occupied(mut o) if e.local => {
-                            o.insert(e);
-                        }
-                        std::collections::btree_map::Entry::Occupied(_) => {}
+                        Entry::Vacant(v) => drop(v.insert(e)),
+                        Entry::Occupied(mut o) if e.local => drop(o.insert(e)),
+                        Entry::Occupied(_) => {}
                     }
                 }
             }
@@ -1124,7 +1132,8 @@ impl Topology {
     ///
     /// Node hints are behind kube-proxy's PreferSameTrafficDistribution gate, alpha (off) in
     /// 1.33 and on by default from 1.34; they are honoured here, as the gate is the same for
-    /// the API server, which does not store `forNodes` while it is off.
+    /// the API server, which does not store `forNodes` while it is off
+    /// (pkg/registry/discovery/endpointslice/strategy.go, `dropDisabledFieldsOnCreate`).
     fn from_hints<'e>(endpoints: impl Iterator<Item = &'e SliceEndpoint<'e>>, node: &Node) -> Self {
         let ready: Vec<&SliceEndpoint> = endpoints.filter(|e| e.ready).collect();
         let (name, zone) = (node.name.as_deref(), node.zone.as_deref());
