@@ -198,7 +198,7 @@ pub const SVC_F_EXTERNAL: u8 = 1;
 /// this node (externalTrafficPolicy: Cluster).
 pub const SVC_F_SNAT: u8 = 2;
 /// `Service::flags`: with no backends, drop instead of reject: the service has endpoints, just
-/// none on this node (externalTrafficPolicy: Local), as kube-proxy does.
+/// none on this node (externalTrafficPolicy or internalTrafficPolicy Local), as kube-proxy does.
 pub const SVC_F_DROP_WHEN_EMPTY: u8 = 4;
 /// `Service::flags`: new flows are accepted only from clients in the service's
 /// `SOURCE_RANGES` (a LoadBalancer frontend with `loadBalancerSourceRanges`).

@@ -58,7 +58,8 @@ pub const DROP_FRAG_NEEDED: u32 = 18;
 pub const DROP_TTL_EXCEEDED: u32 = 19;
 /// No free source port for a source-NATed flow after `snat::TRIES` probes.
 pub const DROP_SNAT_EXHAUSTED: u32 = 20;
-/// To an externalTrafficPolicy=Local frontend whose service has endpoints, none on this node.
+/// To a Local-policy frontend (externalTrafficPolicy Local, or a ClusterIP under
+/// internalTrafficPolicy Local) whose service has endpoints, none on this node.
 pub const DROP_NO_LOCAL_BACKEND: u32 = 21;
 
 /// An ICMP error about a tracked flow: the quoted packet and the error's destination

@@ -1,7 +1,7 @@
 //! The pure model: Kubernetes Services and EndpointSlices in, the desired load-balancer state
 //! out. No I/O and no privileges, so kube-proxy's semantics are table-tested here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{btree_map::Entry, BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
@@ -122,12 +122,23 @@ pub struct ServicePort {
     /// when the other family has ranges. No ranges at all: every client.
     pub source_ranges: BTreeSet<(IpAddr, u8)>,
     /// externalTrafficPolicy Local: external frontends keep the client's address and use only
-    /// `local_endpoints`.
+    /// `local_endpoints`. The node's own connections to them still use `endpoints`, as
+    /// kube-proxy sends them (pkg/proxy/iptables/proxier.go, the EXT chain's rule for
+    /// `--src-type LOCAL`).
     pub external_local: bool,
-    /// Ready endpoints, de-duplicated across EndpointSlices, of the families the service has
-    /// ClusterIPs of. A frontend with none of its own family rejects.
+    /// internalTrafficPolicy Local: the ClusterIP frontends use only `local_endpoints`.
+    pub internal_local: bool,
+    /// What policy Cluster uses: the endpoints, de-duplicated across EndpointSlices, of the
+    /// families the service has ClusterIPs of, chosen per family as kube-proxy's
+    /// `CategorizeEndpoints` (pkg/proxy/topology.go) does: the ready ones, narrowed to this
+    /// node or zone when the slices' topology hints say so; with none ready anywhere, every
+    /// serving terminating one. Empty for a family exactly when the service has no usable
+    /// endpoint of it anywhere (kube-proxy's `hasAnyEndpoints`): its frontends then reject,
+    /// where an empty `local_endpoints` with endpoints elsewhere drops.
     pub endpoints: BTreeSet<Endpoint>,
-    /// The ready endpoints on this node (their EndpointSlice `nodeName` is the node's).
+    /// What policy Local uses: the ready endpoints on this node (their EndpointSlice
+    /// `nodeName` is the node's); with none, the serving terminating ones on it. Topology
+    /// hints do not apply.
     pub local_endpoints: BTreeSet<Endpoint>,
     /// ClientIP session-affinity timeout in seconds; `None` when affinity is off.
     pub affinity_timeout_s: Option<u32>,
@@ -184,8 +195,14 @@ pub struct DesiredState {
 }
 
 /// What a health-check node port answers for: one service, and how many of its endpoints
-/// are ready on this node (distinct addresses over all its ports; terminating ones do not
-/// count). Load balancers send traffic to the node only while that is above zero.
+/// are ready on this node. Load balancers send traffic to the node only while that is above
+/// zero.
+///
+/// The count is kube-proxy's `LocalReadyEndpoints` (pkg/proxy/endpointschangetracker.go):
+/// distinct addresses over all the service's ports, ready ones only (a serving terminating
+/// endpoint still receives traffic, but does not keep the node healthy). kube-proxy counts
+/// per address family, one proxier each; with one number per port here, a dual-stack
+/// service's is the larger of its two families' counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HealthCheck {
     pub namespace: String,
@@ -203,8 +220,12 @@ pub struct Node {
     /// This proxy's name: Services labelled `service.kubernetes.io/service-proxy-name` with it
     /// are programmed; `None` skips every labelled Service.
     pub service_proxy_name: Option<String>,
-    /// The node's name, to tell its endpoints (EndpointSlice `nodeName`) from the others.
+    /// The node's name, to tell its endpoints (EndpointSlice `nodeName`) from the others, and
+    /// to find the endpoints hinted for it (`hints.forNodes`).
     pub name: Option<String>,
+    /// The node's zone, its `topology.kubernetes.io/zone` label: endpoints hinted for it
+    /// (`hints.forZones`) are preferred. `None`: zone hints are ignored.
+    pub zone: Option<String>,
     /// The node's addresses, of either family: NodePorts are served on each (of the families
     /// a service has), and the first of each family is the source address for externalIP and
     /// LoadBalancer flows of that family. Empty: no NodePort frontends.
@@ -381,6 +402,16 @@ pub enum Problem {
     },
     #[error("external or load-balancer IP {addr:?} is {family}, but the service has no {family} cluster IP; skipping it (a service is served only in the families of its cluster IPs)")]
     FamilyNotServed { addr: String, family: IpFamily },
+    #[error("{field} {given:?} is neither Cluster nor Local; using Cluster")]
+    UnknownTrafficPolicy { field: &'static str, given: String },
+    #[error("load-balancer ingress IP {addr:?} has ipMode {given:?}, neither VIP nor Proxy; skipping it (only VIP-mode ingress IPs are programmed)")]
+    UnknownIpMode { addr: String, given: String },
+    #[error("a LoadBalancer with externalTrafficPolicy Local needs a healthCheckNodePort, and this one has none; no health check is served for it")]
+    MissingHealthCheckNodePort,
+    #[error("healthCheckNodePort {number} is outside 1-65535; no health check is served for it")]
+    InvalidHealthCheckNodePort { number: i32 },
+    #[error("healthCheckNodePort {port} is already the health check of {owner}; none is served for this service")]
+    HealthCheckNodePortTaken { port: u16, owner: ObjectRef },
 }
 
 /// Translates Services and EndpointSlices into the desired state of `node`, as kube-proxy
@@ -397,7 +428,8 @@ pub fn build<'a>(
     let mut warnings = Vec::new();
     let endpoints = EndpointIndex::new(slices, node.name.as_deref(), &mut warnings);
 
-    // Sorted, so that when two services claim one frontend the same one always wins.
+    // Sorted, so that when two services claim one frontend or health-check port the same one
+    // always wins.
     let mut services: Vec<&Service> = services.into_iter().collect();
     services.sort_by(|a, b| {
         (namespace_of(&a.metadata), &a.metadata.name)
@@ -510,8 +542,26 @@ fn add_service(
     let external = ExternalAddrs::of(service, node, &families, &mut warn);
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_ports = type_ == "NodePort" || type_ == "LoadBalancer";
-    // The API server only accepts the policy on NodePort and LoadBalancer services.
-    let external_local = has_node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
+    // kube-proxy's `ExternalPolicyLocal` (pkg/api/v1/service/util.go): the policy applies to
+    // every externally accessible service, a ClusterIP one with externalIPs included.
+    let externally_accessible = has_node_ports
+        || (type_ == "ClusterIP"
+            && spec
+                .external_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.is_empty()));
+    let external_local = local_policy(
+        "externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+        &mut warn,
+    ) && externally_accessible;
+    // `InternalPolicyLocal`: whatever the type.
+    let internal_local = local_policy(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+        &mut warn,
+    );
+    let mut any_port = false;
 
     for port in ports {
         let port_name = port.name.clone().unwrap_or_default();
@@ -530,6 +580,7 @@ fn add_service(
             });
             continue;
         };
+        any_port = true;
         let spn = ServicePortName {
             namespace: object.namespace.clone(),
             name: object.name.clone(),
@@ -590,7 +641,7 @@ fn add_service(
             continue;
         }
 
-        let (ready, local) = endpoints.lookup(&spn, &families);
+        let (cluster, local) = endpoints.lookup(&spn, &families, node);
         let entry = state.services.entry(spn).or_default();
         entry.frontends.extend(frontends);
         entry.external_frontends.extend(external_frontends);
@@ -598,10 +649,74 @@ fn add_service(
             .source_ranges
             .extend(external.source_ranges.iter().copied());
         entry.external_local = external_local;
-        entry.endpoints.extend(ready);
+        entry.internal_local = internal_local;
+        entry.endpoints.extend(cluster);
         entry.local_endpoints.extend(local);
         entry.affinity_timeout_s = affinity_timeout_s;
         entry.algorithm = algorithm;
+    }
+
+    // kube-proxy serves a health check for a service it has ports of, when `NeedsHealthCheck`
+    // (pkg/api/v1/service/util.go): type LoadBalancer and externalTrafficPolicy Local.
+    if any_port && type_ == "LoadBalancer" && external_local {
+        let checks = &mut state.health_checks;
+        add_health_check(spec, &object, &families, endpoints, checks, &mut warn);
+    }
+}
+
+/// Claims the service's `healthCheckNodePort` (kube-proxy takes it when set: pkg/proxy/
+/// serviceport.go, `newBaseServiceInfo`). A port another service holds stays with it: there,
+/// kube-proxy's second listener fails to bind.
+fn add_health_check(
+    spec: &ServiceSpec,
+    object: &ObjectRef,
+    families: &BTreeSet<IpFamily>,
+    endpoints: &EndpointIndex<'_>,
+    checks: &mut BTreeMap<u16, HealthCheck>,
+    warn: &mut impl FnMut(Problem),
+) {
+    let number = spec.health_check_node_port.unwrap_or(0);
+    if number == 0 {
+        return warn(Problem::MissingHealthCheckNodePort);
+    }
+    let Some(port) = port_number(number) else {
+        return warn(Problem::InvalidHealthCheckNodePort { number });
+    };
+    match checks.entry(port) {
+        Entry::Occupied(taken) => warn(Problem::HealthCheckNodePortTaken {
+            port,
+            owner: ObjectRef {
+                kind: ObjectKind::Service,
+                namespace: taken.get().namespace.clone(),
+                name: taken.get().name.clone(),
+            },
+        }),
+        Entry::Vacant(free) => {
+            let per_family = families
+                .iter()
+                .map(|&f| endpoints.local_ready(&object.namespace, &object.name, f));
+            free.insert(HealthCheck {
+                namespace: object.namespace.clone(),
+                name: object.name.clone(),
+                local_endpoints: per_family.max().unwrap_or(0),
+            });
+        }
+    }
+}
+
+/// Whether a traffic policy field says Local. Anything but Local is Cluster, as in kube-proxy;
+/// a value the API would reject is named.
+fn local_policy(field: &'static str, given: Option<&str>, warn: &mut impl FnMut(Problem)) -> bool {
+    match given {
+        Some("Local") => true,
+        None | Some("") | Some("Cluster") => false,
+        Some(other) => {
+            warn(Problem::UnknownTrafficPolicy {
+                field,
+                given: other.to_owned(),
+            });
+            false
+        }
     }
 }
 
@@ -635,12 +750,23 @@ impl ExternalAddrs {
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_deref())
                 .unwrap_or_default();
-            // Hostname-only ingress points (some cloud load balancers) carry no address.
-            listed.extend(
-                ingress
-                    .iter()
-                    .filter_map(|i| Some((i.ip.as_deref()?, true))),
-            );
+            for point in ingress {
+                // Hostname-only ingress points (some cloud load balancers) carry no address.
+                let Some(ip) = point.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                    continue;
+                };
+                // kube-proxy programs VIP-mode ingress IPs only (pkg/proxy/serviceport.go,
+                // `newBaseServiceInfo`; proxyutil.IsVIPMode): with ipMode Proxy the load
+                // balancer itself forwards to the nodes, and the address is not to be captured.
+                match point.ip_mode.as_deref() {
+                    None | Some("VIP") => listed.push((ip, true)),
+                    Some("Proxy") => {}
+                    Some(other) => warn(Problem::UnknownIpMode {
+                        addr: ip.to_owned(),
+                        given: other.to_owned(),
+                    }),
+                }
+            }
             let ranges = spec.and_then(|s| s.load_balancer_source_ranges.as_deref());
             for range in ranges.unwrap_or_default() {
                 match parse_cidr(range.trim()) {
@@ -798,17 +924,49 @@ fn port_number(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
-/// The ready endpoints of every IPv4 and IPv6 EndpointSlice, grouped by the service they belong to.
+/// Every endpoint of every IPv4 and IPv6 EndpointSlice, grouped by the service it belongs to.
 struct EndpointIndex<'a> {
-    by_service: HashMap<(&'a str, &'a str), Vec<SliceEndpoints>>,
+    /// Each service's slices by namespace and service name, sorted by slice name.
+    by_service: HashMap<&'a str, HashMap<&'a str, Vec<SliceEndpoints<'a>>>>,
 }
 
-/// What one EndpointSlice contributes: its usable ports and its ready addresses.
-struct SliceEndpoints {
+/// What one EndpointSlice contributes.
+struct SliceEndpoints<'a> {
+    /// Where slices disagree about an endpoint, the first by name wins.
+    name: &'a str,
+    /// The slice's `addressType`, which all its addresses are of.
+    family: IpFamily,
     /// (port name, protocol, port number); the number is the service's resolved target port.
     ports: Vec<(String, Protocol, u16)>,
-    /// Ready addresses, and whether each is on this node.
-    ready: Vec<(IpAddr, bool)>,
+    endpoints: Vec<SliceEndpoint<'a>>,
+}
+
+/// One endpoint of a slice, with what kube-proxy reads of it (pkg/proxy/endpointslicecache.go,
+/// `addEndpoints`).
+struct SliceEndpoint<'a> {
+    /// Its first address: kube-proxy uses only that one.
+    addr: IpAddr,
+    /// Its `nodeName` is this node's.
+    local: bool,
+    /// `conditions.ready`, true when unset. The EndpointSlice controller sets it for a pod
+    /// that is ready and not terminating, or for any pod of a service with
+    /// `publishNotReadyAddresses`: kube-proxy reads only this, never the service's field.
+    ready: bool,
+    /// `conditions.serving` (ready, whether or not terminating), true when unset.
+    serving: bool,
+    /// `conditions.terminating`, false when unset.
+    terminating: bool,
+    /// `hints.forZones[].name`: the zones that should use it.
+    zones: BTreeSet<&'a str>,
+    /// `hints.forNodes[].name`: the nodes that should use it.
+    nodes: BTreeSet<&'a str>,
+}
+
+impl SliceEndpoint<'_> {
+    /// Usable when no endpoint is ready (kube-proxy's fallback for pods shutting down).
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
 }
 
 impl<'a> EndpointIndex<'a> {
@@ -817,7 +975,7 @@ impl<'a> EndpointIndex<'a> {
         node_name: Option<&str>,
         warnings: &mut Vec<ModelWarning>,
     ) -> EndpointIndex<'a> {
-        let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
+        let mut by_service: HashMap<_, HashMap<_, Vec<SliceEndpoints>>> = HashMap::new();
         for slice in slices {
             // FQDN slices are for DNS, not for proxies.
             let family = match slice.address_type.as_str() {
@@ -838,47 +996,188 @@ impl<'a> EndpointIndex<'a> {
                 continue;
             };
             let endpoints = SliceEndpoints {
+                name: meta.name.as_deref().unwrap_or_default(),
+                family,
                 ports: slice_ports(slice, &mut warn),
-                ready: ready_addresses(slice, family, node_name, &mut warn),
+                endpoints: slice_endpoints(slice, family, node_name, &mut warn),
             };
-            by_service
-                .entry((namespace_of(meta), service))
+            (by_service.entry(namespace_of(meta)).or_default())
+                .entry(service)
                 .or_default()
                 .push(endpoints);
+        }
+        for slices in by_service.values_mut().flat_map(|s| s.values_mut()) {
+            slices.sort_by_key(|s| s.name);
         }
         EndpointIndex { by_service }
     }
 
-    /// The ready endpoints of one service port in `families`, de-duplicated across slices,
-    /// and those of them on this node. A slice port belongs to the service port with the same
-    /// name (both empty when unnamed) and protocol.
-    fn lookup(
-        &self,
-        spn: &ServicePortName,
-        families: &BTreeSet<IpFamily>,
-    ) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
-        let mut found = BTreeSet::new();
-        let mut local = BTreeSet::new();
-        let slices = self
-            .by_service
-            .get(&(spn.namespace.as_str(), spn.name.as_str()));
-        for slice in slices.into_iter().flatten() {
-            for (name, protocol, port) in &slice.ports {
-                if *name == spn.port && *protocol == spn.protocol {
-                    let ready = slice.ready.iter();
-                    for &(addr, is_local) in ready.filter(|r| families.contains(&IpFamily::of(r.0)))
-                    {
-                        let endpoint = Endpoint { addr, port: *port };
-                        found.insert(endpoint);
-                        if is_local {
-                            local.insert(endpoint);
-                        }
+    fn slices(&self, namespace: &str, service: &str) -> &[SliceEndpoints<'a>] {
+        (self.by_service.get(namespace))
+            .and_then(|services| services.get(service))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The endpoints of one port (by name and protocol) of one service in `family`, merged
+    /// across its slices as kube-proxy's `addEndpoints` does: one per address and port (so one
+    /// address under two numbers, from two slices resolving a named target port differently,
+    /// is two endpoints).
+    fn merged<'s>(
+        &'s self,
+        namespace: &str,
+        service: &str,
+        port: &str,
+        protocol: Protocol,
+        family: IpFamily,
+    ) -> BTreeMap<Endpoint, &'s SliceEndpoint<'a>> {
+        let mut merged = BTreeMap::new();
+        let slices = self.slices(namespace, service).iter();
+        for slice in slices.filter(|s| s.family == family) {
+            let numbers = slice
+                .ports
+                .iter()
+                .filter(|p| p.0 == port && p.1 == protocol);
+            for &(_, _, number) in numbers {
+                for e in &slice.endpoints {
+                    let endpoint = Endpoint {
+                        addr: e.addr,
+                        port: number,
+                    };
+                    // kube-proxy 1.33 keeps the first copy it meets, unless a later one is on
+                    // this node ("isLocal should not vary between matching endpoints, but if it
+                    // does, we favor a true value"), conditions and all. It meets slices in Go
+                    // map order, so which of two remote copies wins is unspecified there; here
+                    // it is the first slice by name, so a build is reproducible.
+                    match merged.entry(endpoint) {
+                        Entry::Vacant(v) => drop(v.insert(e)),
+                        Entry::Occupied(mut o) if e.local => drop(o.insert(e)),
+                        Entry::Occupied(_) => {}
                     }
                 }
             }
         }
-        (found, local)
+        merged
     }
+
+    /// The endpoints policy Cluster and policy Local use for one service port, in `families`
+    /// (each categorized on its own, as kube-proxy's proxier of that family does). A slice
+    /// port belongs to the service port with the same name (both empty when unnamed) and
+    /// protocol.
+    fn lookup(
+        &self,
+        spn: &ServicePortName,
+        families: &BTreeSet<IpFamily>,
+        node: &Node,
+    ) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
+        let mut cluster = BTreeSet::new();
+        let mut local = BTreeSet::new();
+        for &family in families {
+            let merged = self.merged(&spn.namespace, &spn.name, &spn.port, spn.protocol, family);
+            let (c, l) = categorize(&merged, node);
+            cluster.extend(c);
+            local.extend(l);
+        }
+        (cluster, local)
+    }
+
+    /// How many endpoints of a service in `family` are ready on this node, as kube-proxy's
+    /// `LocalReadyEndpoints` (pkg/proxy/endpointschangetracker.go) counts them for the
+    /// health check: distinct addresses over every port its slices name.
+    fn local_ready(&self, namespace: &str, service: &str, family: IpFamily) -> usize {
+        let slices = self.slices(namespace, service);
+        let ports: BTreeSet<(&str, Protocol)> = (slices.iter())
+            .filter(|s| s.family == family)
+            .flat_map(|s| s.ports.iter().map(|p| (p.0.as_str(), p.1)))
+            .collect();
+        let mut addrs = BTreeSet::new();
+        for (port, protocol) in ports {
+            let merged = self.merged(namespace, service, port, protocol, family);
+            let here = merged.iter().filter(|(_, e)| e.local && e.ready);
+            addrs.extend(here.map(|(endpoint, _)| endpoint.addr));
+        }
+        addrs.len()
+    }
+}
+
+/// Splits the merged endpoints of one service port in one family into those policy Cluster
+/// and policy Local use, as kube-proxy's `CategorizeEndpoints` (pkg/proxy/topology.go) does.
+/// Each falls back to serving terminating endpoints on its own: policy Local may use a
+/// terminating endpoint here while policy Cluster uses ready ones elsewhere.
+fn categorize(
+    endpoints: &BTreeMap<Endpoint, &SliceEndpoint>,
+    node: &Node,
+) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
+    let pick = |keep: &dyn Fn(&SliceEndpoint) -> bool| -> BTreeSet<Endpoint> {
+        let kept = endpoints.iter().filter(|(_, e)| keep(e));
+        kept.map(|(endpoint, _)| *endpoint).collect()
+    };
+    let topology = Topology::from_hints(endpoints.values().copied(), node);
+    let mut cluster = pick(&|e| e.ready && topology.admits(e, node));
+    // A topology is chosen only when it admits a ready endpoint, so an empty set here means
+    // none is ready anywhere: then every serving terminating one, topology aside.
+    if cluster.is_empty() {
+        cluster = pick(&|e| e.serving_terminating());
+    }
+    let mut local = pick(&|e| e.local && e.ready);
+    if local.is_empty() {
+        local = pick(&|e| e.local && e.serving_terminating());
+    }
+    (cluster, local)
+}
+
+/// Which ready endpoints policy Cluster uses, as kube-proxy's `topologyModeFromHints`
+/// (pkg/proxy/topology.go) decides from the hints the EndpointSlice controller writes. kube-proxy
+/// reads neither `spec.trafficDistribution` nor the `service.kubernetes.io/topology-mode`
+/// annotation: both reach it only as hints, and so here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every ready endpoint.
+    Any,
+    /// The ones hinted for this node (`hints.forNodes`, from trafficDistribution
+    /// PreferSameNode).
+    SameNode,
+    /// The ones hinted for this node's zone (`hints.forZones`, from PreferClose,
+    /// PreferSameZone or the topology-mode annotation).
+    SameZone,
+}
+
+impl Topology {
+    /// A topology is used when every ready endpoint carries a hint of its kind and at least
+    /// one is hinted for this node (or zone); node hints first. Not-ready endpoints do not
+    /// count either way.
+    ///
+    /// Node hints are behind kube-proxy's PreferSameTrafficDistribution gate, alpha (off) in
+    /// 1.33 and on by default from 1.34; they are honoured here, as the gate is the same for
+    /// the API server, which does not store `forNodes` while it is off
+    /// (pkg/registry/discovery/endpointslice/strategy.go, `dropDisabledFieldsOnCreate`).
+    fn from_hints<'e>(endpoints: impl Iterator<Item = &'e SliceEndpoint<'e>>, node: &Node) -> Self {
+        let ready: Vec<&SliceEndpoint> = endpoints.filter(|e| e.ready).collect();
+        let (name, zone) = (node.name.as_deref(), node.zone.as_deref());
+        let all = |hints: &dyn Fn(&SliceEndpoint) -> bool| ready.iter().all(|e| hints(e));
+        let any = |hints: &dyn Fn(&SliceEndpoint) -> bool| ready.iter().any(|e| hints(e));
+        if all(&|e| !e.nodes.is_empty()) && any(&|e| hinted(&e.nodes, name)) {
+            Topology::SameNode
+        } else if all(&|e| !e.zones.is_empty()) && any(&|e| hinted(&e.zones, zone)) {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    /// kube-proxy's `availableForTopology`.
+    fn admits(self, endpoint: &SliceEndpoint, node: &Node) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => hinted(&endpoint.nodes, node.name.as_deref()),
+            Topology::SameZone => hinted(&endpoint.zones, node.zone.as_deref()),
+        }
+    }
+}
+
+/// Whether `hints` name `here`; nothing is hinted for a node without a name or zone (or an
+/// empty one: the API accepts no empty hint).
+fn hinted(hints: &BTreeSet<&str>, here: Option<&str>) -> bool {
+    here.is_some_and(|h| !h.is_empty() && hints.contains(h))
 }
 
 fn slice_ports(
@@ -907,34 +1206,52 @@ fn slice_ports(
     ports
 }
 
-/// The addresses of the slice's ready endpoints, each with whether it is on `node_name`. An
-/// unset `ready` means ready, as the API documents; like kube-proxy, only the first address of
-/// an endpoint is used, and it must be of the slice's `family`.
-fn ready_addresses(
-    slice: &EndpointSlice,
+/// The slice's endpoints, whatever their conditions, each with whether it is on `node_name`.
+/// Like kube-proxy, only the first address of an endpoint is used, and it must be of the
+/// slice's `family`.
+fn slice_endpoints<'a>(
+    slice: &'a EndpointSlice,
     family: IpFamily,
     node_name: Option<&str>,
     warn: &mut impl FnMut(Problem),
-) -> Vec<(IpAddr, bool)> {
-    let mut ready = Vec::new();
+) -> Vec<SliceEndpoint<'a>> {
+    let mut endpoints = Vec::new();
     for endpoint in &slice.endpoints {
-        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
-        if is_ready == Some(false) {
-            continue;
-        }
         let Some(first) = endpoint.addresses.first() else {
             warn(Problem::EndpointWithoutAddress);
             continue;
         };
-        let local = node_name.is_some() && endpoint.node_name.as_deref() == node_name;
-        match parse_ip_sloppy(first).filter(|a| IpFamily::of(*a) == family) {
-            Some(addr) => ready.push((addr, local)),
-            None => warn(Problem::InvalidEndpointAddress {
+        let Some(addr) = parse_ip_sloppy(first).filter(|a| IpFamily::of(*a) == family) else {
+            warn(Problem::InvalidEndpointAddress {
                 addr: first.clone(),
-            }),
-        }
+            });
+            continue;
+        };
+        let conditions = endpoint.conditions.as_ref();
+        let hints = endpoint.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            addr,
+            // kube-proxy's `isLocal`: an empty name is no node's.
+            local: node_name.is_some_and(|n| !n.is_empty())
+                && endpoint.node_name.as_deref() == node_name,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            zones: (hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or_default())
+            .iter()
+            .map(|z| z.name.as_str())
+            .collect(),
+            nodes: (hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or_default())
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect(),
+        });
     }
-    ready
+    endpoints
 }
 
 #[cfg(test)]
@@ -1049,12 +1366,12 @@ mod tests {
                      endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, \
                      {addresses: [10.0.0.2], nodeName: node-b}]}";
         let node = Node {
-            service_proxy_name: None,
             name: Some("node-a".into()),
             addrs: vec![
                 Ipv4Addr::new(192, 168, 0, 10).into(),
                 Ipv4Addr::new(192, 168, 1, 10).into(),
             ],
+            ..Node::default()
         };
         let (state, warnings) = build(&[parse(service)], &[parse(slice)], &node);
         let port = state
@@ -1111,10 +1428,10 @@ mod tests {
     }
 
     #[test]
-    fn load_balancer_source_ranges_are_parsed_masked_and_bad_ones_named() {
+    fn load_balancer_source_ranges_are_trimmed_parsed_masked_and_bad_ones_named() {
         let (port, warnings) = external(
             "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
-             loadBalancerSourceRanges: ['10.1.2.3/16', ' 192.0.2.0/24', '2001:db8::/32', '10.0.0.0/33'], \
+             loadBalancerSourceRanges: ['10.1.2.3/16', \" 192.0.2.0/24\\t \", '2001:db8::/32', '10.0.0.0/33'], \
              ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
              status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}}",
         );
@@ -1163,9 +1480,9 @@ mod tests {
             ),
         ];
         let node = Node {
-            service_proxy_name: None,
             name: Some("node-a".into()),
             addrs: node_addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ..Node::default()
         };
         let (state, warnings) = build(&[parse(service)], &slices, &node);
         (state, warnings.into_iter().map(|w| w.problem).collect())
@@ -1266,7 +1583,7 @@ mod tests {
     fn an_ipv6_only_service_uses_only_ipv6_node_addresses_endpoints_and_ranges() {
         let (state, problems) = dual_stack(
             "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 'fd00:96::10', \
-             ipFamilies: [IPv6], externalTrafficPolicy: Local, \
+             ipFamilies: [IPv6], externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
              externalIPs: [203.0.113.7, '2001:db8:ff::7'], \
              loadBalancerSourceRanges: ['10.1.0.0/16', '2001:db8::/129', '2001:db8:aaaa::/48'], \
              ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
@@ -1288,6 +1605,10 @@ mod tests {
         assert_eq!(
             port.source_ranges,
             [("2001:db8:aaaa::".parse().unwrap(), 48)].into()
+        );
+        assert_eq!(
+            state.health_checks[&32000].local_endpoints, 1,
+            "the IPv6 endpoint on this node"
         );
         assert_eq!(
             problems[2..],
@@ -1400,8 +1721,9 @@ mod tests {
             vec![("203.0.113.7:80".to_owned(), "192.168.0.10".to_owned())]
         );
         assert!(
-            !port.external_local,
-            "the policy applies to NodePort and LoadBalancer only"
+            port.external_local,
+            "the policy applies to every externally accessible service, externalIPs included \
+             (kube-proxy's ExternalPolicyLocal)"
         );
     }
 
@@ -2003,6 +2325,826 @@ mod tests {
         ]);
     }
 
+    /// One of kube-proxy's rules, shown on service `web` with the endpoints of its IPv4 slice
+    /// `web-1` (target port 8080), built for node `node-a` in zone `zone-a`, address
+    /// 192.168.0.10. Endpoints on `node-a` are local; `node-b` and `node-c` are elsewhere.
+    #[derive(Default)]
+    struct Rule {
+        /// The rule, as a sentence.
+        rule: &'static str,
+        services: &'static [&'static str],
+        /// The endpoints of slice `web-1` (a flow YAML list's items); empty: no such slice.
+        endpoints: &'static str,
+        /// Further slices, whole.
+        slices: &'static [&'static str],
+        /// The node has no zone label.
+        unzoned: bool,
+        /// The name of the port of `web` checked ("" for an unnamed one); TCP.
+        port: &'static str,
+        /// The endpoints policy Cluster and policy Local use: `addr` (port 8080) or
+        /// `addr:port`.
+        cluster: &'static [&'static str],
+        local: &'static [&'static str],
+        internal_local: bool,
+        external_local: bool,
+        /// The external frontends (`addr:port`), for the rules about them.
+        external: Option<&'static [&'static str]>,
+        /// Every health check: (port, service name, local endpoints).
+        health_checks: &'static [(u16, &'static str, usize)],
+        warnings: Vec<ModelWarning>,
+    }
+
+    /// `web`: ClusterIP 10.96.0.10, port 80 to 8080, policies Cluster.
+    const PLAIN: &str = WEB;
+    const INTERNAL_LOCAL: &str = "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                                  internalTrafficPolicy: Local, \
+                                  ports: [{port: 80, targetPort: 8080}]}}";
+    const EXTERNAL_LOCAL: &str = "{metadata: {name: web}, spec: {type: NodePort, \
+                                  clusterIP: 10.96.0.10, externalTrafficPolicy: Local, \
+                                  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}";
+    const LB_LOCAL: &str = "{metadata: {name: web}, spec: {type: LoadBalancer, \
+                            clusterIP: 10.96.0.10, externalTrafficPolicy: Local, \
+                            healthCheckNodePort: 32000, \
+                            ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+                            status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}}";
+
+    /// An endpoint at `addr:port`, or at `addr` and port 8080.
+    fn endpoint(s: &str) -> Endpoint {
+        let at = (s.parse::<std::net::SocketAddr>())
+            .unwrap_or_else(|_| std::net::SocketAddr::new(s.parse().unwrap(), 8080));
+        Endpoint {
+            addr: at.ip(),
+            port: at.port(),
+        }
+    }
+
+    fn check(rules: Vec<Rule>) {
+        let node = |zoned: bool| Node {
+            name: Some("node-a".into()),
+            zone: zoned.then(|| "zone-a".into()),
+            addrs: vec![Ipv4Addr::new(192, 168, 0, 10).into()],
+            ..Node::default()
+        };
+        for r in rules {
+            let what = r.rule;
+            let web_1 = (!r.endpoints.is_empty()).then(|| {
+                format!(
+                    "{{metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}, \
+                     addressType: IPv4, ports: [{{port: 8080}}], endpoints: [{}]}}",
+                    r.endpoints
+                )
+            });
+            let slices: Vec<EndpointSlice> = (web_1.iter().map(String::as_str))
+                .chain(r.slices.iter().copied())
+                .map(parse)
+                .collect();
+            let services: Vec<Service> = r.services.iter().map(|s| parse(s)).collect();
+            let (state, warnings) = build(&services, &slices, &node(!r.unzoned));
+            let port = (state.services.get(&spn("web", r.port, Tcp)))
+                .unwrap_or_else(|| panic!("{what}: no port {:?}", r.port));
+            let set = |list: &[&str]| list.iter().map(|e| endpoint(e)).collect::<BTreeSet<_>>();
+            assert_eq!(port.endpoints, set(r.cluster), "{what}: policy Cluster's");
+            assert_eq!(port.local_endpoints, set(r.local), "{what}: policy Local's");
+            assert_eq!(
+                (port.internal_local, port.external_local),
+                (r.internal_local, r.external_local),
+                "{what}: (internal, external) policy Local"
+            );
+            if let Some(external) = r.external {
+                let got: Vec<String> = (port.external_frontends.keys())
+                    .map(|f| std::net::SocketAddr::new(f.addr, f.port).to_string())
+                    .collect();
+                assert_eq!(got, external, "{what}: external frontends");
+            }
+            let checks: Vec<(u16, &str, usize)> = (state.health_checks.iter())
+                .map(|(p, h)| (*p, h.name.as_str(), h.local_endpoints))
+                .collect();
+            assert_eq!(checks, r.health_checks, "{what}: health checks");
+            assert_eq!(warnings, r.warnings, "{what}: warnings");
+        }
+    }
+
+    #[test]
+    fn endpoint_conditions() {
+        check(vec![
+            Rule {
+                rule: "ready unset means ready (and serving, not terminating)",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, conditions: {}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule:
+                    "while one endpoint is ready, not-ready ones are not used, terminating or not",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, conditions: {ready: true}}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, \
+                             conditions: {ready: false, serving: true, terminating: true}}, \
+                            {addresses: [10.0.0.3], nodeName: node-b, conditions: {ready: false}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "policy Cluster, none ready anywhere: every serving terminating endpoint, \
+                       on any node",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             conditions: {ready: false, serving: true, terminating: true}}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, \
+                             conditions: {ready: false, serving: true, terminating: true}}, \
+                            {addresses: [10.0.0.3], nodeName: node-b, \
+                             conditions: {ready: false, serving: false, terminating: true}}, \
+                            {addresses: [10.0.0.4], nodeName: node-b, \
+                             conditions: {ready: false, serving: true}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "serving unset means serving: a terminating endpoint is a fallback",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             conditions: {ready: false, terminating: true}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "terminating unset means not terminating: a not-ready endpoint is never \
+                       a fallback, serving or not",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             conditions: {ready: false, serving: true}}",
+                ..Rule::default()
+            },
+            Rule {
+                rule: "policy Local: the ready endpoints here, not the terminating ones here",
+                services: &[EXTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, \
+                             conditions: {ready: false, serving: true, terminating: true}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                external_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "policy Local, none ready here: the serving terminating ones here, even \
+                       while ready ones serve elsewhere",
+                services: &[EXTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.2], nodeName: node-b}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, \
+                             conditions: {ready: false, serving: true, terminating: true}}, \
+                            {addresses: [10.0.0.4], nodeName: node-b, \
+                             conditions: {ready: false, serving: true, terminating: true}}",
+                cluster: &["10.0.0.2"],
+                local: &["10.0.0.3"],
+                external_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "policy Local, nothing usable here but endpoints elsewhere: an empty local \
+                       set beside a cluster one (drop, not reject)",
+                services: &[EXTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.2], nodeName: node-b}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false}}",
+                cluster: &["10.0.0.2"],
+                external_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "nothing usable anywhere: both sets empty (reject)",
+                services: &[EXTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             conditions: {ready: false, serving: false, terminating: true}}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, conditions: {ready: false}}",
+                external_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "an endpoint without a nodeName is on no node, so never local",
+                services: &[EXTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.1]}",
+                cluster: &["10.0.0.1"],
+                external_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "publishNotReadyAddresses: the controller writes a not-ready pod as \
+                       ready: true, serving: false, and it is used",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             publishNotReadyAddresses: true, \
+                             ports: [{port: 80, targetPort: 8080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             conditions: {ready: true, serving: false, terminating: false}}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "publishNotReadyAddresses on the service does not override the slice: \
+                       only the slice's ready counts",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             publishNotReadyAddresses: true, \
+                             ports: [{port: 80, targetPort: 8080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             conditions: {ready: false, serving: false, terminating: false}}",
+                ..Rule::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn traffic_policies() {
+        check(vec![
+            Rule {
+                rule: "internalTrafficPolicy Local: the ClusterIP uses the local set",
+                services: &[INTERNAL_LOCAL],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                internal_local: true,
+                ..Rule::default()
+            },
+            Rule {
+                rule: "internalTrafficPolicy Local with externalTrafficPolicy Cluster: each \
+                       kind of frontend its own set",
+                services: &["{metadata: {name: web}, spec: {type: NodePort, \
+                             clusterIP: 10.96.0.10, internalTrafficPolicy: Local, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                internal_local: true,
+                external: Some(&["192.168.0.10:30080"]),
+                ..Rule::default()
+            },
+            Rule {
+                rule: "both policies Local",
+                services: &["{metadata: {name: web}, spec: {type: NodePort, \
+                             clusterIP: 10.96.0.10, internalTrafficPolicy: Local, \
+                             externalTrafficPolicy: Local, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                internal_local: true,
+                external_local: true,
+                external: Some(&["192.168.0.10:30080"]),
+                ..Rule::default()
+            },
+            Rule {
+                rule: "externalTrafficPolicy Local applies to the externalIPs of a ClusterIP \
+                       service (externally accessible)",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             externalIPs: [203.0.113.7], externalTrafficPolicy: Local, \
+                             ports: [{port: 80, targetPort: 8080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                external_local: true,
+                external: Some(&["203.0.113.7:80"]),
+                ..Rule::default()
+            },
+            Rule {
+                rule: "externalTrafficPolicy Local on a service nothing reaches from outside: off",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             externalTrafficPolicy: Local, \
+                             ports: [{port: 80, targetPort: 8080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                external: Some(&[]),
+                ..Rule::default()
+            },
+            Rule {
+                rule: "a traffic policy other than Cluster or Local is Cluster, named",
+                services: &["{metadata: {name: web}, spec: {type: NodePort, \
+                             clusterIP: 10.96.0.10, internalTrafficPolicy: PreferLocal, \
+                             externalTrafficPolicy: local, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                warnings: vec![
+                    warning(
+                        "Service default/web",
+                        Problem::UnknownTrafficPolicy {
+                            field: "externalTrafficPolicy",
+                            given: "local".into(),
+                        },
+                    ),
+                    warning(
+                        "Service default/web",
+                        Problem::UnknownTrafficPolicy {
+                            field: "internalTrafficPolicy",
+                            given: "PreferLocal".into(),
+                        },
+                    ),
+                ],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "LoadBalancer ingress IPs: ipMode VIP or unset is programmed, Proxy is not",
+                services: &["{metadata: {name: web}, spec: {type: LoadBalancer, \
+                             clusterIP: 10.96.0.10, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+                             status: {loadBalancer: {ingress: [{ip: 198.51.100.9}, \
+                             {ip: 198.51.100.10, ipMode: VIP}, \
+                             {ip: 198.51.100.11, ipMode: Proxy}]}}}"],
+                external: Some(&["192.168.0.10:30080", "198.51.100.9:80", "198.51.100.10:80"]),
+                ..Rule::default()
+            },
+            Rule {
+                rule: "an ipMode the API does not define: the ingress IP is skipped, named",
+                services: &["{metadata: {name: web}, spec: {type: LoadBalancer, \
+                             clusterIP: 10.96.0.10, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+                             status: {loadBalancer: {ingress: [{ip: 198.51.100.9, \
+                             ipMode: proxy}]}}}"],
+                external: Some(&["192.168.0.10:30080"]),
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::UnknownIpMode {
+                        addr: "198.51.100.9".into(),
+                        given: "proxy".into(),
+                    },
+                )],
+                ..Rule::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn topology_hints() {
+        check(vec![
+            Rule {
+                rule: "zone hints on every ready endpoint, one for this zone: policy Cluster \
+                       uses those for this zone; policy Local ignores hints",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forZones: [{name: zone-b}]}}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, \
+                             hints: {forZones: [{name: zone-b}]}}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.3"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: an endpoint hinted for several zones serves each",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-b}, {name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forZones: [{name: zone-b}]}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: one ready endpoint without any: no topology",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: none for this zone: no topology",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-b}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forZones: [{name: zone-c}]}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: a not-ready endpoint's missing hint does not matter",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forZones: [{name: zone-b}]}}, \
+                            {addresses: [10.0.0.3], nodeName: node-c, \
+                             conditions: {ready: false}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: only a not-ready endpoint is hinted for this zone: no topology",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-b}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             conditions: {ready: false, serving: true, terminating: true}, \
+                             hints: {forZones: [{name: zone-a}]}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "zone hints: a node without a zone label ignores them",
+                services: &[PLAIN],
+                unzoned: true,
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forZones: [{name: zone-b}]}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "none ready: every serving terminating endpoint, hints aside",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             conditions: {ready: false, serving: true, terminating: true}, \
+                             hints: {forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             conditions: {ready: false, serving: true, terminating: true}, \
+                             hints: {forZones: [{name: zone-b}]}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "node hints on every ready endpoint, one for this node: only those \
+                       (PreferSameNode), before zone hints",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, \
+                             hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "node hints, none for this node: zone hints decide",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, \
+                             hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-c, \
+                             hints: {forNodes: [{name: node-c}], forZones: [{name: zone-b}]}}",
+                cluster: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "node hints missing on one ready endpoint: zone hints decide",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, \
+                             hints: {forNodes: [{name: node-a}], forZones: [{name: zone-b}]}}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, \
+                             hints: {forZones: [{name: zone-a}]}}",
+                cluster: &["10.0.0.2"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "trafficDistribution and the topology-mode annotation do nothing without \
+                       hints: kube-proxy reads only the hints",
+                services: &["{metadata: {name: web, \
+                             annotations: {service.kubernetes.io/topology-mode: Auto}}, \
+                             spec: {clusterIP: 10.96.0.10, trafficDistribution: PreferClose, \
+                             ports: [{port: 80, targetPort: 8080}]}}"],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a, zone: zone-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b, zone: zone-b}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn health_checks() {
+        check(vec![
+            Rule {
+                rule: "a LoadBalancer with policy Local and a healthCheckNodePort is checked, \
+                       counting the ready endpoints here",
+                services: &[LB_LOCAL],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}, \
+                            {addresses: [10.0.0.2], nodeName: node-b}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, \
+                             conditions: {ready: false, serving: true, terminating: true}}",
+                cluster: &["10.0.0.1", "10.0.0.2"],
+                local: &["10.0.0.1"],
+                external_local: true,
+                health_checks: &[(32000, "web", 1)],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "only terminating endpoints here: they take the traffic, but count 0",
+                services: &[LB_LOCAL],
+                endpoints: "{addresses: [10.0.0.2], nodeName: node-b}, \
+                            {addresses: [10.0.0.3], nodeName: node-a, \
+                             conditions: {ready: false, serving: true, terminating: true}}",
+                cluster: &["10.0.0.2"],
+                local: &["10.0.0.3"],
+                external_local: true,
+                health_checks: &[(32000, "web", 0)],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "the count is of distinct addresses over all the service's ports",
+                services: &["{metadata: {name: web}, spec: {type: LoadBalancer, \
+                             clusterIP: 10.96.0.10, externalTrafficPolicy: Local, \
+                             healthCheckNodePort: 32000, \
+                             ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, \
+                             {name: https, port: 443, targetPort: 8443, nodePort: 30443}]}}"],
+                slices: &[
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                           addressType: IPv4, \
+                           ports: [{name: http, port: 8080}, {name: https, port: 8443}], \
+                           endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, \
+                           {addresses: [10.0.0.2], nodeName: node-a}, \
+                           {addresses: [10.0.0.3], nodeName: node-b}]}",
+                ],
+                port: "http",
+                cluster: &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                local: &["10.0.0.1", "10.0.0.2"],
+                external_local: true,
+                health_checks: &[(32000, "web", 2)],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "no health check under policy Cluster, nor for a NodePort service",
+                services: &[
+                    "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+                     healthCheckNodePort: 32000, \
+                     ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+                    "{metadata: {name: np}, spec: {type: NodePort, clusterIP: 10.96.0.11, \
+                     externalTrafficPolicy: Local, healthCheckNodePort: 32001, \
+                     ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}}",
+                ],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "a LoadBalancer with policy Local and no healthCheckNodePort is named",
+                services: &["{metadata: {name: web}, spec: {type: LoadBalancer, \
+                             clusterIP: 10.96.0.10, externalTrafficPolicy: Local, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}"],
+                external_local: true,
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::MissingHealthCheckNodePort,
+                )],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "a healthCheckNodePort outside 1-65535 is named",
+                services: &["{metadata: {name: web}, spec: {type: LoadBalancer, \
+                             clusterIP: 10.96.0.10, externalTrafficPolicy: Local, \
+                             healthCheckNodePort: 70000, \
+                             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}"],
+                external_local: true,
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::InvalidHealthCheckNodePort { number: 70_000 },
+                )],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "two services claiming one health-check port: the first by namespace/name \
+                       keeps it, the other is named",
+                services: &[
+                    LB_LOCAL,
+                    "{metadata: {name: api}, spec: {type: LoadBalancer, clusterIP: 10.96.0.11, \
+                     externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+                     ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}}",
+                ],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-a}",
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                external_local: true,
+                health_checks: &[(32000, "api", 0)],
+                warnings: vec![warning(
+                    "Service default/web",
+                    Problem::HealthCheckNodePortTaken {
+                        port: 32000,
+                        owner: ObjectRef {
+                            kind: ObjectKind::Service,
+                            namespace: "default".into(),
+                            name: "api".into(),
+                        },
+                    },
+                )],
+                ..Rule::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn endpoints_merged_across_slices() {
+        check(vec![
+            Rule {
+                rule: "an endpoint in two slices is one; the copy on this node wins, with its \
+                       conditions",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b, conditions: {ready: true}}",
+                slices: &[
+                    "{metadata: {name: web-2, labels: {kubernetes.io/service-name: web}}, \
+                           addressType: IPv4, ports: [{port: 8080}], \
+                           endpoints: [{addresses: [10.0.0.1], nodeName: node-a, \
+                           conditions: {ready: false, serving: true, terminating: true}}]}",
+                ],
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "two remote copies that disagree: the first slice by name wins, whatever \
+                       order the slices come in",
+                services: &[PLAIN],
+                slices: &[
+                    "{metadata: {name: web-2, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1], nodeName: node-b, \
+                     conditions: {ready: true}}]}",
+                    "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1], nodeName: node-c, \
+                     conditions: {ready: false}}]}",
+                ],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "an address with leading zeros is the same endpoint",
+                services: &[PLAIN],
+                endpoints: "{addresses: [10.0.0.1], nodeName: node-b}",
+                slices: &[
+                    "{metadata: {name: web-2, labels: {kubernetes.io/service-name: web}}, \
+                           addressType: IPv4, ports: [{port: 8080}], \
+                           endpoints: [{addresses: [010.000.000.001], nodeName: node-a}]}",
+                ],
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.1"],
+                ..Rule::default()
+            },
+            Rule {
+                rule: "a named target port takes each slice's own number: one address under \
+                       two numbers is two endpoints",
+                services: &["{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                             ports: [{name: http, port: 80, targetPort: web}]}}"],
+                slices: &[
+                    "{metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{name: http, port: 8080}], \
+                     endpoints: [{addresses: [10.0.0.1], nodeName: node-a}]}",
+                    "{metadata: {name: web-b, labels: {kubernetes.io/service-name: web}}, \
+                     addressType: IPv4, ports: [{name: http, port: 9090}], \
+                     endpoints: [{addresses: [10.0.0.2], nodeName: node-b}, \
+                     {addresses: [10.0.0.1], nodeName: node-a}]}",
+                ],
+                port: "http",
+                cluster: &["10.0.0.1:8080", "10.0.0.1:9090", "10.0.0.2:9090"],
+                local: &["10.0.0.1:8080", "10.0.0.1:9090"],
+                ..Rule::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn changing_the_type_adds_and_withdraws_frontends() {
+        // One service edited in place, as the API server keeps it: a nodePort is allocated
+        // on the change to NodePort and cleared on the change back to ClusterIP, the
+        // load-balancer status is written by the cloud controller.
+        let versions = [
+            (
+                "ClusterIP",
+                "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                 ports: [{port: 80, targetPort: 8080}]}}",
+                &[][..],
+            ),
+            (
+                "NodePort",
+                "{metadata: {name: web}, spec: {type: NodePort, clusterIP: 10.96.0.10, \
+                 ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+                &["192.168.0.10:30080", "192.168.1.10:30080"][..],
+            ),
+            (
+                "LoadBalancer",
+                "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+                 ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}, \
+                 status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}}",
+                &[
+                    "192.168.0.10:30080",
+                    "192.168.1.10:30080",
+                    "198.51.100.9:80",
+                ][..],
+            ),
+            (
+                "ClusterIP again",
+                "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+                 ports: [{port: 80, targetPort: 8080}]}}",
+                &[][..],
+            ),
+        ];
+        for (type_, service, want) in versions {
+            let (port, warnings) = external(service);
+            let got: Vec<String> = frontends_of(&port).into_iter().map(|(f, _)| f).collect();
+            assert_eq!(got, want, "as {type_}");
+            assert_eq!(port.frontends.len(), 1, "as {type_}: the ClusterIP stays");
+            assert_eq!(warnings, [], "as {type_}");
+        }
+    }
+
+    #[test]
+    fn topology_is_decided_per_family() {
+        // As kube-proxy's proxier of each family sees only its own slices: the IPv4 slice is
+        // hinted, the IPv6 one not.
+        let slices: [EndpointSlice; 2] = [
+            parse(
+                "{metadata: {name: web-4, labels: {kubernetes.io/service-name: web}}, \
+                 addressType: IPv4, ports: [{port: 8080}], \
+                 endpoints: [{addresses: [10.0.0.1], nodeName: node-b, \
+                 hints: {forZones: [{name: zone-a}]}}, \
+                 {addresses: [10.0.0.2], nodeName: node-c, \
+                 hints: {forZones: [{name: zone-b}]}}]}",
+            ),
+            parse(
+                "{metadata: {name: web-6, labels: {kubernetes.io/service-name: web}}, \
+                 addressType: IPv6, ports: [{port: 8080}], \
+                 endpoints: [{addresses: ['fd00:1::1'], nodeName: node-b, \
+                 hints: {forZones: [{name: zone-a}]}}, \
+                 {addresses: ['fd00:1::2'], nodeName: node-c}]}",
+            ),
+        ];
+        let service = parse(
+            "{metadata: {name: web}, spec: {clusterIP: 10.96.0.10, \
+             clusterIPs: [10.96.0.10, 'fd00:96::10'], ipFamilies: [IPv4, IPv6], \
+             ports: [{port: 80, targetPort: 8080}]}}",
+        );
+        let node = Node {
+            name: Some("node-a".into()),
+            zone: Some("zone-a".into()),
+            ..Node::default()
+        };
+        let (state, warnings) = build(&[service], &slices, &node);
+        assert_eq!(warnings, []);
+        assert_eq!(
+            state.services[&spn("web", "", Tcp)].endpoints,
+            endpoint_set(&["10.0.0.1", "fd00:1::1", "fd00:1::2"])
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_health_check_counts_the_larger_family() {
+        let (state, problems) = dual_stack(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             clusterIPs: [10.96.0.10, 'fd00:96::10'], ipFamilies: [IPv4, IPv6], \
+             externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+            DUAL_NODE,
+        );
+        // 10.0.0.1 and fd00:1::1 are one pod's two addresses: kube-proxy's proxier of each
+        // family counts 1, and so does the one number here.
+        assert_eq!(
+            problems.len(),
+            2,
+            "the slices' stray addresses: {problems:?}"
+        );
+        let check = &state.health_checks[&32000];
+        assert_eq!((check.name.as_str(), check.local_endpoints), ("web", 1));
+
+        // A second IPv6 endpoint here: the IPv6 family counts 2.
+        let slice: EndpointSlice = parse(
+            "{metadata: {name: web-6b, labels: {kubernetes.io/service-name: web}}, \
+             addressType: IPv6, ports: [{port: 8080}], \
+             endpoints: [{addresses: ['fd00:1::3'], nodeName: node-a}]}",
+        );
+        let service: Service = parse(
+            "{metadata: {name: web}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             clusterIPs: [10.96.0.10, 'fd00:96::10'], ipFamilies: [IPv4, IPv6], \
+             externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+        );
+        let node = Node {
+            name: Some("node-a".into()),
+            ..Node::default()
+        };
+        let four: EndpointSlice = parse(
+            "{metadata: {name: web-4, labels: {kubernetes.io/service-name: web}}, \
+             addressType: IPv4, ports: [{port: 8080}], \
+             endpoints: [{addresses: [10.0.0.1], nodeName: node-a}]}",
+        );
+        let six: EndpointSlice = parse(
+            "{metadata: {name: web-6, labels: {kubernetes.io/service-name: web}}, \
+             addressType: IPv6, ports: [{port: 8080}], \
+             endpoints: [{addresses: ['fd00:1::1'], nodeName: node-a}]}",
+        );
+        let (state, _) = build(&[service], &[four, six, slice], &node);
+        assert_eq!(state.health_checks[&32000].local_endpoints, 2);
+    }
+
     #[test]
     fn warnings_read_well() {
         let w = warning(
@@ -2038,6 +3180,37 @@ mod tests {
         let (state, _) = build(&services, &slices, &node(None));
         // A nameless service is still programmed: rejecting input is the API server's job.
         assert_eq!(state.services.len(), 1);
+
+        // Empty policies, hints, ingress points and names, on a node with an empty name and
+        // zone (which nothing empty is taken to name).
+        let service: Service = parse(
+            "{metadata: {name: e}, spec: {type: LoadBalancer, clusterIP: 10.96.0.10, \
+             externalTrafficPolicy: '', \
+             internalTrafficPolicy: '', healthCheckNodePort: -5, ports: [{port: 80}]}, \
+             status: {loadBalancer: {ingress: [{}, {ip: '', ipMode: ''}, {ipMode: Proxy}]}}}",
+        );
+        let slice: EndpointSlice = parse(
+            "{metadata: {labels: {kubernetes.io/service-name: e}}, addressType: IPv4, \
+             ports: [{}, {port: 8080}], endpoints: [{addresses: [10.0.0.1], nodeName: '', conditions: {}, \
+             hints: {forNodes: [{name: node-x}]}}, {addresses: [10.0.0.2], \
+             hints: {forZones: [], forNodes: [{name: ''}]}}]}",
+        );
+        let empty = Node {
+            name: Some(String::new()),
+            zone: Some(String::new()),
+            ..Node::default()
+        };
+        let (state, warnings) = build(&[service], &[slice], &empty);
+        assert_eq!(state.services.len(), 1);
+        let port = state.services.values().next().unwrap();
+        assert_eq!(
+            port.local_endpoints,
+            [].into(),
+            "an empty nodeName is no node's"
+        );
+        assert_eq!(port.endpoints.len(), 2, "an empty node hint is for no node");
+        assert!(state.health_checks.is_empty());
+        assert!(!warnings.is_empty());
     }
 
     #[test]

@@ -104,12 +104,14 @@ impl Op {
 }
 
 /// Which endpoints serve a set of a service port's frontends: one backend set (one service
-/// id) each. A port has a cluster set, and a local one when externalTrafficPolicy is Local.
+/// id) each. A port has a cluster set, and a local one when a traffic policy is Local.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
-    /// Every ready endpoint: ClusterIPs, and external frontends under policy Cluster.
+    /// `ServicePort::endpoints`: frontends under policy Cluster, and the node's own
+    /// connections to external frontends under externalTrafficPolicy Local.
     Cluster,
-    /// This node's endpoints: external frontends under policy Local.
+    /// `ServicePort::local_endpoints`: ClusterIPs under internalTrafficPolicy Local, external
+    /// frontends under externalTrafficPolicy Local.
     Local,
 }
 
@@ -141,12 +143,13 @@ fn units(desired: &DesiredState) -> Vec<Unit<'_>> {
 }
 
 /// The units of `port` in `family`: its frontends, endpoints and source ranges of that family.
+/// Each frontend goes to the unit its traffic policy names; a Local unit may hold ClusterIPs
+/// and external frontends both, when both policies are Local.
 fn family_units<'a>(
     name: &'a ServicePortName,
     port: &'a ServicePort,
     family: IpFamily,
 ) -> Vec<Unit<'a>> {
-    let mut units = Vec::new();
     let of_family = |addr: &IpAddr| IpFamily::of(*addr) == family;
     let endpoints_of = |set: &BTreeSet<Endpoint>| -> BTreeSet<Endpoint> {
         set.iter().filter(|e| of_family(&e.addr)).copied().collect()
@@ -158,10 +161,6 @@ fn family_units<'a>(
         .copied()
         .collect();
     let unspecified = unspecified(family);
-    let mut cluster: Vec<_> = (port.frontends.iter())
-        .filter(|fe| of_family(&fe.addr))
-        .map(|fe| (frontend_key(fe), 0, unspecified))
-        .collect();
     let restricted = |e: &External| e.load_balancer && !family_ranges.is_empty();
     let ranges_of = |frontends: &[(AnyFrontendKey, u8, IpAddr)]| {
         let any = frontends.iter().any(|f| f.1 & SVC_F_SOURCE_RANGES != 0);
@@ -178,33 +177,29 @@ fn family_units<'a>(
             0
         }
     };
+
+    let mut cluster = Vec::new();
+    let mut local = Vec::new();
+    let cluster_ips = (port.frontends.iter())
+        .filter(|fe| of_family(&fe.addr))
+        .map(|fe| (frontend_key(fe), 0, unspecified));
+    if port.internal_local {
+        local.extend(cluster_ips);
+    } else {
+        cluster.extend(cluster_ips);
+    }
     let external = (port.external_frontends.iter()).filter(|(fe, _)| of_family(&fe.addr));
-    let endpoints = endpoints_of(&port.endpoints);
     if port.external_local {
-        let frontends: Vec<_> = external
-            .map(|(fe, e)| (frontend_key(fe), flags(e, SVC_F_EXTERNAL), unspecified))
-            .collect();
-        // The node's own connections to these frontends use every endpoint, as
-        // kube-proxy sends them (the socket programs look `SCOPE_HOST` up first).
-        cluster.extend(frontends.iter().map(|(key, _, _)| {
+        for (fe, e) in external {
+            let key = frontend_key(fe);
+            local.push((key, flags(e, SVC_F_EXTERNAL), unspecified));
+            // The node's own connections to these frontends use every endpoint, as
+            // kube-proxy sends them (the socket programs look `SCOPE_HOST` up first).
             let host = FrontendKey {
                 scope: SCOPE_HOST,
-                ..*key
+                ..key
             };
-            (host, SVC_F_EXTERNAL, unspecified)
-        }));
-        if !frontends.is_empty() {
-            units.push(Unit {
-                name,
-                scope: Scope::Local,
-                family,
-                port,
-                endpoints: endpoints_of(&port.local_endpoints),
-                // Endpoints elsewhere but none here: kube-proxy drops rather than rejects.
-                drop_when_empty: !endpoints.is_empty(),
-                source_ranges: ranges_of(&frontends),
-                frontends,
-            });
+            cluster.push((host, SVC_F_EXTERNAL, unspecified));
         }
     } else {
         cluster.extend(external.map(|(fe, e)| {
@@ -215,6 +210,26 @@ fn family_units<'a>(
             let snat = Some(e.snat_addr).filter(of_family).unwrap_or(unspecified);
             (frontend_key(fe), f, snat)
         }));
+    }
+
+    // The model's cluster set is empty exactly when the service has no usable endpoint of
+    // this family anywhere (kube-proxy's `hasAnyEndpoints`), which is when kube-proxy rejects.
+    let endpoints = endpoints_of(&port.endpoints);
+    let mut units = Vec::new();
+    if !local.is_empty() {
+        units.push(Unit {
+            name,
+            scope: Scope::Local,
+            family,
+            port,
+            endpoints: endpoints_of(&port.local_endpoints),
+            // Endpoints elsewhere but none here: kube-proxy drops rather than rejects, for
+            // ClusterIPs and external frontends alike (pkg/proxy/iptables/proxier.go, "has no
+            // local endpoints").
+            drop_when_empty: !endpoints.is_empty(),
+            source_ranges: ranges_of(&local),
+            frontends: local,
+        });
     }
     if !cluster.is_empty() {
         units.push(Unit {
@@ -446,7 +461,8 @@ impl Programmed {
         for unit in units(desired) {
             let (name, port) = (unit.name, unit.port);
             if name.protocol == Protocol::Sctp {
-                if unit.scope == Scope::Cluster && warned_sctp.insert(name) {
+                // Once per port, whichever of its units comes first.
+                if warned_sctp.insert(name) {
                     warn!(
                         "{name}: SCTP services are not handled by the eBPF datapath yet; skipped"
                     );
@@ -898,32 +914,32 @@ mod tests {
         fn assert_serves(&self, desired: &DesiredState) {
             let mut want_frontends = 0;
             for (name, port) in &desired.services {
-                let external_endpoints = if port.external_local {
-                    &port.local_endpoints
-                } else {
-                    &port.endpoints
+                // Each kind of frontend uses the set its traffic policy names.
+                let policy = |local: bool| {
+                    if local {
+                        (&port.local_endpoints, true)
+                    } else {
+                        (&port.endpoints, false)
+                    }
                 };
-                let cluster = port
-                    .frontends
-                    .iter()
-                    .map(|fe| (fe, SCOPE_ALL, &port.endpoints));
-                let external = port
-                    .external_frontends
-                    .keys()
-                    .map(|fe| (fe, SCOPE_ALL, external_endpoints));
+                let cluster =
+                    (port.frontends.iter()).map(|fe| (fe, SCOPE_ALL, policy(port.internal_local)));
+                let external = (port.external_frontends.keys())
+                    .map(|fe| (fe, SCOPE_ALL, policy(port.external_local)));
                 // Under policy Local, the node's own connections use every endpoint.
-                let host = port
-                    .external_frontends
-                    .keys()
+                let host = (port.external_frontends.keys())
                     .filter(|_| port.external_local)
-                    .map(|fe| (fe, SCOPE_HOST, &port.endpoints));
-                for (fe, scope, endpoints) in cluster.chain(external).chain(host) {
+                    .map(|fe| (fe, SCOPE_HOST, policy(false)));
+                for (fe, scope, (endpoints, local)) in cluster.chain(external).chain(host) {
                     want_frontends += 1;
                     // Only the endpoints of the frontend's family.
-                    let endpoints: BTreeSet<Endpoint> = (endpoints.iter())
-                        .filter(|e| e.family() == fe.family())
-                        .copied()
-                        .collect();
+                    let of_family = |set: &BTreeSet<Endpoint>| -> BTreeSet<Endpoint> {
+                        (set.iter())
+                            .filter(|e| e.family() == fe.family())
+                            .copied()
+                            .collect()
+                    };
+                    let endpoints = of_family(endpoints);
                     let key = FrontendKey {
                         addr: fe.addr,
                         port_be: fe.port.to_be(),
@@ -948,6 +964,11 @@ mod tests {
                         })
                         .collect();
                     assert_eq!(got, endpoints, "{name} {fe}");
+                    // Empty under policy Local: drop while the family has endpoints
+                    // elsewhere, reject when it has none at all.
+                    let drop = local && !of_family(&port.endpoints).is_empty();
+                    let flagged = svc.flags & SVC_F_DROP_WHEN_EMPTY != 0;
+                    assert_eq!(flagged, drop, "{name} {fe} scope {scope}: drop when empty");
                 }
             }
             assert_eq!(self.services.len(), want_frontends, "stale frontends left");
@@ -1230,6 +1251,197 @@ mod tests {
         );
         assert_eq!(external.svc_id, clusterip.svc_id);
         assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
+    }
+
+    /// The service entry of `fe` (scope `SCOPE_ALL`), and of the node's own connections to it
+    /// if it has one of its own (`SCOPE_HOST`).
+    fn entries(maps: &Maps, fe: &Frontend) -> (AnyService, Option<AnyService>) {
+        let key = frontend_key(fe);
+        let host = FrontendKey {
+            scope: SCOPE_HOST,
+            ..key
+        };
+        (maps.services[&key], maps.services.get(&host).copied())
+    }
+
+    /// The backends of the service id `svc`, by address.
+    fn backends_of(maps: &Maps, svc: &AnyService) -> BTreeSet<IpAddr> {
+        (1..=svc.backend_count as u32)
+            .map(|slot| {
+                let s = maps.slots[&SlotKey {
+                    svc_id: svc.svc_id,
+                    slot,
+                }];
+                maps.backends[&s.backend_id].addr
+            })
+            .collect()
+    }
+
+    fn addrs4(last: &[u8]) -> BTreeSet<IpAddr> {
+        last.iter().map(|i| endpoint4(*i).addr).collect()
+    }
+
+    /// Port `vip`:80 with endpoints 10.1.0.1 (this node's) and 10.1.0.2, and NodePort 30080 on
+    /// 192.168.0.10.
+    fn node_port_with_one_local(vip: [u8; 4]) -> (ServicePort, Frontend, Frontend) {
+        let node = IpAddr::from([192, 168, 0, 10]);
+        let node_port = Frontend {
+            addr: node,
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        let mut sp = port(vip, 80, &[1, 2]);
+        sp.local_endpoints = [endpoint4(1)].into();
+        sp.external_frontends = [(
+            node_port,
+            External {
+                snat_addr: node,
+                load_balancer: false,
+            },
+        )]
+        .into();
+        let cluster_ip = *sp.frontends.first().unwrap();
+        (sp, cluster_ip, node_port)
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_sends_cluster_ips_to_the_local_set() {
+        let mut maps = Maps::default();
+        let mut sp = port([10, 96, 0, 1], 80, &[1, 2]);
+        sp.internal_local = true;
+        sp.local_endpoints = [endpoint4(1)].into();
+        let cluster_ip = *sp.frontends.first().unwrap();
+        let (p, _) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("a", sp.clone())]),
+        );
+        let (svc, host) = entries(&maps, &cluster_ip);
+        assert_eq!(backends_of(&maps, &svc), addrs4(&[1]));
+        assert_eq!(svc.flags, SVC_F_DROP_WHEN_EMPTY);
+        assert_eq!(
+            host, None,
+            "the node's own connections use the local set too"
+        );
+        assert_eq!(maps.services.len(), 1, "no cluster unit: nothing uses it");
+
+        // The local endpoint goes while another remains: drop.
+        sp.local_endpoints.clear();
+        let (p, _) = step(p, &mut maps, &state(&[("a", sp.clone())]));
+        let (svc, _) = entries(&maps, &cluster_ip);
+        assert_eq!((svc.backend_count, svc.flags), (0, SVC_F_DROP_WHEN_EMPTY));
+
+        // None anywhere: reject.
+        sp.endpoints.clear();
+        let (_, ops) = step(p, &mut maps, &state(&[("a", sp)]));
+        let (svc, _) = entries(&maps, &cluster_ip);
+        assert_eq!((svc.backend_count, svc.flags), (0, 0));
+        assert_eq!(kinds(&ops), ["put-service"], "the flag, nothing else");
+    }
+
+    #[test]
+    fn internal_local_and_external_cluster_use_two_sets() {
+        let mut maps = Maps::default();
+        let (mut sp, cluster_ip, node_port) = node_port_with_one_local([10, 96, 0, 1]);
+        sp.internal_local = true;
+        step(Programmed::default(), &mut maps, &state(&[("a", sp)]));
+        let ((internal, _), (external, host)) =
+            (entries(&maps, &cluster_ip), entries(&maps, &node_port));
+        assert_ne!(internal.svc_id, external.svc_id);
+        assert_eq!(backends_of(&maps, &internal), addrs4(&[1]));
+        assert_eq!(internal.flags, SVC_F_DROP_WHEN_EMPTY);
+        assert_eq!(backends_of(&maps, &external), addrs4(&[1, 2]));
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_SNAT);
+        assert_eq!(
+            host, None,
+            "under policy Cluster the node's own entry is everyone's"
+        );
+    }
+
+    #[test]
+    fn both_policies_local_share_one_local_set() {
+        let mut maps = Maps::default();
+        let (mut sp, cluster_ip, node_port) = node_port_with_one_local([10, 96, 0, 1]);
+        sp.internal_local = true;
+        sp.external_local = true;
+        let (p, _) = step(
+            Programmed::default(),
+            &mut maps,
+            &state(&[("a", sp.clone())]),
+        );
+        let ((internal, _), (external, host)) =
+            (entries(&maps, &cluster_ip), entries(&maps, &node_port));
+        assert_eq!(internal.svc_id, external.svc_id, "one Local unit");
+        assert_eq!(backends_of(&maps, &internal), addrs4(&[1]));
+        assert_eq!(internal.flags, SVC_F_DROP_WHEN_EMPTY);
+        assert_eq!(external.flags, SVC_F_EXTERNAL | SVC_F_DROP_WHEN_EMPTY);
+        let host = host.expect("the node's own entry for the NodePort");
+        assert_eq!(backends_of(&maps, &host), addrs4(&[1, 2]), "every endpoint");
+        assert_eq!(host.flags, SVC_F_EXTERNAL);
+
+        // Back to policy Cluster for ClusterIPs: the ClusterIP moves to the cluster set, the
+        // NodePort keeps its service id.
+        sp.internal_local = false;
+        step(p, &mut maps, &state(&[("a", sp)]));
+        let ((moved, _), (kept, host)) = (entries(&maps, &cluster_ip), entries(&maps, &node_port));
+        assert_eq!(kept.svc_id, external.svc_id);
+        assert_eq!(moved.svc_id, host.unwrap().svc_id, "the cluster unit");
+        assert_eq!(
+            (moved.flags, backends_of(&maps, &moved)),
+            (0, addrs4(&[1, 2]))
+        );
+    }
+
+    #[test]
+    fn the_terminating_fallback_reaches_the_datapath_sets() {
+        // From Kubernetes objects: this node's only endpoint is terminating but serving,
+        // another node's is ready.
+        let service: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(
+            "{metadata: {name: web}, spec: {type: NodePort, clusterIP: 10.96.0.10, \
+             externalTrafficPolicy: Local, internalTrafficPolicy: Local, \
+             ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}}",
+        )
+        .unwrap();
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(
+            "{metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}, \
+             addressType: IPv4, ports: [{port: 8080}], \
+             endpoints: [{addresses: [10.1.0.1], nodeName: node-a, \
+             conditions: {ready: false, serving: true, terminating: true}}, \
+             {addresses: [10.1.0.2], nodeName: node-b, conditions: {ready: true}}, \
+             {addresses: [10.1.0.3], nodeName: node-b, \
+             conditions: {ready: false, serving: true, terminating: true}}]}",
+        )
+        .unwrap();
+        let node = crate::model::Node {
+            name: Some("node-a".into()),
+            addrs: vec![IpAddr::from([192, 168, 0, 10])],
+            ..crate::model::Node::default()
+        };
+        let (desired, warnings) = crate::model::build(&[service], &[slice], &node);
+        assert_eq!(warnings, []);
+        let mut maps = Maps::default();
+        step(Programmed::default(), &mut maps, &desired);
+        let at = |addr: [u8; 4], port| Frontend {
+            addr: IpAddr::from(addr),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let ((internal, _), (external, host)) = (
+            entries(&maps, &at([10, 96, 0, 10], 80)),
+            entries(&maps, &at([192, 168, 0, 10], 30080)),
+        );
+        assert_eq!(
+            backends_of(&maps, &internal),
+            addrs4(&[1]),
+            "the terminating one here"
+        );
+        assert_eq!(backends_of(&maps, &external), addrs4(&[1]));
+        let host = host.expect("the node's own entry");
+        assert_eq!(
+            backends_of(&maps, &host),
+            addrs4(&[2]),
+            "ready ones elsewhere first"
+        );
     }
 
     #[test]
@@ -1668,6 +1880,7 @@ mod tests {
         let mut p = Programmed::default();
         let mut walked = 0;
         let mut both_families = 0;
+        let (mut internal_local, mut shared_local) = (0, 0);
         for _ in 0..300 {
             let mut services = Vec::new();
             for s in 0..next(6) {
@@ -1717,12 +1930,6 @@ mod tests {
                         sp.external_frontends.insert(frontend, external);
                     }
                     sp.external_local = next(2) == 0;
-                    sp.local_endpoints = sp
-                        .endpoints
-                        .iter()
-                        .filter(|_| next(2) == 0)
-                        .copied()
-                        .collect();
                     sp.source_ranges = (0..next(4))
                         .map(|i| match next(2) {
                             0 => (IpAddr::from([10, i as u8, 0, 0]), 16),
@@ -1732,6 +1939,18 @@ mod tests {
                             ),
                         })
                         .collect();
+                }
+                // Either policy Local, or both; the local set mostly a part of the cluster
+                // one, sometimes with an endpoint the cluster set lacks (a terminating one
+                // here while ready ones serve elsewhere).
+                sp.internal_local = next(3) == 0;
+                sp.local_endpoints = (sp.endpoints.iter())
+                    .filter(|_| next(2) == 0)
+                    .copied()
+                    .collect();
+                if next(4) == 0 {
+                    sp.local_endpoints
+                        .insert([endpoint4(9), endpoint6(9)][next(2) as usize]);
                 }
                 services.push((format!("svc{s}"), sp));
             }
@@ -1755,6 +1974,18 @@ mod tests {
                 .map(|b| IpFamily::of(b.addr))
                 .collect();
             both_families += usize::from(families.len() == 2);
+            // The walk reaches ClusterIPs under internalTrafficPolicy Local, and Local units
+            // serving ClusterIPs and external frontends together.
+            let local_cluster_ips: BTreeSet<u32> = (maps.services.iter())
+                .filter(|(k, v)| k.scope == SCOPE_ALL && v.flags == SVC_F_DROP_WHEN_EMPTY)
+                .map(|(_, v)| v.svc_id)
+                .collect();
+            internal_local += usize::from(!local_cluster_ips.is_empty());
+            shared_local += usize::from(maps.services.iter().any(|(k, v)| {
+                k.scope == SCOPE_ALL
+                    && v.flags & SVC_F_EXTERNAL != 0
+                    && local_cluster_ips.contains(&v.svc_id)
+            }));
             walked += 1;
             if walked % 25 == 0 {
                 // A restart: start again from what the maps hold.
@@ -1764,6 +1995,11 @@ mod tests {
         assert!(
             both_families > walked / 4,
             "the walk often holds backends of both families: {both_families} of {walked}"
+        );
+        assert!(
+            internal_local > walked / 4 && shared_local > walked / 10,
+            "the walk often has internal Local units ({internal_local} of {walked}), some \
+             shared with external frontends ({shared_local})"
         );
     }
 }
