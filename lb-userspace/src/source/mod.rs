@@ -1,6 +1,7 @@
 //! Where Services and EndpointSlices come from: `--source dir:PATH` reads manifest files from a
-//! directory ([`manifest_dir`]); `--source kube` (watching the API server) comes later.
+//! directory ([`manifest_dir`]); [`kube`] watches the API server (`--source kube` comes later).
 
+pub mod kube;
 pub mod manifest_dir;
 
 use std::fmt;
