@@ -230,7 +230,13 @@ impl Syncer {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Source::Dir(path) = args.source.parse::<Source>()?;
+    let path = match args.source.parse::<Source>()? {
+        Source::Dir(path) => path,
+        // The watch source exists (source::kube); running the agent from it is wired separately.
+        Source::Kube { .. } => {
+            anyhow::bail!("--source kube is not wired into the agent yet; use --source dir:PATH")
+        }
+    };
     let (hairpin_addr, hairpin_addr6) = hairpin_addrs(&args.hairpin_ips)?;
     let node = model::Node {
         service_proxy_name: args.service_proxy_name,
