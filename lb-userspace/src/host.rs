@@ -38,7 +38,6 @@ fn snat_ports_reserved(reserved: &str) -> bool {
     (lb_common::snat::PORT_MIN..=u16::MAX).all(|p| ranges.iter().any(|&(a, b)| a <= p && p <= b))
 }
 
-
 /// `$NODE_NAME` (what a DaemonSet passes from `spec.nodeName`), else the host name.
 pub fn node_name_from_environment() -> Option<String> {
     if let Ok(name) = std::env::var("NODE_NAME") {
@@ -192,7 +191,6 @@ fn default_route_interface() -> Option<String> {
         .min()
         .map(|(_, iface)| iface)
 }
-
 
 #[cfg(test)]
 mod tests {

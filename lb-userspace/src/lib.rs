@@ -13,4 +13,5 @@ pub mod host;
 pub mod model;
 pub mod serve;
 pub mod source;
+pub mod sync;
 pub mod testbed;

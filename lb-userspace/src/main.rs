@@ -365,7 +365,10 @@ fn parse_duration(arg: &str) -> Result<Duration, String> {
     let bad = || format!("{arg:?} is not a duration such as 1s or 250ms");
     let (number, unit) = match arg.strip_suffix("ms") {
         Some(n) => (n, Duration::from_millis(1)),
-        None => (arg.strip_suffix('s').ok_or_else(bad)?, Duration::from_secs(1)),
+        None => (
+            arg.strip_suffix('s').ok_or_else(bad)?,
+            Duration::from_secs(1),
+        ),
     };
     let n: u32 = number.parse().map_err(|_| bad())?;
     Ok(unit * n)
@@ -428,5 +431,4 @@ mod tests {
         let err = hairpin_addrs(&[four, six, four]).unwrap_err().to_string();
         assert!(err.contains("twice for IPv4"), "{err}");
     }
-
 }

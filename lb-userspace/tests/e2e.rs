@@ -1125,7 +1125,11 @@ fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
 
     bed.rewrite(health_checked_manifest(
         "Local",
-        &[(1, NODE_NAME, Ready), (3, NODE_NAME, Ready), (2, "elsewhere", Ready)],
+        &[
+            (1, NODE_NAME, Ready),
+            (3, NODE_NAME, Ready),
+            (2, "elsewhere", Ready),
+        ],
     ));
     let (status, count, _) = health_check(&bed).unwrap();
     assert_eq!((status, count), (200, 2), "two local endpoints");
@@ -1138,10 +1142,18 @@ fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
         &[(1, NODE_NAME, Terminating), (2, "elsewhere", Ready)],
     ));
     let (status, count, _) = health_check(&bed).unwrap();
-    assert_eq!((status, count), (503, 0), "only a terminating local endpoint");
+    assert_eq!(
+        (status, count),
+        (503, 0),
+        "only a terminating local endpoint"
+    );
     let node_port = SocketAddr::from((NODE_IP, 30090));
     for (name, peer) in names_and_peers(&bed, node_port, 5) {
-        assert_eq!(name, backend_name(1), "the terminating local endpoint serves");
+        assert_eq!(
+            name,
+            backend_name(1),
+            "the terminating local endpoint serves"
+        );
         assert_eq!(peer.to_string(), "10.0.1.2", "client address kept (Local)");
     }
 
@@ -1150,7 +1162,10 @@ fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
     assert_eq!((status, count), (503, 0), "no local endpoint");
 
     // Policy Cluster needs no health check: the port closes.
-    bed.rewrite(health_checked_manifest("Cluster", &[(2, "elsewhere", Ready)]));
+    bed.rewrite(health_checked_manifest(
+        "Cluster",
+        &[(2, "elsewhere", Ready)],
+    ));
     match health_check(&bed) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
         other => panic!("the health-check port of a Cluster-policy service: {other:?}"),
@@ -1163,7 +1178,11 @@ fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
             .in_client(move || http::get(addr, path, CLIENT_TIMEOUT))
             .unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(answer.status, 200, "{path}: {}", answer.body);
-        assert!(answer.body.contains("lastUpdated"), "{path}: {}", answer.body);
+        assert!(
+            answer.body.contains("lastUpdated"),
+            "{path}: {}",
+            answer.body
+        );
     }
 
     // Metrics: syncs, programming latency from the slices' trigger times, and the datapath's
@@ -1185,7 +1204,10 @@ fn health_check_node_ports_follow_local_endpoints_and_metrics_show_the_work() {
         &page,
         "lbagent_datapath_packets_total{verdict=\"xlate\",reason=\"xlate_new_flow\"",
     );
-    assert!(new_flows >= 5.0, "new flows counted, got {new_flows}:\n{page}");
+    assert!(
+        new_flows >= 5.0,
+        "new flows counted, got {new_flows}:\n{page}"
+    );
     assert!(
         metric(&page, "lbagent_service_ports") >= 1.0,
         "service ports gauge:\n{page}"

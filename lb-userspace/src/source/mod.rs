@@ -1,6 +1,7 @@
 //! Where Services and EndpointSlices come from: `--source dir:PATH` reads manifest files from a
-//! directory ([`manifest_dir`]); `--source kube` (watching the API server) comes later.
+//! directory ([`manifest_dir`]); `--source kube` watches the API server ([`kube`]).
 
+pub mod kube;
 pub mod manifest_dir;
 
 use std::fmt;
@@ -29,20 +30,19 @@ pub struct Objects {
 pub enum Source {
     /// `dir:PATH`: manifest files under PATH, re-read when they change.
     Dir(PathBuf),
+    /// `kube`: watches the API server. `kubeconfig` is not part of the `--source` argument (it
+    /// comes from `--kubeconfig`): parsing gives `None`, which means the pod's service account.
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 /// A `--source` argument that names no source this agent has.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SourceArgError {
-    #[error("--source kube is not supported yet; use --source dir:PATH")]
-    KubeNotSupportedYet,
     #[error(
         "--source dir: needs a path after the colon, e.g. --source dir:/etc/lb-agent/manifests"
     )]
     EmptyPath,
-    #[error(
-        "--source {given:?} is not a source; accepted forms: dir:PATH (kube: not supported yet)"
-    )]
+    #[error("--source {given:?} is not a source; accepted forms: dir:PATH, kube")]
     Unknown { given: String },
 }
 
@@ -57,7 +57,7 @@ impl FromStr for Source {
             };
         }
         match arg {
-            "kube" => Err(SourceArgError::KubeNotSupportedYet),
+            "kube" => Ok(Source::Kube { kubeconfig: None }),
             _ => Err(SourceArgError::Unknown {
                 given: arg.to_owned(),
             }),
@@ -69,6 +69,8 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Dir(path) => write!(f, "dir:{}", path.display()),
+            // As `--source` spells it: the kubeconfig comes from a flag of its own.
+            Source::Kube { .. } => f.write_str("kube"),
         }
     }
 }
@@ -79,14 +81,20 @@ mod tests {
 
     #[test]
     fn parses_source_arguments() {
-        let cases: [(&str, Result<Source, SourceArgError>); 6] = [
+        let cases: [(&str, Result<Source, SourceArgError>); 7] = [
             (
                 "dir:/etc/manifests",
                 Ok(Source::Dir("/etc/manifests".into())),
             ),
             ("dir:relative/path", Ok(Source::Dir("relative/path".into()))),
             ("dir:", Err(SourceArgError::EmptyPath)),
-            ("kube", Err(SourceArgError::KubeNotSupportedYet)),
+            ("kube", Ok(Source::Kube { kubeconfig: None })),
+            (
+                "kube:/etc/kubeconfig",
+                Err(SourceArgError::Unknown {
+                    given: "kube:/etc/kubeconfig".into(),
+                }),
+            ),
             (
                 "/etc/manifests",
                 Err(SourceArgError::Unknown {
@@ -108,14 +116,18 @@ mod tests {
     #[test]
     fn errors_list_the_accepted_forms() {
         let unknown = "nope".parse::<Source>().unwrap_err().to_string();
-        assert!(unknown.contains("dir:PATH"), "{unknown}");
-        let kube = "kube".parse::<Source>().unwrap_err().to_string();
-        assert!(kube.contains("not supported yet"), "{kube}");
+        assert!(unknown.contains("dir:PATH, kube"), "{unknown}");
     }
 
     #[test]
     fn displays_as_it_parses() {
-        let source: Source = "dir:/etc/manifests".parse().unwrap();
-        assert_eq!(source.to_string(), "dir:/etc/manifests");
+        for arg in ["dir:/etc/manifests", "kube"] {
+            let source: Source = arg.parse().unwrap();
+            assert_eq!(source.to_string(), arg);
+        }
+        let with_kubeconfig = Source::Kube {
+            kubeconfig: Some("/etc/kubeconfig".into()),
+        };
+        assert_eq!(with_kubeconfig.to_string(), "kube");
     }
 }
