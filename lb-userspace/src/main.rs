@@ -26,7 +26,7 @@ use lb_userspace::{
         service_health::ServiceHealthServers,
     },
     source::{self, kube::KubeSource, manifest_dir::ManifestDir, Source},
-    sync::{Feed, Observers, Syncer},
+    sync::{self, Feed, Observers, Syncer, Timing},
 };
 
 #[derive(Parser)]
@@ -113,11 +113,11 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     /// Where to serve `/healthz` and `/livez` (kube-proxy's address); `off` for nowhere.
-    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind_address)]
-    healthz_bind_address: Option<SocketAddr>,
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: BindAddress,
     /// Where to serve Prometheus `/metrics` (kube-proxy's address); `off` for nowhere.
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
-    metrics_bind_address: Option<SocketAddr>,
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: BindAddress,
     /// cgroup v2 directory to attach the socket programs to, which balance connections made
     /// by processes on this node (those in the directory and below, and only in the agent's
     /// network namespace). Default: the cgroup2 root, found in /proc/self/mountinfo.
@@ -206,13 +206,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The servers first: a port another proxy holds is a startup error, not a surprise later.
     // kube-proxy counts itself unhealthy when a change waits longer than twice its sync period.
     let health = ProxierHealth::new(2 * resync_every);
-    if let Some(addr) = args.healthz_bind_address {
+    if let BindAddress(Some(addr)) = args.healthz_bind_address {
         let listener = serve::listen(addr, "health checks (/healthz, /livez)").await?;
         info!("serving /healthz and /livez on {addr}");
         tokio::spawn(serve_proxier_health(listener, health.clone()));
     }
     let mut metrics = Metrics::new();
-    let metrics_listener = match args.metrics_bind_address {
+    let metrics_listener = match args.metrics_bind_address.0 {
         Some(addr) => Some((addr, serve::listen(addr, "metrics").await?)),
         None => None,
     };
@@ -289,35 +289,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut syncer = Syncer::new(feed, dataplane, node, observers);
     syncer.sync();
 
-    let min_sync_period = args.min_sync_period;
-    let mut resync = tokio::time::interval(resync_every);
-    resync.tick().await;
-    // Set while a change waits for its turn (see `sync` on coalescing).
-    let mut pending: Option<tokio::time::Instant> = None;
-    loop {
+    let timing = Timing {
+        min_sync_period: args.min_sync_period,
+        settle,
+        resync_every,
+        retry_after: RETRY_AFTER,
+    };
+    let stop = async {
         tokio::select! {
-            Some(()) = changes.recv() => {
-                syncer.queued();
-                let allowed = syncer.next_sync_allowed(min_sync_period);
-                let at = allowed.max(std::time::Instant::now() + settle);
-                pending.get_or_insert(tokio::time::Instant::from_std(at));
-            }
-            _ = tokio::time::sleep_until(pending.unwrap_or_else(tokio::time::Instant::now)), if pending.is_some() => {
-                pending = None;
-                while changes.try_recv().is_ok() {}
-                syncer.sync();
-            }
-            _ = resync.tick() => {
-                syncer.sync();
-            }
-            // A failed apply (a full map, say) is retried soon, not only at the next resync.
-            _ = tokio::time::sleep(RETRY_AFTER), if syncer.needs_retry() => {
-                syncer.sync();
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
         }
-    }
+    };
+    sync::drive(&mut syncer, &mut changes, timing, stop).await;
 
     // Dropping the dataplane releases the program links, which detaches the datapath.
     drop(conntrack_gc);
@@ -374,13 +358,20 @@ fn parse_duration(arg: &str) -> Result<Duration, String> {
     Ok(unit * n)
 }
 
-/// An address to listen on, or `off`.
-fn parse_bind_address(arg: &str) -> Result<Option<SocketAddr>, String> {
-    match arg {
-        "off" | "" => Ok(None),
-        _ => arg.parse().map(Some).map_err(|_| {
-            format!("{arg:?} is not an address and port such as 0.0.0.0:10256, or off")
-        }),
+/// An address to listen on, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BindAddress(Option<SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = String;
+
+    fn from_str(arg: &str) -> Result<BindAddress, String> {
+        match arg {
+            "off" | "" => Ok(BindAddress(None)),
+            _ => arg.parse().map(|a| BindAddress(Some(a))).map_err(|_| {
+                format!("{arg:?} is not an address and port such as 0.0.0.0:10256, or off")
+            }),
+        }
     }
 }
 
@@ -409,6 +400,65 @@ fn hairpin_addrs(given: &[IpAddr]) -> anyhow::Result<(Ipv4Addr, Ipv6Addr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "lb-agent",
+            "run",
+            "--source",
+            "kube",
+            "--kubeconfig",
+            "/k",
+            "--iface",
+            "eth0",
+            "--min-sync-period",
+            "250ms",
+            "--healthz-bind-address",
+            "off",
+            "--metrics-bind-address",
+            "[::]:9100",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.min_sync_period, Duration::from_millis(250));
+        assert_eq!(args.healthz_bind_address, BindAddress(None));
+        assert_eq!(
+            args.metrics_bind_address,
+            BindAddress(Some("[::]:9100".parse().unwrap()))
+        );
+        assert_eq!(args.kubeconfig.as_deref(), Some(Path::new("/k")));
+        let defaults =
+            Cli::try_parse_from(["lb-agent", "run", "--source", "dir:/x", "--iface", "e"])
+                .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(args) = defaults.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.min_sync_period, Duration::from_secs(1));
+        assert_eq!(
+            args.healthz_bind_address,
+            BindAddress(Some("0.0.0.0:10256".parse().unwrap())),
+            "kube-proxy's health address"
+        );
+        assert_eq!(
+            args.metrics_bind_address,
+            BindAddress(Some("127.0.0.1:10249".parse().unwrap())),
+            "kube-proxy's metrics address"
+        );
+        for bad in [
+            ["--min-sync-period", "1"],
+            ["--healthz-bind-address", "10256"],
+        ] {
+            let argv = [
+                "lb-agent", "run", "--source", "kube", "--iface", "e", bad[0], bad[1],
+            ];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn hairpin_addresses_at_most_one_per_family() {

@@ -9,11 +9,13 @@
 //! applied together.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 use log::{error, info, warn};
+use tokio::sync::mpsc;
 
 use crate::{
     dataplane::{ApplyReport, Dataplane},
@@ -121,7 +123,8 @@ pub struct Syncer<D: Dataplane> {
     warned_node_name: bool,
     /// The zone last logged, to log a change once.
     zone: Option<String>,
-    last_sync: Option<Instant>,
+    /// When the last sync started (Tokio's clock, which tests can pause and advance).
+    last_sync: Option<tokio::time::Instant>,
     /// The health-check ports that could not be opened, as last reported.
     health_check_errors: Option<String>,
     /// When the agent started: trigger times before it were programmed by someone else.
@@ -158,10 +161,10 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     /// When the next change may be applied: `min_sync_period` after the last sync.
-    pub fn next_sync_allowed(&self, min_sync_period: Duration) -> Instant {
+    pub fn next_sync_allowed(&self, min_sync_period: Duration) -> tokio::time::Instant {
         match self.last_sync {
             Some(at) => at + min_sync_period,
-            None => Instant::now(),
+            None => tokio::time::Instant::now(),
         }
     }
 
@@ -174,7 +177,7 @@ impl<D: Dataplane> Syncer<D> {
     /// the last apply failed), applies it; then brings health and metrics up to date.
     pub fn sync(&mut self) -> Outcome {
         let started = Instant::now();
-        self.last_sync = Some(started);
+        self.last_sync = Some(tokio::time::Instant::now());
         let retry = self.dataplane.needs_retry();
         let (outcome, triggers) = match self.feed.read(self.node.name.as_deref()) {
             None if !retry => (Outcome::Unchanged, Vec::new()),
@@ -331,4 +334,235 @@ fn trigger_times(slices: &[EndpointSlice]) -> Vec<((String, String), SystemTime)
             Some((key, SystemTime::from(at)))
         })
         .collect()
+}
+
+/// When the owner task syncs.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// The shortest time between two syncs started by changes.
+    pub min_sync_period: Duration,
+    /// How long a change is left to settle before it is read (editors write a file in steps).
+    pub settle: Duration,
+    /// How often everything is re-read anyway.
+    pub resync_every: Duration,
+    /// How soon a failed apply is tried again.
+    pub retry_after: Duration,
+}
+
+/// The owner task's loop, after the first sync: syncs on changes (coalesced), every
+/// `resync_every`, and soon after a failure, until `stop` completes.
+pub async fn drive<D: Dataplane>(
+    syncer: &mut Syncer<D>,
+    changes: &mut mpsc::Receiver<()>,
+    timing: Timing,
+    stop: impl Future<Output = ()>,
+) {
+    let mut resync = tokio::time::interval(timing.resync_every);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    tokio::pin!(stop);
+    // Set while a change waits for its turn: the first change after a quiet spell is applied
+    // after `settle`; those that come within `min_sync_period` of a sync, at its end, together.
+    let mut pending: Option<tokio::time::Instant> = None;
+    loop {
+        let due = pending.unwrap_or_else(tokio::time::Instant::now);
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                syncer.queued();
+                let allowed = syncer.next_sync_allowed(timing.min_sync_period);
+                let settled = tokio::time::Instant::now() + timing.settle;
+                pending.get_or_insert(allowed.max(settled));
+            }
+            _ = tokio::time::sleep_until(due), if pending.is_some() => {
+                pending = None;
+                while changes.try_recv().is_ok() {}
+                syncer.sync();
+            }
+            _ = resync.tick() => {
+                syncer.sync();
+            }
+            // A failed apply (a full map, say) is retried soon, not only at the next resync.
+            _ = tokio::time::sleep(timing.retry_after), if syncer.needs_retry() => {
+                syncer.sync();
+            }
+            () = &mut stop => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::serve::health::ProxierHealth;
+
+    /// When each apply happened and the services it was given.
+    type Applies = Arc<Mutex<Vec<(tokio::time::Instant, Vec<String>)>>>;
+
+    /// A dataplane that records when it was given which services, and fails when told to.
+    struct Recorder {
+        applies: Applies,
+        fail: Arc<Mutex<bool>>,
+        failed: bool,
+    }
+
+    impl Dataplane for Recorder {
+        fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
+            self.failed = *self.fail.lock().unwrap();
+            let names = desired.services.keys().map(|n| n.name.clone()).collect();
+            self.applies
+                .lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), names));
+            if self.failed {
+                anyhow::bail!("told to fail");
+            }
+            Ok(ApplyReport {
+                service_ports: desired.services.len(),
+                ..ApplyReport::default()
+            })
+        }
+
+        fn needs_retry(&self) -> bool {
+            self.failed
+        }
+    }
+
+    fn service(name: &str, octet: u8) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.0.{octet}, ports: [{{port: 80}}]}}\n---\n"
+        )
+    }
+
+    /// Writes services `s0` .. `s<n-1>` into the one manifest file.
+    fn write_services(dir: &std::path::Path, n: u8) {
+        let text: String = (0..n).map(|i| service(&format!("s{i}"), i + 1)).collect();
+        std::fs::write(dir.join("services.yaml"), text).unwrap();
+    }
+
+    struct World {
+        dir: std::path::PathBuf,
+        syncer: Syncer<Recorder>,
+        applies: Applies,
+        fail: Arc<Mutex<bool>>,
+    }
+
+    impl World {
+        fn new(test: &str) -> World {
+            let dir = std::env::temp_dir().join(format!("lb-sync-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let applies = Arc::default();
+            let fail = Arc::default();
+            let recorder = Recorder {
+                applies: Arc::clone(&applies),
+                fail: Arc::clone(&fail),
+                failed: false,
+            };
+            let health = ProxierHealth::new(Duration::from_secs(120));
+            let observers = Observers {
+                service_health: ServiceHealthServers::new(health.clone()),
+                health,
+                metrics: Arc::new(Metrics::new()),
+            };
+            let feed = Feed::dir(ManifestDir::new(&dir).unwrap());
+            World {
+                syncer: Syncer::new(feed, recorder, model::Node::default(), observers),
+                dir,
+                applies,
+                fail,
+            }
+        }
+
+        fn write(&self, n: u8) {
+            write_services(&self.dir, n);
+        }
+
+        fn applies(&self) -> Vec<(tokio::time::Instant, Vec<String>)> {
+            self.applies.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const TIMING: Timing = Timing {
+        min_sync_period: Duration::from_secs(1),
+        settle: Duration::from_millis(20),
+        resync_every: Duration::from_secs(60),
+        retry_after: Duration::from_secs(2),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_applied_once_and_a_lone_change_at_once() {
+        let mut world = World::new("burst");
+        world.write(1);
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(world.syncer.sync(), Outcome::Applied(_)));
+        let (tx, mut rx) = mpsc::channel(1);
+        let dir = world.dir.clone();
+        let script = async {
+            // A change after a quiet spell: applied after the settle time only.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            write_services(&dir, 2);
+            let _ = tx.try_send(());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Nine more, 10 ms apart, within the minimum sync period of that sync.
+            for n in 3..=11u8 {
+                write_services(&dir, n);
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        };
+        drive(&mut world.syncer, &mut rx, TIMING, script).await;
+
+        let applies = world.applies();
+        let at: Vec<Duration> = applies.iter().map(|(t, _)| *t - t0).collect();
+        let sizes: Vec<usize> = applies.iter().map(|(_, s)| s.len()).collect();
+        assert_eq!(sizes, [1, 2, 11], "applies at {at:?}");
+        assert_eq!(
+            at[1],
+            Duration::from_millis(5_020),
+            "a lone change waits only to settle"
+        );
+        assert_eq!(
+            at[2],
+            Duration::from_millis(6_020),
+            "the burst waits for the minimum period after the last sync, then goes at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_apply_is_retried_without_a_change_and_resyncs_skip_unchanged_states() {
+        let mut world = World::new("retry");
+        world.write(2);
+        *world.fail.lock().unwrap() = true;
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(world.syncer.sync(), Outcome::Failed);
+        assert!(world.syncer.needs_retry());
+        let fail = Arc::clone(&world.fail);
+        let (_tx, mut rx) = mpsc::channel(1);
+        let script = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            *fail.lock().unwrap() = false;
+            // Two resync periods: nothing changed, so nothing is applied again.
+            tokio::time::sleep(Duration::from_secs(125)).await;
+        };
+        drive(&mut world.syncer, &mut rx, TIMING, script).await;
+        let applies = world.applies();
+        let at: Vec<Duration> = applies.iter().map(|(t, _)| *t - t0).collect();
+        assert_eq!(
+            at,
+            [0, 2, 4].map(Duration::from_secs),
+            "failed at 0 and 2 s, retried every 2 s until it worked at 4 s; no apply since"
+        );
+        assert!(applies.iter().all(|(_, s)| s.len() == 2));
+        assert!(!world.syncer.needs_retry());
+    }
 }
