@@ -132,7 +132,10 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+        // The owner task runs on this thread; the watches and the HTTP servers on two
+        // workers, so a long sync never stalls a health probe or a watch stream.
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()?
             .block_on(run(*args)),
@@ -184,8 +187,12 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 const DIR_SETTLE: Duration = Duration::from_millis(20);
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = std::time::SystemTime::now();
     let source = args.source.parse::<Source>()?;
     let (hairpin_addr, hairpin_addr6) = hairpin_addrs(&args.hairpin_ips)?;
+    // Given node addresses also confine the health-check node ports, as kube-proxy's
+    // --nodeport-addresses does; otherwise they listen on every address.
+    let health_check_addrs = (!args.node_ips.is_empty()).then(|| args.node_ips.clone());
     let node = model::Node {
         service_proxy_name: args.service_proxy_name,
         name: args.node_name.or_else(node_name_from_environment),
@@ -281,13 +288,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let (_watcher, settle) = settle;
+    let service_health = match health_check_addrs {
+        Some(addrs) => ServiceHealthServers::on_addresses(health.clone(), addrs),
+        None => ServiceHealthServers::new(health.clone()),
+    };
     let observers = Observers {
-        service_health: ServiceHealthServers::new(health.clone()),
+        service_health,
         health,
         metrics,
+        started,
     };
     let mut syncer = Syncer::new(feed, dataplane, node, observers);
-    syncer.sync();
 
     let timing = Timing {
         min_sync_period: args.min_sync_period,
@@ -301,7 +312,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
-    sync::drive(&mut syncer, &mut changes, timing, stop).await;
+    let driven = match syncer.sync() {
+        sync::Outcome::SourceStopped => Err(anyhow::anyhow!("the source stopped at startup")),
+        _ => sync::drive(&mut syncer, &mut changes, timing, stop).await,
+    };
 
     // Dropping the dataplane releases the program links, which detaches the datapath.
     drop(conntrack_gc);
@@ -319,7 +333,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.bpffs.display()
         );
     }
-    Ok(())
+    driven
 }
 
 /// Exposes the datapath's and socket programs' counters, read from their pinned maps at

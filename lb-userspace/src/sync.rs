@@ -59,6 +59,14 @@ impl Feed {
         }
     }
 
+    /// Why the feed can no longer follow its source, if it cannot (a watch task died).
+    fn stopped(&self) -> Option<String> {
+        match self {
+            Feed::Dir { .. } => None,
+            Feed::Kube(kube) => kube.stopped(),
+        }
+    }
+
     /// The current objects, or `None` when a directory scan found nothing changed.
     fn read(&mut self, node_name: Option<&str>) -> Option<Objects> {
         match self {
@@ -100,6 +108,9 @@ pub enum Outcome {
     Applied(ApplyReport),
     /// Applying failed; the dataplane asks for a retry.
     Failed,
+    /// The source can no longer report changes: the agent must stop (and be restarted)
+    /// rather than serve a frozen state as healthy.
+    SourceStopped,
 }
 
 /// What reports on the syncs: the proxy's own health, the health-check node ports, metrics.
@@ -107,6 +118,8 @@ pub struct Observers {
     pub health: ProxierHealth,
     pub service_health: ServiceHealthServers,
     pub metrics: Arc<Metrics>,
+    /// When the agent started: only changes after it count for programming latency.
+    pub started: SystemTime,
 }
 
 /// Owns the dataplane and applies every change to it, one at a time.
@@ -117,8 +130,19 @@ pub struct Syncer<D: Dataplane> {
     /// The node as configured; its zone is filled in from the Node object at every sync.
     node: model::Node,
     generation: u64,
-    /// What the dataplane was last given successfully.
+    /// What the dataplane was last given successfully: the health-check ports answer for it.
     applied: Option<DesiredState>,
+    /// What the last, failed apply was given, to retry without a source change.
+    failed: Option<DesiredState>,
+    /// What the last successful apply reported, for the metrics of syncs that change nothing.
+    report: ApplyReport,
+    /// The model warnings last logged: a standing warning is logged once.
+    reported_warnings: Vec<model::ModelWarning>,
+    /// Whether this node's Node object was eligible when last seen: a Node deleted outright
+    /// disappears without a deletion timestamp, and must not look eligible again.
+    node_eligible: bool,
+    /// Trigger times read by syncs that failed, observed when a later one succeeds.
+    unobserved_triggers: Vec<((String, String), SystemTime)>,
     /// Whether the "no endpoint is on this node" warning was given.
     warned_node_name: bool,
     /// The zone last logged, to log a change once.
@@ -127,8 +151,6 @@ pub struct Syncer<D: Dataplane> {
     last_sync: Option<tokio::time::Instant>,
     /// The health-check ports that could not be opened, as last reported.
     health_check_errors: Option<String>,
-    /// When the agent started: trigger times before it were programmed by someone else.
-    started: SystemTime,
     /// The trigger time of every slice whose programming latency was observed.
     observed_triggers: HashMap<(String, String), SystemTime>,
 }
@@ -138,8 +160,12 @@ impl<D: Dataplane> Syncer<D> {
         Syncer {
             observers,
             health_check_errors: None,
-            started: SystemTime::now(),
             observed_triggers: HashMap::new(),
+            failed: None,
+            report: ApplyReport::default(),
+            reported_warnings: Vec::new(),
+            node_eligible: true,
+            unobserved_triggers: Vec::new(),
             feed,
             dataplane,
             node,
@@ -178,39 +204,61 @@ impl<D: Dataplane> Syncer<D> {
     pub fn sync(&mut self) -> Outcome {
         let started = Instant::now();
         self.last_sync = Some(tokio::time::Instant::now());
+        if let Some(why) = self.feed.stopped() {
+            error!("{why}");
+            return Outcome::SourceStopped;
+        }
         let retry = self.dataplane.needs_retry();
-        let (outcome, triggers) = match self.feed.read(self.node.name.as_deref()) {
-            None if !retry => (Outcome::Unchanged, Vec::new()),
-            None => match self.applied.take() {
-                Some(desired) => (self.apply(desired, started), Vec::new()),
-                None => (Outcome::Unchanged, Vec::new()),
+        let (outcome, mut triggers) = match self.feed.read(self.node.name.as_deref()) {
+            None if !retry => (Outcome::Unchanged, None),
+            None => match self.failed.take().or_else(|| self.applied.clone()) {
+                Some(desired) => (self.apply(desired, started), None),
+                None => (Outcome::Unchanged, None),
             },
             Some(objects) => {
                 self.note_node(objects.node.as_ref());
                 let (desired, warnings) =
                     model::build(&objects.services, &objects.endpoint_slices, &self.node);
-                for w in &warnings {
-                    warn!("{w}");
+                if warnings != self.reported_warnings {
+                    for w in &warnings {
+                        warn!("{w}");
+                    }
+                    self.reported_warnings = warnings;
                 }
                 self.check_node_name(&objects.endpoint_slices);
                 let triggers = trigger_times(&objects.endpoint_slices);
                 if !retry && self.applied.as_ref() == Some(&desired) {
-                    (Outcome::Unchanged, triggers)
+                    (Outcome::Unchanged, Some(triggers))
                 } else {
-                    (self.apply(desired, started), triggers)
+                    (self.apply(desired, started), Some(triggers))
                 }
             }
         };
         let metrics = &self.observers.metrics;
         match outcome {
-            Outcome::Failed => metrics.sync_failed(started.elapsed()),
-            Outcome::Unchanged | Outcome::Applied(_) => {
-                if let Outcome::Applied(report) = &outcome {
-                    metrics.sync_succeeded(started.elapsed(), report);
+            Outcome::Failed => {
+                metrics.sync_failed(started.elapsed());
+                // Nothing new may be queued, but the datapath is behind: if retries keep
+                // failing, /healthz must say so after its timeout.
+                self.observers.health.queued();
+                if let Some(t) = triggers {
+                    self.unobserved_triggers = t;
                 }
-                self.observers.health.updated();
-                self.observe_programming(triggers);
             }
+            Outcome::Unchanged | Outcome::Applied(_) => {
+                if let Outcome::Applied(report) = outcome {
+                    self.report = report;
+                }
+                // Every successful sync counts, as kube-proxy's: a quiet cluster's last-sync
+                // timestamp must not look stale.
+                metrics.sync_succeeded(started.elapsed(), &self.report);
+                self.observers.health.updated();
+                if triggers.is_none() && !self.unobserved_triggers.is_empty() {
+                    triggers = Some(std::mem::take(&mut self.unobserved_triggers));
+                }
+                self.observe_programming(triggers.unwrap_or_default());
+            }
+            Outcome::SourceStopped => unreachable!("returned above"),
         }
         self.serve_health_checks();
         outcome
@@ -227,7 +275,7 @@ impl<D: Dataplane> Syncer<D> {
         let mut observed = HashMap::with_capacity(triggers.len());
         for (slice, at) in triggers {
             let seen = self.observed_triggers.get(&slice) == Some(&at);
-            if !seen && at > self.started {
+            if !seen && at > self.observers.started {
                 self.observers.metrics.observe_network_programming(at, now);
             }
             observed.insert(slice, at);
@@ -269,12 +317,14 @@ impl<D: Dataplane> Syncer<D> {
                     started.elapsed()
                 );
                 self.applied = Some(desired);
+                self.failed = None;
                 Outcome::Applied(r)
             }
             Err(e) => {
                 error!("applying the desired state failed: {e:#}");
-                // Kept, so a retry without a source change has something to apply.
-                self.applied = Some(desired);
+                // Kept, so a retry without a source change has something to apply; the
+                // health-check ports keep answering for what was applied before.
+                self.failed = Some(desired);
                 Outcome::Failed
             }
         }
@@ -282,11 +332,16 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Takes the node's zone from its Node object, for topology-aware routing, and whether
     /// it is being taken out of service, for `/healthz`.
+    /// A Node that disappears (deleted outright, without a deletion timestamp the agent could
+    /// see) keeps its last verdict and zone, as kube-proxy keeps the last Node it saw.
     fn note_node(&mut self, node: Option<&Node>) {
-        self.observers
-            .health
-            .set_node_eligible(node.is_none_or(node_is_eligible));
-        let zone = node
+        let Some(node) = node else {
+            self.observers.health.set_node_eligible(self.node_eligible);
+            return;
+        };
+        self.node_eligible = node_is_eligible(node);
+        self.observers.health.set_node_eligible(self.node_eligible);
+        let zone = Some(node)
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|labels| labels.get(LABEL_ZONE))
             .cloned();
@@ -350,13 +405,15 @@ pub struct Timing {
 }
 
 /// The owner task's loop, after the first sync: syncs on changes (coalesced), every
-/// `resync_every`, and soon after a failure, until `stop` completes.
+/// `resync_every`, and soon after a failure, until `stop` completes. Fails when the source
+/// can no longer report changes: serving a frozen state as healthy would hide it, and a
+/// restarted agent lists everything afresh.
 pub async fn drive<D: Dataplane>(
     syncer: &mut Syncer<D>,
     changes: &mut mpsc::Receiver<()>,
     timing: Timing,
     stop: impl Future<Output = ()>,
-) {
+) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(timing.resync_every);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
@@ -366,26 +423,29 @@ pub async fn drive<D: Dataplane>(
     let mut pending: Option<tokio::time::Instant> = None;
     loop {
         let due = pending.unwrap_or_else(tokio::time::Instant::now);
-        tokio::select! {
-            Some(()) = changes.recv() => {
+        let outcome = tokio::select! {
+            change = changes.recv() => {
+                if change.is_none() {
+                    anyhow::bail!("the source stopped reporting changes (its watch ended)");
+                }
                 syncer.queued();
                 let allowed = syncer.next_sync_allowed(timing.min_sync_period);
                 let settled = tokio::time::Instant::now() + timing.settle;
                 pending.get_or_insert(allowed.max(settled));
+                continue;
             }
             _ = tokio::time::sleep_until(due), if pending.is_some() => {
                 pending = None;
                 while changes.try_recv().is_ok() {}
-                syncer.sync();
+                syncer.sync()
             }
-            _ = resync.tick() => {
-                syncer.sync();
-            }
+            _ = resync.tick() => syncer.sync(),
             // A failed apply (a full map, say) is retried soon, not only at the next resync.
-            _ = tokio::time::sleep(timing.retry_after), if syncer.needs_retry() => {
-                syncer.sync();
-            }
-            () = &mut stop => return,
+            _ = tokio::time::sleep(timing.retry_after), if syncer.needs_retry() => syncer.sync(),
+            () = &mut stop => return Ok(()),
+        };
+        if outcome == Outcome::SourceStopped {
+            anyhow::bail!("the source stopped following the API server");
         }
     }
 }
@@ -466,6 +526,7 @@ mod tests {
                 service_health: ServiceHealthServers::new(health.clone()),
                 health,
                 metrics: Arc::new(Metrics::new()),
+                started: SystemTime::now(),
             };
             let feed = Feed::dir(ManifestDir::new(&dir).unwrap());
             World {
@@ -520,7 +581,9 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_secs(3)).await;
         };
-        drive(&mut world.syncer, &mut rx, TIMING, script).await;
+        drive(&mut world.syncer, &mut rx, TIMING, script)
+            .await
+            .unwrap();
 
         let applies = world.applies();
         let at: Vec<Duration> = applies.iter().map(|(t, _)| *t - t0).collect();
@@ -554,7 +617,9 @@ mod tests {
             // Two resync periods: nothing changed, so nothing is applied again.
             tokio::time::sleep(Duration::from_secs(125)).await;
         };
-        drive(&mut world.syncer, &mut rx, TIMING, script).await;
+        drive(&mut world.syncer, &mut rx, TIMING, script)
+            .await
+            .unwrap();
         let applies = world.applies();
         let at: Vec<Duration> = applies.iter().map(|(t, _)| *t - t0).collect();
         assert_eq!(
@@ -564,5 +629,58 @@ mod tests {
         );
         assert!(applies.iter().all(|(_, s)| s.len() == 2));
         assert!(!world.syncer.needs_retry());
+        let page = world.syncer.observers.metrics.encode().unwrap();
+        let count = |name: &str| -> f64 {
+            let line = page.lines().find(|l| l.starts_with(name));
+            line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{page}"))
+        };
+        assert_eq!(
+            count("lbagent_sync_proxy_rules_duration_seconds_count"),
+            5.0,
+            "every sync is observed: 2 failed, 1 applied, 2 resyncs that changed nothing"
+        );
+        assert_eq!(count("lbagent_sync_proxy_rules_failures_total"), 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_fails_when_the_source_stops_reporting_changes() {
+        let mut world = World::new("stopped");
+        world.write(1);
+        world.syncer.sync();
+        let (tx, mut rx) = mpsc::channel(1);
+        drop(tx);
+        let stop = tokio::time::sleep(Duration::from_secs(3600));
+        let err = drive(&mut world.syncer, &mut rx, TIMING, stop)
+            .await
+            .expect_err("a closed change channel must end the loop");
+        assert!(err.to_string().contains("stopped"), "{err}");
+    }
+
+    #[test]
+    fn a_node_that_disappears_keeps_its_last_verdict_and_zone() {
+        let mut world = World::new("node");
+        let node = |taint: bool| -> Node {
+            let taints = if taint {
+                "  taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]\n"
+            } else {
+                ""
+            };
+            serde_yaml::from_str(&format!(
+                "metadata:\n  name: n\n  labels: {{{LABEL_ZONE}: z1}}\nspec:\n{taints}"
+            ))
+            .unwrap()
+        };
+        world.syncer.note_node(Some(&node(false)));
+        assert!(world.syncer.node_eligible);
+        assert_eq!(world.syncer.node.zone.as_deref(), Some("z1"));
+        world.syncer.note_node(Some(&node(true)));
+        assert!(!world.syncer.node_eligible, "tainted for deletion");
+        world.syncer.note_node(None);
+        assert!(
+            !world.syncer.node_eligible,
+            "deleted outright: still not eligible, so load balancers keep away"
+        );
+        assert_eq!(world.syncer.node.zone.as_deref(), Some("z1"));
     }
 }

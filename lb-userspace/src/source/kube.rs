@@ -187,6 +187,15 @@ impl KubeSource {
         Ok(())
     }
 
+    /// Why the watches can no longer follow the API server, if one of their tasks ended
+    /// (they run until this is dropped, so it panicked).
+    pub fn stopped(&self) -> Option<String> {
+        let ended = self.tasks.iter().filter(|t| t.is_finished()).count();
+        (ended > 0).then(|| {
+            format!("{ended} of the API-server watch tasks ended (a panic, logged above): this agent no longer sees changes")
+        })
+    }
+
     /// The objects as the stores hold them now: Services and EndpointSlices sorted by
     /// namespace and name, and this node's Node if it is watched and exists.
     pub fn snapshot(&self) -> Objects {
