@@ -573,4 +573,11 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
     assert!(bad.contains("neither random nor maglev"), "{bad}");
     let none = rendered_with(&["interfaces=null"]).unwrap_err();
     assert!(none.contains("list at least one interface"), "{none}");
+    let unprobed = rendered_with(&["healthzBindAddress=off"]).unwrap_err();
+    assert!(unprobed.contains("readiness probe"), "{unprobed}");
+    let (args, _) = rendered_with(&["metricsBindAddress=off"]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        args.iter().any(|a| a == "--metrics-bind-address=off"),
+        "{args:?}"
+    );
 }
