@@ -115,7 +115,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Collects the CONNTRACK and CONNTRACK6 maps pinned under `pin_dir` every `every`, and
+    /// Collects the CONNTRACK and CONNTRACK6 maps pinned under `pin_dir` now and every `every`, and
     /// tells `on_sweep` what each pass of each map (named) found.
     pub fn spawn(
         pin_dir: &Path,
@@ -129,7 +129,9 @@ impl Collector {
         let thread = std::thread::Builder::new()
             .name("conntrack-gc".into())
             .spawn(move || {
-                while !sleep_unless_stopped(&flag, every) {
+                // A pass at once, then one every `every`: a restarted agent clears what
+                // ended while it was away, and the entry count is known from the start.
+                loop {
                     let started = std::time::Instant::now();
                     // Each family on its own: a failure in one does not spare the other.
                     for (name, result) in [
@@ -149,6 +151,9 @@ impl Collector {
                             }
                             Err(e) => warn!("{name}: garbage collection failed: {e}"),
                         }
+                    }
+                    if sleep_unless_stopped(&flag, every) {
+                        break;
                     }
                 }
             })
