@@ -198,7 +198,10 @@ fn ipv6() -> DesiredState {
     ])
 }
 
-const CASES: &[(&str, fn() -> DesiredState)] = &[
+/// A named desired state.
+type Case = (&'static str, fn() -> DesiredState);
+
+const CASES: &[Case] = &[
     ("cluster_ip_3_endpoints", cluster_ip_3_endpoints),
     ("no_endpoints", no_endpoints),
     ("node_port_local", node_port_local),
@@ -293,20 +296,22 @@ fn pkt(src: &str, dst: &str, proto: Protocol, dport: u16) -> Packet {
 }
 
 /// (verdict, DNAT target, masquerade) of every branch, without the affinity bookkeeping.
-fn summary(outcomes: &BTreeSet<Outcome>) -> BTreeSet<(Verdict, Option<String>, bool)> {
+type Summary = BTreeSet<(Verdict, Option<String>, bool)>;
+
+fn summary(outcomes: &BTreeSet<Outcome>) -> Summary {
     outcomes
         .iter()
         .map(|o| (o.verdict, o.dnat.map(|d| d.to_string()), o.masquerade))
         .collect()
 }
 
-fn accepted(to: &[&str], masquerade: bool) -> BTreeSet<(Verdict, Option<String>, bool)> {
+fn accepted(to: &[&str], masquerade: bool) -> Summary {
     to.iter()
         .map(|t| (Verdict::Accept, Some(t.to_string()), masquerade))
         .collect()
 }
 
-fn only(verdict: Verdict) -> BTreeSet<(Verdict, Option<String>, bool)> {
+fn only(verdict: Verdict) -> Summary {
     [(verdict, None, false)].into()
 }
 
@@ -314,12 +319,22 @@ const CLIENT: &str = "203.0.113.9";
 const OUTSIDER: &str = "198.51.100.1";
 const POD: &str = "10.180.9.9";
 
+/// What a packet of a case, in a family, from an origin, should reach.
+type Trace = (
+    &'static str,
+    fn() -> DesiredState,
+    IpFamily,
+    Origin,
+    Packet,
+    Summary,
+);
+
 #[test]
 fn traces() {
     use Protocol::{Sctp, Tcp, Udp};
-    let untouched: BTreeSet<_> = [(Verdict::Accept, None, false)].into();
+    let untouched: Summary = [(Verdict::Accept, None, false)].into();
     #[rustfmt::skip]
-    let table: Vec<(&str, fn() -> DesiredState, IpFamily, Origin, Packet, BTreeSet<(Verdict, Option<String>, bool)>)> = vec![
+    let table: Vec<Trace> = vec![
         ("ClusterIP reaches every endpoint", cluster_ip_3_endpoints, IpFamily::V4, Origin::Remote,
          pkt(POD, "172.30.0.41", Tcp, 80), accepted(&["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"], false)),
         ("ClusterIP from the node itself", cluster_ip_3_endpoints, IpFamily::V4, Origin::Local,
