@@ -367,6 +367,17 @@ fn run(backend: Backend) {
         "after the resync: {counts:?}"
     );
 
+    // Full resyncs insert a jump rule only where it is missing: one of each, per family.
+    let rules = saved(&topo, &backend);
+    let jumps = rules
+        .lines()
+        .filter(|l| l.starts_with("-A PREROUTING") && l.contains("-j LBA-SERVICES"))
+        .count();
+    assert_eq!(
+        jumps, 2,
+        "one PREROUTING jump per family expected:\n{rules}"
+    );
+
     // Cleanup leaves no chain and no jump of ours, in either family.
     dp.cleanup().expect("cleanup");
     let rules = saved(&topo, &backend);
