@@ -2,6 +2,7 @@
 //! between what it last programmed and the new desired state; the agent holds exactly one.
 
 pub mod ebpf;
+pub mod iptables;
 
 use crate::model::DesiredState;
 
