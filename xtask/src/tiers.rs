@@ -3,8 +3,9 @@
 //! 1. unit: `cargo test --workspace --no-fail-fast` (no privileges), with `LB_HELM` set to
 //!    the helm setup installed, for the manifests test.
 //! 2. datapath: BPF_PROG_TEST_RUN fixtures (`lb-userspace/tests/datapath.rs`), root.
-//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`, and
-//!    `tests/socket_lb.rs` for the node's own connections), root.
+//! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`,
+//!    `tests/socket_lb.rs` for the node's own connections, and `tests/iptables.rs` for the
+//!    iptables dataplane on both iptables back ends), root.
 //! 4. datapath on Debian 6.1: tier 2's test binary run in a virtme-ng VM booting Debian's
 //!    6.1 kernel, the oldest we support, so its verifier sees the programs too (`vm.rs`).
 //!
@@ -192,6 +193,8 @@ pub fn run() -> anyhow::Result<()> {
             "e2e",
             "--test",
             "socket_lb",
+            "--test",
+            "iptables",
             "--",
             "--ignored",
             "--test-threads=1",
