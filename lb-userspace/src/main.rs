@@ -266,12 +266,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let (feed, mut changes, settle) = match source {
+    // The directory watcher must live as long as the loop: dropping it ends notifications.
+    let (feed, mut changes, _dir_watcher, settle) = match source {
         Source::Dir(path) => {
             let (watcher, changes) = source::manifest_dir::watch(&path)
                 .with_context(|| format!("watching {}", path.display()))?;
             let feed = Feed::dir(ManifestDir::new(&path)?);
-            (feed, changes, (Some(watcher), DIR_SETTLE))
+            (feed, changes, Some(watcher), DIR_SETTLE)
         }
         Source::Kube { kubeconfig } => {
             let kubeconfig = kubeconfig.or(args.kubeconfig);
@@ -284,10 +285,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 _ = sigint.recv() => return Ok(()),
             }
             info!("caches ready");
-            (Feed::Kube(kube), changes, (None, Duration::ZERO))
+            (Feed::Kube(kube), changes, None, Duration::ZERO)
         }
     };
-    let (_watcher, settle) = settle;
     let service_health = match health_check_addrs {
         Some(addrs) => ServiceHealthServers::on_addresses(health.clone(), addrs),
         None => ServiceHealthServers::new(health.clone()),
