@@ -175,8 +175,7 @@ impl IptablesDataplane {
             for jump in JUMP_RULES {
                 // `-D` removes one copy; a rule inserted twice (two agents raced) needs more.
                 for _ in 0..16 {
-                    let mut args = vec!["-w", "-t", jump.table.as_str(), "-D", jump.chain];
-                    args.extend(jump.args);
+                    let args = jump.command("-D");
                     if self.run(family, Tool::Iptables, &args, None).is_err() {
                         break;
                     }
@@ -255,20 +254,14 @@ impl IptablesDataplane {
     fn ensure_jumps(&self, family: IpFamily) -> Result<(), Error> {
         // Inserted at position 1 each, so insert in reverse to keep the listed order.
         for jump in JUMP_RULES.iter().rev() {
-            let check = {
-                let mut a = vec!["-w", "-t", jump.table.as_str(), "-C", jump.chain];
-                a.extend(jump.args);
-                a
-            };
+            let check = jump.command("-C");
             match self.run(family, Tool::Iptables, &check, None) {
                 Ok(_) => continue,
                 // `-C` exits 1 when the rule is not there; anything else is a real failure.
                 Err(Error::Failed { ref status, .. }) if status.ends_with("exit status: 1") => {}
                 Err(e) => return Err(e),
             }
-            let mut insert = vec!["-w", "-t", jump.table.as_str(), "-I", jump.chain, "1"];
-            insert.extend(jump.args);
-            self.run(family, Tool::Iptables, &insert, None)?;
+            self.run(family, Tool::Iptables, &jump.command("-I"), None)?;
         }
         Ok(())
     }

@@ -129,14 +129,62 @@ pub struct JumpRule {
     pub table: Table,
     /// The built-in chain.
     pub chain: &'static str,
-    /// The rule's arguments after the chain, one word each.
-    pub args: &'static [&'static str],
+    /// Only for packets that open a connection (`-m conntrack --ctstate NEW`): the filter
+    /// table's jumps, as kube-proxy's.
+    pub new_only: bool,
+    pub comment: &'static str,
+    /// Our chain it jumps to.
+    pub target: &'static str,
+}
+
+const fn jump(
+    table: Table,
+    chain: &'static str,
+    new_only: bool,
+    comment: &'static str,
+    target: &'static str,
+) -> JumpRule {
+    JumpRule {
+        table,
+        chain,
+        new_only,
+        comment,
+        target,
+    }
 }
 
 impl JumpRule {
+    /// The rule's arguments after the chain, one word each.
+    pub fn args(&self) -> Vec<&'static str> {
+        let mut args = Vec::with_capacity(10);
+        if self.new_only {
+            args.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+        }
+        args.extend([
+            "-m",
+            "comment",
+            "--comment",
+            self.comment,
+            "-j",
+            self.target,
+        ]);
+        args
+    }
+
+    /// The `iptables` arguments that apply `op` (`-C` check, `-D` delete, `-I` insert at
+    /// the top) to this rule.
+    pub fn command(&self, op: &'static str) -> Vec<&'static str> {
+        let mut command = vec!["-w", "-t", self.table.as_str(), op, self.chain];
+        if op == "-I" {
+            command.push("1");
+        }
+        command.extend(self.args());
+        command
+    }
+
     /// The rule as an `iptables-restore` line (for the tracer and logs).
     pub fn line(&self) -> String {
-        let words: Vec<String> = self.args.iter().map(|w| quote(w)).collect();
+        let words: Vec<String> = self.args().iter().map(|w| quote(w)).collect();
         format!("-A {} {}", self.chain, words.join(" "))
     }
 }
@@ -144,154 +192,76 @@ impl JumpRule {
 /// The jump rules, in the order they are inserted: kube-proxy's `iptablesJumpChains`, less
 /// the health-check and forwarding chains it has and this does not.
 pub const JUMP_RULES: &[JumpRule] = &[
-    JumpRule {
-        table: Table::Filter,
-        chain: "INPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent load balancer firewall",
-            "-j",
-            PROXY_FIREWALL,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "INPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent externally-visible service portals",
-            "-j",
-            EXTERNAL_SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "FORWARD",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent load balancer firewall",
-            "-j",
-            PROXY_FIREWALL,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "FORWARD",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "FORWARD",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent externally-visible service portals",
-            "-j",
-            EXTERNAL_SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "OUTPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent load balancer firewall",
-            "-j",
-            PROXY_FIREWALL,
-        ],
-    },
-    JumpRule {
-        table: Table::Filter,
-        chain: "OUTPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Nat,
-        chain: "PREROUTING",
-        args: &[
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Nat,
-        chain: "OUTPUT",
-        args: &[
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
-    JumpRule {
-        table: Table::Nat,
-        chain: "POSTROUTING",
-        args: &[
-            "-m",
-            "comment",
-            "--comment",
-            "lb-agent postrouting rules",
-            "-j",
-            POSTROUTING,
-        ],
-    },
+    jump(
+        Table::Filter,
+        "INPUT",
+        true,
+        "lb-agent load balancer firewall",
+        PROXY_FIREWALL,
+    ),
+    jump(
+        Table::Filter,
+        "INPUT",
+        true,
+        "lb-agent externally-visible service portals",
+        EXTERNAL_SERVICES,
+    ),
+    jump(
+        Table::Filter,
+        "FORWARD",
+        true,
+        "lb-agent load balancer firewall",
+        PROXY_FIREWALL,
+    ),
+    jump(
+        Table::Filter,
+        "FORWARD",
+        true,
+        "lb-agent service portals",
+        SERVICES,
+    ),
+    jump(
+        Table::Filter,
+        "FORWARD",
+        true,
+        "lb-agent externally-visible service portals",
+        EXTERNAL_SERVICES,
+    ),
+    jump(
+        Table::Filter,
+        "OUTPUT",
+        true,
+        "lb-agent load balancer firewall",
+        PROXY_FIREWALL,
+    ),
+    jump(
+        Table::Filter,
+        "OUTPUT",
+        true,
+        "lb-agent service portals",
+        SERVICES,
+    ),
+    jump(
+        Table::Nat,
+        "PREROUTING",
+        false,
+        "lb-agent service portals",
+        SERVICES,
+    ),
+    jump(
+        Table::Nat,
+        "OUTPUT",
+        false,
+        "lb-agent service portals",
+        SERVICES,
+    ),
+    jump(
+        Table::Nat,
+        "POSTROUTING",
+        false,
+        "lb-agent postrouting rules",
+        POSTROUTING,
+    ),
 ];
 
 /// kube-proxy's `ServicePortName.String()`: `namespace/name`, then `:port` for a named port.
