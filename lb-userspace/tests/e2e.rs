@@ -1077,8 +1077,7 @@ fn health_check(bed: &Bed) -> io::Result<(u16, u64, String)> {
     use lb_userspace::testbed::http;
     let addr = SocketAddr::from((NODE_IP, HEALTH_CHECK_PORT));
     let answer = bed.in_client(move || http::get(addr, "/", CLIENT_TIMEOUT))?;
-    let body: serde_json::Value = serde_json::from_str(&answer.body)
-        .unwrap_or_else(|e| panic!("health check body {:?}: {e}", answer.body));
+    let body = answer.json();
     assert_eq!(
         body["service"],
         serde_json::json!({"namespace": "default", "name": "checked"}),

@@ -198,28 +198,7 @@ pub(crate) mod testing {
 
     use super::health::{ProxierHealth, Stamp};
 
-    /// A parsed HTTP/1.1 response.
-    #[derive(Debug)]
-    pub struct Reply {
-        pub status: u16,
-        /// Header names in lower case, in the order sent.
-        pub headers: Vec<(String, String)>,
-        pub body: String,
-    }
-
-    impl Reply {
-        pub fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        }
-
-        pub fn json(&self) -> serde_json::Value {
-            serde_json::from_str(&self.body)
-                .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
-        }
-    }
+    pub use crate::testbed::http::Response as Reply;
 
     /// Sends `raw` as is and reads the answer to the end (the request asks the server to
     /// close the connection after it).
@@ -245,37 +224,14 @@ pub(crate) mod testing {
             .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
     }
 
-    /// Parses a complete response with a `Content-Length` body.
+    /// Parses a complete response, which must carry a `Content-Length` matching its body.
     pub fn parse(answer: &str) -> Reply {
-        let (head, body) = answer
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("no end of headers in {answer:?}"));
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        let status = status_line
-            .strip_prefix("HTTP/1.1 ")
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let headers: Vec<(String, String)> = lines
-            .map(|line| {
-                let (name, value) = line
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("bad header line {line:?}"));
-                (name.to_ascii_lowercase(), value.trim().to_string())
-            })
-            .collect();
-        let reply = Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        };
-        let length: usize = reply
-            .header("content-length")
-            .unwrap_or_else(|| panic!("no Content-Length in {answer:?}"))
-            .parse()
-            .unwrap();
-        assert_eq!(length, reply.body.len(), "Content-Length of {answer:?}");
+        let reply =
+            crate::testbed::http::parse(answer.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            reply.header("content-length").is_some(),
+            "no Content-Length in {answer:?}"
+        );
         reply
     }
 

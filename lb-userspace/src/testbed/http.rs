@@ -1,5 +1,7 @@
 //! A minimal HTTP/1.1 client for the tests: one `GET` per connection, the way a cloud load
-//! balancer's health checker or a Prometheus scraper asks.
+//! balancer's health checker or a Prometheus scraper asks, and a strict parser of the answer
+//! (also used by the HTTP servers' own unit tests, over their async transport): a malformed
+//! status line, header line or `Content-Length` is an error, not something to skip.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,6 +24,12 @@ impl Response {
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The body as JSON; panics (naming the body) if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
 }
 
 /// `GET path` from `addr`, with `Connection: close`, reading until the server closes.
@@ -38,31 +46,48 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Respon
     parse(&raw)
 }
 
-fn parse(raw: &[u8]) -> io::Result<Response> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+/// Parses a whole HTTP/1.1 response: its body is chunked, or as long as `Content-Length`
+/// says, or (neither given) the rest of the connection.
+pub fn parse(raw: &[u8]) -> io::Result<Response> {
     let text = String::from_utf8_lossy(raw);
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} in the answer {text:?}"),
+        )
+    };
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| bad("no end of headers"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
     let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status code"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| bad("a bad status line"))?;
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| bad("a bad header line"))?;
+            Ok((name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        })
+        .collect::<io::Result<Vec<(String, String)>>>()?;
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked {
-        dechunk(body).ok_or_else(|| bad("malformed chunked body"))?
+        dechunk(body).ok_or_else(|| bad("a malformed chunked body"))?
     } else {
         body.to_owned()
     };
+    let length = headers.iter().find(|(n, _)| n == "content-length");
+    if let Some((_, length)) = length {
+        if length.parse() != Ok(body.len()) {
+            return Err(bad("a Content-Length other than the body's"));
+        }
+    }
     Ok(Response {
         status,
         headers,
@@ -90,7 +115,7 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_answers() {
-        let plain = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nX-Load-Balancing-Endpoint-Weight: 0\r\n\r\n{\"a\":1}").unwrap();
+        let plain = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nX-Load-Balancing-Endpoint-Weight: 0\r\nContent-Length: 7\r\n\r\n{\"a\":1}").unwrap();
         assert_eq!(plain.status, 503);
         assert_eq!(plain.header("x-load-balancing-endpoint-weight"), Some("0"));
         assert_eq!(plain.body, "{\"a\":1}");
@@ -100,5 +125,13 @@ mod tests {
         assert_eq!((chunked.status, chunked.body.as_str()), (200, "abcdef"));
         assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err(), "no end of headers");
         assert!(parse(b"garbage\r\n\r\n").is_err(), "no status code");
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n").is_err(),
+            "a bad header line"
+        );
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc").is_err(),
+            "a short body"
+        );
     }
 }
