@@ -234,6 +234,8 @@ pub struct Node {
 
 /// Label naming the service proxy that implements a Service instead of the default one.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label of a Node that names its zone, for topology-aware routing.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Label marking a Service as headless: service proxies leave it alone.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label linking an EndpointSlice to the Service it holds endpoints for.

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     dataplane::{ApplyReport, Dataplane},
-    model::{self, DesiredState},
+    model::{self, DesiredState, LABEL_ZONE},
     serve::{
         health::{node_is_eligible, ProxierHealth},
         metrics::Metrics,
@@ -34,9 +34,6 @@ use crate::{
 /// The annotation the EndpointSlice controller stamps with the time of the change that made
 /// it update a slice; kube-proxy measures network programming latency from it.
 pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-/// The label of a Node that carries its zone.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// Where a sync reads the objects from.
 pub enum Feed {
@@ -145,8 +142,6 @@ pub struct Syncer<D: Dataplane> {
     unobserved_triggers: Vec<((String, String), SystemTime)>,
     /// Whether the "no endpoint is on this node" warning was given.
     warned_node_name: bool,
-    /// The zone last logged, to log a change once.
-    zone: Option<String>,
     /// When the last sync started (Tokio's clock, which tests can pause and advance).
     last_sync: Option<tokio::time::Instant>,
     /// The health-check ports that could not be opened, as last reported.
@@ -172,13 +167,8 @@ impl<D: Dataplane> Syncer<D> {
             generation: 0,
             applied: None,
             warned_node_name: false,
-            zone: None,
             last_sync: None,
         }
-    }
-
-    pub fn dataplane(&self) -> &D {
-        &self.dataplane
     }
 
     /// True while the last apply failed: sync again soon even without a change.
@@ -345,14 +335,13 @@ impl<D: Dataplane> Syncer<D> {
             .and_then(|n| n.metadata.labels.as_ref())
             .and_then(|labels| labels.get(LABEL_ZONE))
             .cloned();
-        if zone != self.zone {
+        if zone != self.node.zone {
             match &zone {
                 Some(z) => info!("this node is in zone {z:?} (label {LABEL_ZONE})"),
                 None => info!("this node has no zone (no {LABEL_ZONE} label on its Node object)"),
             }
-            self.zone = zone.clone();
+            self.node.zone = zone;
         }
-        self.node.zone = zone;
     }
 
     /// Warns, once, when endpoints are placed on nodes but none on this one by name: the
