@@ -138,6 +138,8 @@ pub struct Syncer<D: Dataplane> {
     /// Whether this node's Node object was eligible when last seen: a Node deleted outright
     /// disappears without a deletion timestamp, and must not look eligible again.
     node_eligible: bool,
+    /// The dataplane asked for a full apply at the periodic resync, changed or not.
+    full_resync: bool,
     /// Trigger times read by syncs that failed, observed when a later one succeeds.
     unobserved_triggers: Vec<((String, String), SystemTime)>,
     /// Whether the "no endpoint is on this node" warning was given.
@@ -161,6 +163,7 @@ impl<D: Dataplane> Syncer<D> {
             reported_warnings: Vec::new(),
             node_eligible: true,
             unobserved_triggers: Vec::new(),
+            full_resync: false,
             feed,
             dataplane,
             node,
@@ -189,6 +192,13 @@ impl<D: Dataplane> Syncer<D> {
         self.observers.health.queued();
     }
 
+    /// The periodic resync: as `sync`, and the dataplane may ask to rewrite everything it
+    /// owns (`Dataplane::full_resync`), repairing what someone else changed in the kernel.
+    pub fn resync(&mut self) -> Outcome {
+        self.full_resync |= self.dataplane.full_resync();
+        self.sync()
+    }
+
     /// Reads the source and, if the desired state differs from what the dataplane holds (or
     /// the last apply failed), applies it; then brings health and metrics up to date.
     pub fn sync(&mut self) -> Outcome {
@@ -198,7 +208,7 @@ impl<D: Dataplane> Syncer<D> {
             error!("{why}");
             return Outcome::SourceStopped;
         }
-        let retry = self.dataplane.needs_retry();
+        let retry = self.dataplane.needs_retry() || std::mem::take(&mut self.full_resync);
         let (outcome, mut triggers) = match self.feed.read(self.node.name.as_deref()) {
             None if !retry => (Outcome::Unchanged, None),
             None => match self.failed.take().or_else(|| self.applied.clone()) {
@@ -428,7 +438,7 @@ pub async fn drive<D: Dataplane>(
                 while changes.try_recv().is_ok() {}
                 syncer.sync()
             }
-            _ = resync.tick() => syncer.sync(),
+            _ = resync.tick() => syncer.resync(),
             // A failed apply (a full map, say) is retried soon, not only at the next resync.
             _ = tokio::time::sleep(timing.retry_after), if syncer.needs_retry() => syncer.sync(),
             () = &mut stop => return Ok(()),
@@ -454,6 +464,8 @@ mod tests {
         applies: Applies,
         fail: Arc<Mutex<bool>>,
         failed: bool,
+        /// Asks for a full apply at every periodic resync, as the rule-based dataplanes do.
+        full_resyncs: bool,
     }
 
     impl Dataplane for Recorder {
@@ -475,6 +487,10 @@ mod tests {
 
         fn needs_retry(&self) -> bool {
             self.failed
+        }
+
+        fn full_resync(&mut self) -> bool {
+            self.full_resyncs
         }
     }
 
@@ -509,6 +525,7 @@ mod tests {
                 applies: Arc::clone(&applies),
                 fail: Arc::clone(&fail),
                 failed: false,
+                full_resyncs: false,
             };
             let health = ProxierHealth::new(Duration::from_secs(120));
             let observers = Observers {
@@ -630,6 +647,26 @@ mod tests {
             "every sync is observed: 2 failed, 1 applied, 2 resyncs that changed nothing"
         );
         assert_eq!(count("lbagent_sync_proxy_rules_failures_total"), 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dataplane_that_asks_for_full_resyncs_gets_an_apply_at_every_resync() {
+        let mut world = World::new("full-resync");
+        world.syncer.dataplane.full_resyncs = true;
+        world.write(1);
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(world.syncer.sync(), Outcome::Applied(_)));
+        let (_tx, mut rx) = mpsc::channel(1);
+        let script = tokio::time::sleep(Duration::from_secs(125));
+        drive(&mut world.syncer, &mut rx, TIMING, script)
+            .await
+            .unwrap();
+        let at: Vec<Duration> = world.applies().iter().map(|(t, _)| *t - t0).collect();
+        assert_eq!(
+            at,
+            [0, 60, 120].map(Duration::from_secs),
+            "nothing changed, yet each resync rewrote the rules"
+        );
     }
 
     #[tokio::test(start_paused = true)]

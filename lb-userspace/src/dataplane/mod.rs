@@ -26,4 +26,12 @@ pub trait Dataplane {
     /// True after an apply failed part way: the kernel may not hold the desired state, so the
     /// next sync must apply again even if the sources did not change.
     fn needs_retry(&self) -> bool;
+
+    /// The periodic resync (`--resync-seconds`) is due: a dataplane whose kernel state others
+    /// can change behind its back (rules, virtual services) makes its next apply rewrite
+    /// everything it owns, and returns true so that apply happens even when the desired state
+    /// did not change. The default, for a dataplane that owns its state outright, does nothing.
+    fn full_resync(&mut self) -> bool {
+        false
+    }
 }

@@ -7,8 +7,6 @@
 //! sync (the first, the one after a failure, and the one after [`IptablesDataplane::full_resync`],
 //! which the owner calls periodically) rewrites every chain of ours, deletes any `LBA-` chain
 //! the kernel holds that is not wanted, and checks the jump rules from the built-in chains.
-//!
-//! Not wired into the agent yet (no `--mode` flag).
 
 pub mod restore;
 pub mod rules;
@@ -158,13 +156,6 @@ impl IptablesDataplane {
             full: true,
             failed: false,
         }
-    }
-
-    /// Makes the next apply a full sync: every chain rewritten, strays deleted, jump rules
-    /// checked. The owner calls it periodically (kube-proxy's `--iptables-sync-period`), so
-    /// rules someone else changed or removed come back.
-    pub fn full_resync(&mut self) {
-        self.full = true;
     }
 
     /// Removes every `LBA-` chain and the jump rules to them, in every configured family.
@@ -325,5 +316,13 @@ impl Dataplane for IptablesDataplane {
 
     fn needs_retry(&self) -> bool {
         self.failed
+    }
+
+    /// Makes the next apply a full sync: every chain rewritten, strays deleted, jump rules
+    /// checked. The owner calls it periodically (kube-proxy's `--iptables-sync-period`), so
+    /// rules someone else changed or removed come back.
+    fn full_resync(&mut self) -> bool {
+        self.full = true;
+        true
     }
 }
