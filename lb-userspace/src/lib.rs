@@ -10,6 +10,7 @@
 
 pub mod dataplane;
 pub mod host;
+pub mod mode;
 pub mod model;
 pub mod serve;
 pub mod source;

@@ -1,5 +1,6 @@
-//! `lb-agent`: the node agent. `run` programs the eBPF datapath from Services and
-//! EndpointSlices and keeps it in step with them; `dump` shows what the datapath holds.
+//! `lb-agent`: the node agent. `run` programs a dataplane (eBPF, or a fallback: IPVS,
+//! iptables, userspace) from Services and EndpointSlices and keeps it in step with them;
+//! `dump` shows what the eBPF datapath holds.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -14,10 +15,13 @@ use log::{info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use lb_userspace::{
-    dataplane::ebpf::{
-        conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR,
+    dataplane::{
+        ebpf::{conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
+        iptables::{self, IptablesDataplane},
+        Dataplane,
     },
     host::{node_addresses, node_name_from_environment, warn_if_ephemeral_ports_overlap_snat},
+    mode::{IptablesProbe, Mode, Probe},
     model,
     serve::{
         self,
@@ -33,7 +37,7 @@ use lb_userspace::{
 #[command(
     name = "lb-agent",
     version,
-    about = "Kubernetes service load balancer for Linux nodes (eBPF datapath)"
+    about = "Kubernetes service load balancer for Linux nodes (eBPF datapath, with IPVS, iptables and userspace fallbacks)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -58,10 +62,18 @@ struct RunArgs {
     /// `--kubeconfig`), or `dir:PATH` (YAML/JSON manifests, watched).
     #[arg(long)]
     source: String,
-    /// Interface to attach the datapath to at tc ingress (repeatable): every interface that
-    /// carries traffic from clients or replies from backends.
-    #[arg(long = "iface", required = true)]
+    /// The dataplane: `ebpf`, `ipvs`, `iptables`, `userspace`, or `auto` to probe the node
+    /// and take the first of those that can run here (in that order), saying why.
+    #[arg(long, default_value = "auto")]
+    mode: Mode,
+    /// eBPF mode: interface to attach the datapath to at tc ingress (repeatable; at least
+    /// one): every interface that carries traffic from clients or replies from backends.
+    #[arg(long = "iface")]
     ifaces: Vec<String>,
+    /// The iptables the ipvs, iptables and userspace modes program: `system` (whatever
+    /// `iptables` is), `nft` or `legacy`. Rules they left in the other back end are removed.
+    #[arg(long, default_value = "system")]
+    iptables_backend: IptablesBackend,
     /// Interface external clients arrive on (repeatable): NodePort, externalIP and
     /// LoadBalancer traffic is handled there by XDP in native mode, at the earliest point.
     /// Where XDP cannot attach, the tc program handles it, with a warning. Also gets the tc
@@ -194,12 +206,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // --nodeport-addresses does; otherwise they listen on every address.
     let health_check_addrs = (!args.node_ips.is_empty()).then(|| args.node_ips.clone());
     let node = model::Node {
-        service_proxy_name: args.service_proxy_name,
-        name: args.node_name.or_else(node_name_from_environment),
+        service_proxy_name: args.service_proxy_name.clone(),
+        name: args.node_name.clone().or_else(node_name_from_environment),
         addrs: if args.node_ips.is_empty() {
             node_addresses()?
         } else {
-            args.node_ips
+            args.node_ips.clone()
         },
         ..model::Node::default()
     };
@@ -224,6 +236,213 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    let running = start_dataplane(&args, hairpin_addr, hairpin_addr6, &mut metrics)?;
+    let mode = running.mode;
+    let metrics = Arc::new(metrics);
+    if let Some((addr, listener)) = metrics_listener {
+        info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, metrics.clone()));
+    }
+    let conntrack_gc = match mode {
+        Mode::Ebpf => {
+            let gc_metrics = metrics.clone();
+            Some(
+                conntrack_gc::Collector::spawn(
+                    &args.bpffs,
+                    CONNTRACK_GC_EVERY,
+                    conntrack_gauge(move |entries| gc_metrics.set_conntrack_entries(entries)),
+                )
+                .context("starting conntrack garbage collection")?,
+            )
+        }
+        _ => None,
+    };
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // The directory watcher must live as long as the loop: dropping it ends notifications.
+    let (feed, mut changes, _dir_watcher, settle) = match source {
+        Source::Dir(path) => {
+            let (watcher, changes) = source::manifest_dir::watch(&path)
+                .with_context(|| format!("watching {}", path.display()))?;
+            let feed = Feed::dir(ManifestDir::new(&path)?);
+            (feed, changes, Some(watcher), DIR_SETTLE)
+        }
+        Source::Kube { kubeconfig } => {
+            let kubeconfig = kubeconfig.or(args.kubeconfig.clone());
+            let client = source::kube::client(kubeconfig.as_deref()).await?;
+            let (kube, changes) = KubeSource::start(client, node.name.as_deref());
+            info!("waiting for the API server's Services, EndpointSlices and Node to be listed");
+            tokio::select! {
+                ready = kube.ready() => ready?,
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+            }
+            info!("caches ready");
+            (Feed::Kube(kube), changes, None, Duration::ZERO)
+        }
+    };
+    let service_health = match health_check_addrs {
+        Some(addrs) => ServiceHealthServers::on_addresses(health.clone(), addrs),
+        None => ServiceHealthServers::new(health.clone()),
+    };
+    let observers = Observers {
+        service_health,
+        health,
+        metrics,
+        started,
+    };
+    let mut syncer = Syncer::new(feed, running.dataplane, node, observers);
+
+    let timing = Timing {
+        min_sync_period: args.min_sync_period,
+        settle,
+        resync_every,
+        retry_after: RETRY_AFTER,
+    };
+    let stop = async {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    let driven = match syncer.sync() {
+        sync::Outcome::SourceStopped => Err(anyhow::anyhow!("the source stopped at startup")),
+        first => {
+            // Only once this mode serves: a node switching modes is never left with neither.
+            if first != sync::Outcome::Failed {
+                remove_leftovers(mode, &args);
+            }
+            sync::drive(&mut syncer, &mut changes, timing, stop).await
+        }
+    };
+
+    drop(conntrack_gc);
+    if args.cleanup {
+        syncer
+            .dataplane_mut()
+            .cleanup()
+            .with_context(|| format!("cleaning up the {mode} dataplane"))?;
+    }
+    // Dropping the dataplane releases the program links (eBPF: the datapath detaches) and
+    // the sockets (userspace: the proxy stops).
+    drop(syncer);
+    info!("{}", exit_summary(mode, args.cleanup, &args.bpffs));
+    driven
+}
+
+/// What the agent leaves behind when it exits, in one line.
+fn exit_summary(mode: Mode, cleanup: bool, bpffs: &Path) -> String {
+    match (mode, cleanup) {
+        (Mode::Ebpf, true) => format!(
+            "detached; removed the pinned maps under {}",
+            bpffs.display()
+        ),
+        (Mode::Ebpf, false) => format!(
+            "detached; maps stay pinned under {} for the next run",
+            bpffs.display()
+        ),
+        (_, true) => format!("stopped; removed everything the {mode} mode programmed"),
+        (_, false) => format!(
+            "stopped; the {mode} mode's kernel state stays for the next run (--cleanup removes it)"
+        ),
+    }
+}
+
+/// The dataplane the agent runs.
+struct Running {
+    mode: Mode,
+    dataplane: Box<dyn Dataplane>,
+}
+
+/// Starts the mode asked for or, under `auto`, the first the probes allow that starts.
+fn start_dataplane(
+    args: &RunArgs,
+    hairpin_addr: Ipv4Addr,
+    hairpin_addr6: Ipv6Addr,
+    metrics: &mut Metrics,
+) -> anyhow::Result<Running> {
+    let modes = match args.mode {
+        Mode::Auto => auto_candidates(args)?,
+        mode => vec![mode],
+    };
+    let mut failures = Vec::new();
+    for mode in modes {
+        let started = match mode {
+            Mode::Ebpf => start_ebpf(args, hairpin_addr, hairpin_addr6, metrics),
+            Mode::Iptables => {
+                Ok(Box::new(IptablesDataplane::new(iptables_config(args))) as Box<dyn Dataplane>)
+            }
+            Mode::Ipvs | Mode::Userspace => Err(anyhow::anyhow!("{mode} mode is not built yet")),
+            Mode::Auto => unreachable!("auto is not a dataplane"),
+        };
+        match started {
+            Ok(dataplane) => {
+                info!("running the {mode} dataplane");
+                return Ok(Running { mode, dataplane });
+            }
+            Err(e) if args.mode == Mode::Auto => {
+                warn!("the {mode} mode could not start: {e:#}; trying the next");
+                failures.push(format!("{mode}: {e:#}"));
+            }
+            Err(e) => return Err(e.context(format!("starting the {mode} mode"))),
+        }
+    }
+    anyhow::bail!("no mode could start: {}", failures.join("; "))
+}
+
+/// Probes the node and returns the modes that can run, best first, logging what was found
+/// and why each better mode was passed over.
+fn auto_candidates(args: &RunArgs) -> anyhow::Result<Vec<Mode>> {
+    let mut probe = Probe::run(&IptablesProbe {
+        iptables: args.iptables_backend.0.iptables.clone(),
+        command: Arc::new(|program| std::process::Command::new(program)),
+    });
+    if args.ifaces.is_empty() && probe.bpf.is_ok() {
+        probe.bpf = Err("no --iface given to attach the datapath to".into());
+    }
+    for mode in Mode::PREFERENCE {
+        match probe.missing(mode) {
+            None => info!("auto: the {mode} mode can run here"),
+            Some(why) => info!("auto: the {mode} mode cannot run here: {why}"),
+        }
+    }
+    let (usable, passed_over) = probe.candidates();
+    let Some(first) = usable.first() else {
+        let why: Vec<String> = passed_over
+            .iter()
+            .map(|(mode, why)| format!("{mode}: {why}"))
+            .collect();
+        anyhow::bail!("no mode can run on this node: {}", why.join("; "));
+    };
+    let passed: Vec<String> = passed_over
+        .iter()
+        .take_while(|(mode, _)| mode < first)
+        .map(|(mode, why)| format!("{mode} ({why})"))
+        .collect();
+    if passed.is_empty() {
+        info!("auto: chose the {first} mode, the preferred one");
+    } else {
+        info!(
+            "auto: chose the {first} mode, passing over {}",
+            passed.join(", ")
+        );
+    }
+    Ok(usable)
+}
+
+/// Loads the eBPF datapath, attaches it to the interfaces and the socket programs to the
+/// cgroup, and exposes its counters.
+fn start_ebpf(
+    args: &RunArgs,
+    hairpin_addr: Ipv4Addr,
+    hairpin_addr6: Ipv6Addr,
+    metrics: &mut Metrics,
+) -> anyhow::Result<Box<dyn Dataplane>> {
+    anyhow::ensure!(
+        !args.ifaces.is_empty(),
+        "the ebpf mode needs at least one --iface to attach the datapath to"
+    );
     let options = LoadOptions {
         hairpin_addr,
         hairpin_addr6,
@@ -249,91 +468,77 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         attach_socket_lb(&mut dataplane, args.cgroup.as_deref());
     }
     info!("maps pinned under {}", args.bpffs.display());
+    register_datapath_counters(metrics, &args.bpffs)?;
+    Ok(Box::new(dataplane))
+}
 
-    register_datapath_counters(&mut metrics, &args.bpffs)?;
-    let metrics = Arc::new(metrics);
-    if let Some((addr, listener)) = metrics_listener {
-        info!("serving metrics on http://{addr}/metrics");
-        tokio::spawn(serve_metrics(listener, metrics.clone()));
+/// The iptables the rule-based modes program: the chosen back end, for IPv6 too when its
+/// `ip6tables` works.
+fn iptables_config(args: &RunArgs) -> iptables::Config {
+    let mut config = iptables::Config::new(args.iptables_backend.0.clone());
+    let ip6 = &config.backend.ip6tables_save;
+    let works = std::process::Command::new(ip6)
+        .args(["-t", "nat"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        warn!("`{ip6} -t nat` does not work here: IPv6 services are not programmed");
+        config.families.retain(|f| *f == model::IpFamily::V4);
     }
-    let gc_metrics = metrics.clone();
-    let conntrack_gc = conntrack_gc::Collector::spawn(
-        &args.bpffs,
-        CONNTRACK_GC_EVERY,
-        conntrack_gauge(move |entries| gc_metrics.set_conntrack_entries(entries)),
-    )
-    .context("starting conntrack garbage collection")?;
+    config
+}
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    // The directory watcher must live as long as the loop: dropping it ends notifications.
-    let (feed, mut changes, _dir_watcher, settle) = match source {
-        Source::Dir(path) => {
-            let (watcher, changes) = source::manifest_dir::watch(&path)
-                .with_context(|| format!("watching {}", path.display()))?;
-            let feed = Feed::dir(ManifestDir::new(&path)?);
-            (feed, changes, Some(watcher), DIR_SETTLE)
+/// Removes what other modes left behind: a node switching modes must not keep the old
+/// mode's rules or pins. Failures are logged, not fatal: the chosen mode already serves.
+fn remove_leftovers(mode: Mode, args: &RunArgs) {
+    if mode != Mode::Ebpf && args.bpffs.exists() {
+        match EbpfDataplane::remove_pins(&args.bpffs) {
+            Ok(()) => info!(
+                "removed the ebpf mode's pins under {}",
+                args.bpffs.display()
+            ),
+            Err(e) => warn!(
+                "could not remove the ebpf mode's pins under {}: {e}",
+                args.bpffs.display()
+            ),
         }
-        Source::Kube { kubeconfig } => {
-            let kubeconfig = kubeconfig.or(args.kubeconfig);
-            let client = source::kube::client(kubeconfig.as_deref()).await?;
-            let (kube, changes) = KubeSource::start(client, node.name.as_deref());
-            info!("waiting for the API server's Services, EndpointSlices and Node to be listed");
-            tokio::select! {
-                ready = kube.ready() => ready?,
-                _ = sigterm.recv() => return Ok(()),
-                _ = sigint.recv() => return Ok(()),
-            }
-            info!("caches ready");
-            (Feed::Kube(kube), changes, None, Duration::ZERO)
-        }
-    };
-    let service_health = match health_check_addrs {
-        Some(addrs) => ServiceHealthServers::on_addresses(health.clone(), addrs),
-        None => ServiceHealthServers::new(health.clone()),
-    };
-    let observers = Observers {
-        service_health,
-        health,
-        metrics,
-        started,
-    };
-    let mut syncer = Syncer::new(feed, dataplane, node, observers);
-
-    let timing = Timing {
-        min_sync_period: args.min_sync_period,
-        settle,
-        resync_every,
-        retry_after: RETRY_AFTER,
-    };
-    let stop = async {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-    };
-    let driven = match syncer.sync() {
-        sync::Outcome::SourceStopped => Err(anyhow::anyhow!("the source stopped at startup")),
-        _ => sync::drive(&mut syncer, &mut changes, timing, stop).await,
-    };
-
-    // Dropping the dataplane releases the program links, which detaches the datapath.
-    drop(conntrack_gc);
-    drop(syncer);
-    if args.cleanup {
-        EbpfDataplane::remove_pins(&args.bpffs)
-            .with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
-        info!(
-            "detached; removed the pinned maps under {}",
-            args.bpffs.display()
-        );
-    } else {
-        info!(
-            "detached; maps stay pinned under {} for the next run",
-            args.bpffs.display()
-        );
     }
-    driven
+    let in_use = &args.iptables_backend.0;
+    let keep: &[iptables::rules::JumpRule] = match mode {
+        Mode::Iptables => iptables::rules::JUMP_RULES,
+        _ => &[],
+    };
+    let backends = std::iter::once((in_use.clone(), keep))
+        .chain(in_use.others().into_iter().map(|b| (b, &[][..])));
+    for (backend, keep) in backends {
+        let name = backend.name.clone();
+        match iptables::remove_leftovers(iptables::Config::new(backend), keep) {
+            Ok(0) => {}
+            Ok(n) => info!("removed {n} rules and chains other modes left in the {name} iptables"),
+            Err(e) => warn!("could not remove what other modes left in the {name} iptables: {e:#}"),
+        }
+    }
+}
+
+/// `--iptables-backend`.
+#[derive(Clone, Debug)]
+struct IptablesBackend(iptables::Backend);
+
+impl std::str::FromStr for IptablesBackend {
+    type Err = String;
+
+    fn from_str(arg: &str) -> Result<IptablesBackend, String> {
+        match arg {
+            "system" => Ok(IptablesBackend(iptables::Backend::system())),
+            "nft" => Ok(IptablesBackend(iptables::Backend::nft())),
+            "legacy" => Ok(IptablesBackend(iptables::Backend::legacy())),
+            _ => Err(format!(
+                "{arg:?} is not an iptables back end: use system, nft or legacy"
+            )),
+        }
+    }
 }
 
 /// Exposes the datapath's and socket programs' counters, read from their pinned maps at
@@ -434,12 +639,18 @@ mod tests {
             "off",
             "--metrics-bind-address",
             "[::]:9100",
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            "legacy",
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
         assert_eq!(args.min_sync_period, Duration::from_millis(250));
+        assert_eq!(args.mode, Mode::Iptables);
+        assert_eq!(args.iptables_backend.0, iptables::Backend::legacy());
         assert_eq!(args.healthz_bind_address, BindAddress(None));
         assert_eq!(
             args.metrics_bind_address,
@@ -453,6 +664,8 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(args.min_sync_period, Duration::from_secs(1));
+        assert_eq!(args.mode, Mode::Auto);
+        assert_eq!(args.iptables_backend.0, iptables::Backend::system());
         assert_eq!(
             args.healthz_bind_address,
             BindAddress(Some("0.0.0.0:10256".parse().unwrap())),
@@ -466,6 +679,8 @@ mod tests {
         for bad in [
             ["--min-sync-period", "1"],
             ["--healthz-bind-address", "10256"],
+            ["--mode", "bpf"],
+            ["--iptables-backend", "nf_tables"],
         ] {
             let argv = [
                 "lb-agent", "run", "--source", "kube", "--iface", "e", bad[0], bad[1],

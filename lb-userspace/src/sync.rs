@@ -174,6 +174,11 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
+    /// The dataplane, to clean up at exit.
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dataplane
+    }
+
     /// True while the last apply failed: sync again soon even without a change.
     pub fn needs_retry(&self) -> bool {
         self.dataplane.needs_retry()
@@ -491,6 +496,10 @@ mod tests {
 
         fn full_resync(&mut self) -> bool {
             self.full_resyncs
+        }
+
+        fn cleanup(&mut self) -> anyhow::Result<()> {
+            Ok(())
         }
     }
 

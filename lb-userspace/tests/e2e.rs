@@ -8,7 +8,6 @@
 //! These need root and a BPF-capable kernel, so they are `#[ignore]`d for plain `cargo test`;
 //! `cargo xtask test` runs them with `--ignored --test-threads=1`.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -20,7 +19,8 @@ use lb_userspace::testbed::manifest::{
     demo as demo_manifest, demo6, demo_dual, TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6,
 };
 use lb_userspace::testbed::servers::{
-    backend_name, tcp_name, udp_exchange, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
+    assert_every_backend, backend_name, tally, tcp_name, udp_exchange, udp_name, BackendServers,
+    TcpSession, CLIENT_TIMEOUT,
 };
 use lb_userspace::testbed::topology::{
     backend_ip6, Topology, CLIENT_IP6, NODE_IP, NODE_IP6, NODE_NAME,
@@ -29,10 +29,6 @@ use lb_userspace::testbed::{require_root, unique_bpffs_dir, TempDir};
 
 fn tcp_vip() -> SocketAddr {
     SocketAddr::from((VIP, TCP_PORT))
-}
-
-fn udp_vip() -> SocketAddr {
-    SocketAddr::from((VIP, UDP_PORT))
 }
 
 /// Service `demo` with the given backends (see `testbed::manifest::demo`).
@@ -78,11 +74,6 @@ impl Bed {
         }
     }
 
-    /// Applies `change` to the manifest directory and waits for the agent's next sync.
-    fn resync(&mut self, change: impl FnOnce(&Path)) -> SyncInfo {
-        self.0.resync(change).unwrap_or_else(|e| panic!("{e}"))
-    }
-
     fn rewrite(&mut self, contents: String) -> SyncInfo {
         self.0.rewrite(&contents).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -101,149 +92,6 @@ impl Bed {
                 .map(|_| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
                 .collect()
         })
-    }
-
-    /// `n` UDP exchanges with the VIP from the client (a fresh socket each).
-    fn udp_names(&self, n: usize) -> Vec<io::Result<String>> {
-        self.in_client(move || {
-            (0..n)
-                .map(|_| udp_name(udp_vip(), CLIENT_TIMEOUT))
-                .collect()
-        })
-    }
-}
-
-/// Counts answers per backend, panicking with the first error if any request failed.
-fn tally(what: &str, answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
-    let total = answers.len();
-    let mut counts = BTreeMap::new();
-    let mut failures = Vec::new();
-    for (i, answer) in answers.into_iter().enumerate() {
-        match answer {
-            Ok(name) => *counts.entry(name).or_insert(0) += 1,
-            Err(e) => failures.push(format!("#{i}: {e}")),
-        }
-    }
-    println!("{what}: {total} requests, distribution {counts:?}");
-    assert!(
-        failures.is_empty(),
-        "{what}: {} of {total} requests failed, first ones: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    counts
-}
-
-fn assert_every_backend(what: &str, counts: &BTreeMap<String, usize>, backends: &[usize]) {
-    let expected: Vec<String> = backends.iter().map(|&i| backend_name(i)).collect();
-    for name in &expected {
-        assert!(
-            counts.contains_key(name),
-            "{what}: {name} never answered ({counts:?})"
-        );
-    }
-    for name in counts.keys() {
-        assert!(
-            expected.contains(name),
-            "{what}: {name} answered but is not a backend of the service ({counts:?})"
-        );
-    }
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn tcp_and_udp_reach_every_backend() {
-    let bed = Bed::start(3, &manifest(&[1, 2, 3]));
-    let tcp = tally("TCP", bed.tcp_names(300));
-    assert_every_backend("TCP", &tcp, &[1, 2, 3]);
-    let udp = tally("UDP", bed.udp_names(300));
-    assert_every_backend("UDP", &udp, &[1, 2, 3]);
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn removing_a_backend_keeps_open_connections_and_new_ones_avoid_it() {
-    let mut bed = Bed::start(3, &manifest(&[1, 2, 3]));
-    let mut session = bed
-        .in_client(|| TcpSession::connect(tcp_vip(), CLIENT_TIMEOUT))
-        .expect("a long-lived connection to the VIP");
-    let pinned = session.name().to_owned();
-    println!("long-lived connection reached {pinned}");
-    let pinned_index: usize = pinned
-        .strip_prefix("backend-")
-        .and_then(|i| i.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected greeting {pinned:?}"));
-    assert_eq!(
-        session.echo("before").expect("echo before the change"),
-        format!("{pinned}: before")
-    );
-
-    let remaining: Vec<usize> = (1..=3).filter(|&i| i != pinned_index).collect();
-    bed.rewrite(manifest(&remaining));
-
-    assert_eq!(
-        session
-            .echo("ping")
-            .expect("the open connection must survive the backend's removal"),
-        format!("{pinned}: ping"),
-        "the open connection must stay on its backend"
-    );
-    let after = tally("TCP after removal", bed.tcp_names(100));
-    assert!(
-        !after.contains_key(&pinned),
-        "new connections reached the removed {pinned}: {after:?}"
-    );
-    assert_every_backend("TCP after removal", &after, &remaining);
-    assert_eq!(
-        session.echo("still there").expect("echo at the end"),
-        format!("{pinned}: still there")
-    );
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn manifest_edit_takes_effect_live() {
-    let mut bed = Bed::start(3, &manifest(&[1]));
-    let one = tally("TCP, backend 1 only", bed.tcp_names(30));
-    assert_every_backend("TCP, backend 1 only", &one, &[1]);
-
-    bed.rewrite(manifest(&[1, 2, 3]));
-    let all = tally("TCP, backends 1-3", bed.tcp_names(150));
-    assert_every_backend("TCP, backends 1-3", &all, &[1, 2, 3]);
-
-    // Without the service the VIP is just an address nobody routes: the connection fails
-    // (the node answers ICMP unreachable, or nothing does) instead of reaching a backend.
-    bed.resync(|dir| std::fs::remove_file(dir.join(MANIFEST)).expect("deleting the manifest"));
-    let started = Instant::now();
-    let gone = bed.in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT));
-    let took = started.elapsed();
-    assert!(
-        gone.is_err(),
-        "the deleted service still answered: {gone:?}"
-    );
-    assert!(
-        took <= CLIENT_TIMEOUT + Duration::from_millis(500),
-        "failing took {took:?}"
-    );
-    println!("after deletion: {:?} in {took:?}", gone.unwrap_err());
-
-    // A service without endpoints is rejected by the datapath: RST for TCP, ICMP port
-    // unreachable for UDP, both quickly.
-    bed.rewrite(manifest(&[]));
-    let started = Instant::now();
-    let tcp = bed.in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT));
-    let took = started.elapsed();
-    match tcp {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        other => panic!("TCP to a service without endpoints: want connection refused, got {other:?} after {took:?}"),
-    }
-    assert!(took < Duration::from_secs(1), "the RST took {took:?}");
-    let udp = bed.in_client(|| udp_exchange(udp_vip(), b"anyone?", CLIENT_TIMEOUT));
-    match udp {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        other => panic!(
-            "UDP to a service without endpoints: want ICMP port unreachable (ConnectionRefused), got {other:?}"
-        ),
     }
 }
 
@@ -484,37 +332,6 @@ fn a_bad_manifest_is_named_and_everything_else_keeps_working() {
     wait_for_log(&bed.agent, "keeping");
     let counts = tally("TCP while its manifest is broken", bed.tcp_names(20));
     assert_every_backend("TCP while its manifest is broken", &counts, &[2]);
-}
-
-#[test]
-#[ignore = "needs root and a BPF-capable kernel: run through `cargo xtask test`"]
-fn client_ip_affinity_holds_and_expires() {
-    const TIMEOUT_S: u64 = 2;
-    let sticky = demo_manifest(&[1, 2, 3], Some(TIMEOUT_S));
-    let bed = Bed::start(3, &sticky);
-    let answers = tally("TCP with ClientIP affinity", bed.tcp_names(15));
-    assert_eq!(
-        answers.len(),
-        1,
-        "15 connections in a row, one backend: {answers:?}"
-    );
-    let held = answers.keys().next().unwrap().clone();
-
-    // Each wait outlasts the timeout, so the next connection chooses afresh; it stays on the
-    // same backend by chance a third of the time, so a handful of rounds must see a change.
-    let mut history = vec![held.clone()];
-    for _ in 0..12 {
-        std::thread::sleep(Duration::from_millis(TIMEOUT_S * 1000 + 300));
-        let now = bed
-            .in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
-            .expect("a connection after the timeout");
-        history.push(now.clone());
-        if now != held {
-            println!("after the {TIMEOUT_S}s timeout: {history:?}");
-            return;
-        }
-    }
-    panic!("affinity never expired: {history:?}");
 }
 
 #[test]

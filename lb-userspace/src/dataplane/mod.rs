@@ -1,5 +1,6 @@
 //! Dataplanes: what programs the kernel from a desired state. Each applies the difference
-//! between what it last programmed and the new desired state; the agent holds exactly one.
+//! between what it last programmed and the new desired state; the agent holds exactly one,
+//! chosen by `--mode` (see `crate::mode`).
 
 pub mod ebpf;
 pub mod iptables;
@@ -33,5 +34,29 @@ pub trait Dataplane {
     /// did not change. The default, for a dataplane that owns its state outright, does nothing.
     fn full_resync(&mut self) -> bool {
         false
+    }
+
+    /// Removes everything this dataplane put in the kernel (`--cleanup` at exit): pinned
+    /// maps, chains and rules, virtual services. What is attached to the agent's own file
+    /// descriptors (program links, sockets) goes when the dataplane is dropped.
+    fn cleanup(&mut self) -> anyhow::Result<()>;
+}
+
+/// The agent holds its dataplane boxed: the mode is chosen at run time.
+impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
+        (**self).apply(desired)
+    }
+
+    fn needs_retry(&self) -> bool {
+        (**self).needs_retry()
+    }
+
+    fn full_resync(&mut self) -> bool {
+        (**self).full_resync()
+    }
+
+    fn cleanup(&mut self) -> anyhow::Result<()> {
+        (**self).cleanup()
     }
 }

@@ -53,6 +53,29 @@ impl SyncInfo {
     }
 }
 
+/// How an agent is started.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch<'a> {
+    /// `--cleanup`: remove everything at exit (default). Without it the agent leaves its
+    /// kernel state for the next run, as in production.
+    pub cleanup: bool,
+    /// More arguments for `run` (`--node-ip`, `--mode`, ...). Without a `--mode`, `ebpf`.
+    pub args: &'a [&'a str],
+    /// A program (and its arguments) the agent is started through, e.g. `setpriv` to drop
+    /// capabilities. It runs inside the node namespace and must exec the agent.
+    pub wrapper: &'a [&'a str],
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch {
+            cleanup: true,
+            args: &[],
+            wrapper: &[],
+        }
+    }
+}
+
 /// A running agent. Drop sends SIGTERM (SIGKILL after 2 s) and removes its bpffs directory.
 #[derive(Debug)]
 pub struct Agent {
@@ -66,7 +89,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `binary run --source dir:<manifest_dir> --iface <each> --bpffs <bpffs_dir>
-    /// --cleanup` inside `node_ns`.
+    /// --cleanup --mode ebpf` inside `node_ns` (`start_with` may give another `--mode`).
     pub fn start(
         node_ns: &NetNs,
         manifest_dir: &Path,
@@ -74,7 +97,14 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, true, &[])
+        Self::spawn(
+            node_ns,
+            manifest_dir,
+            ifaces,
+            bpffs_dir,
+            binary,
+            &Launch::default(),
+        )
     }
 
     /// As `start`, with more arguments for `run` (`--node-ip`, say).
@@ -86,15 +116,11 @@ impl Agent {
         binary: &Path,
         extra_args: &[&str],
     ) -> Result<Agent> {
-        Self::spawn(
-            node_ns,
-            manifest_dir,
-            ifaces,
-            bpffs_dir,
-            binary,
-            true,
-            extra_args,
-        )
+        let launch = Launch {
+            args: extra_args,
+            ..Launch::default()
+        };
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, &launch)
     }
 
     /// As `start`, without `--cleanup`: the agent leaves its maps pinned when it exits (as in
@@ -106,18 +132,27 @@ impl Agent {
         bpffs_dir: &Path,
         binary: &Path,
     ) -> Result<Agent> {
-        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, false, &[])
+        let launch = Launch {
+            cleanup: false,
+            ..Launch::default()
+        };
+        Self::spawn(node_ns, manifest_dir, ifaces, bpffs_dir, binary, &launch)
     }
 
-    fn spawn(
+    /// As `start`, launched as `launch` says.
+    pub fn spawn(
         node_ns: &NetNs,
         manifest_dir: &Path,
         ifaces: &[String],
         bpffs_dir: &Path,
         binary: &Path,
-        cleanup: bool,
-        extra_args: &[&str],
+        launch: &Launch,
     ) -> Result<Agent> {
+        let Launch {
+            cleanup,
+            args: extra_args,
+            wrapper,
+        } = *launch;
         if !binary.is_file() {
             return Err(Error::Invalid(format!(
                 "agent binary {} does not exist; build it with `cargo build -p lb-userspace`",
@@ -130,7 +165,14 @@ impl Agent {
         let log_err = log
             .try_clone()
             .map_err(io_err("duplicating the log file handle"))?;
-        let mut cmd = node_ns.command(binary);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = node_ns.command(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => node_ns.command(binary),
+        };
         cmd.arg("run")
             .arg("--source")
             .arg(format!("dir:{}", manifest_dir.display()));
@@ -140,6 +182,11 @@ impl Agent {
         cmd.arg("--bpffs").arg(bpffs_dir);
         if cleanup {
             cmd.arg("--cleanup");
+        }
+        // A test names the mode it tests: under `auto` a node lacking something would quietly
+        // test another mode.
+        if !extra_args.iter().any(|a| a.starts_with("--mode")) {
+            cmd.arg("--mode").arg("ebpf");
         }
         cmd.args(extra_args);
         // The node's name, for EndpointSlices that place endpoints on it.

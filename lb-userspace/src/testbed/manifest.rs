@@ -44,6 +44,35 @@ pub fn demo_dual(backends: &[usize], affinity_timeout_s: Option<u64>) -> String 
     service(Stack::Dual, backends, affinity_timeout_s)
 }
 
+/// The NodePorts of [`demo_node_port`].
+pub const TCP_NODE_PORT: u16 = 30080;
+pub const UDP_NODE_PORT: u16 = 30053;
+
+/// [`demo`] as a NodePort service: TCP on `TCP_NODE_PORT`, UDP on `UDP_NODE_PORT` of every
+/// node address, besides the ClusterIP.
+pub fn demo_node_port(backends: &[usize], affinity_timeout_s: Option<u64>) -> String {
+    let yaml = demo(backends, affinity_timeout_s);
+    let edits = [
+        ("  type: ClusterIP\n", "  type: NodePort\n".to_string()),
+        (
+            "      targetPort: 8080\n",
+            format!("      targetPort: 8080\n      nodePort: {TCP_NODE_PORT}\n"),
+        ),
+        (
+            "      targetPort: 5353\n",
+            format!("      targetPort: 5353\n      nodePort: {UDP_NODE_PORT}\n"),
+        ),
+    ];
+    edits.into_iter().fold(yaml, |yaml, (from, to)| {
+        assert_eq!(
+            yaml.matches(from).count(),
+            1,
+            "{from:?} in the demo manifest"
+        );
+        yaml.replace(from, &to)
+    })
+}
+
 /// Service `demo` of the given `stack` with its EndpointSlices (see [`demo`]).
 pub fn service(stack: Stack, backends: &[usize], affinity_timeout_s: Option<u64>) -> String {
     let affinity = affinity_timeout_s.map_or(String::new(), |t| {

@@ -12,6 +12,7 @@
 //! caller's current namespace: call them inside `client.ns.run(|| ...)`. Their timeouts are
 //! short, so a broken datapath fails a test within seconds.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -273,6 +274,44 @@ impl BackendServers {
             }
         }
         Ok(servers)
+    }
+}
+
+/// Counts answers per backend, panicking with the first error if any request failed.
+pub fn tally(what: &str, answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
+    let total = answers.len();
+    let mut counts = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok(name) => *counts.entry(name).or_insert(0) += 1,
+            Err(e) => failures.push(format!("#{i}: {e}")),
+        }
+    }
+    println!("{what}: {total} requests, distribution {counts:?}");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {total} requests failed, first ones: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    counts
+}
+
+/// Asserts that exactly `backends` answered (each at least once).
+pub fn assert_every_backend(what: &str, counts: &BTreeMap<String, usize>, backends: &[usize]) {
+    let expected: Vec<String> = backends.iter().map(|&i| backend_name(i)).collect();
+    for name in &expected {
+        assert!(
+            counts.contains_key(name),
+            "{what}: {name} never answered ({counts:?})"
+        );
+    }
+    for name in counts.keys() {
+        assert!(
+            expected.contains(name),
+            "{what}: {name} answered but is not a backend of the service ({counts:?})"
+        );
     }
 }
 

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod plan;
 pub mod socket_lb;
 
+use anyhow::Context as _;
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt,
@@ -557,6 +558,12 @@ impl EbpfDataplane {
 impl Dataplane for EbpfDataplane {
     fn needs_retry(&self) -> bool {
         self.resync
+    }
+
+    /// Removes the pins: the maps go when the agent, their last user, exits.
+    fn cleanup(&mut self) -> anyhow::Result<()> {
+        EbpfDataplane::remove_pins(&self.pin_dir)
+            .with_context(|| format!("removing the pins under {}", self.pin_dir.display()))
     }
 
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {

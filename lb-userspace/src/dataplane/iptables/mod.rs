@@ -25,7 +25,7 @@ use anyhow::Context as _;
 
 use super::{ApplyReport, Dataplane};
 use crate::model::{DesiredState, IpFamily};
-use rules::{FamilyRules, Table, CHAIN_PREFIX, JUMP_RULES};
+use rules::{FamilyRules, JumpRule, Table, CHAIN_PREFIX, JUMP_RULES};
 
 /// The iptables programs of one back end, per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +66,27 @@ impl Backend {
     /// The legacy x_tables back end (`iptables-legacy`, ...).
     pub fn legacy() -> Backend {
         Backend::with("legacy", "-legacy")
+    }
+
+    /// The other back ends this node may have rules in: for `system`, the one `iptables -V`
+    /// says it is not (both when it does not say).
+    pub fn others(&self) -> Vec<Backend> {
+        let variant = match self.name.as_str() {
+            "system" => Command::new(&self.iptables)
+                .arg("-V")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default(),
+            name => name.to_string(),
+        };
+        let mut others = Vec::new();
+        if !variant.contains("nf_tables") && variant != "nft" {
+            others.push(Backend::nft());
+        }
+        if !variant.contains("legacy") {
+            others.push(Backend::legacy());
+        }
+        others
     }
 
     fn tool(&self, family: IpFamily, tool: Tool) -> &str {
@@ -138,6 +159,16 @@ pub enum Error {
     },
 }
 
+/// Removes what lb-agent's rules left in one back end's tables (every family of `config`):
+/// the jumps from built-in chains to `LBA-` chains that `keep` does not name and, when it
+/// names none, every `LBA-` chain. An agent starting in one mode calls it for each back end,
+/// keeping the jumps of the mode that programs that back end: its first full sync then
+/// deletes the chains it does not want, no longer referenced. Returns how many rules and
+/// chains went; a back end that is not installed has nothing to remove.
+pub fn remove_leftovers(config: Config, keep: &[JumpRule]) -> anyhow::Result<usize> {
+    IptablesDataplane::new(config).remove_leftovers(keep)
+}
+
 /// The dataplane. Holds what the last successful sync wrote, per family.
 pub struct IptablesDataplane {
     config: Config,
@@ -158,22 +189,31 @@ impl IptablesDataplane {
         }
     }
 
-    /// Removes every `LBA-` chain and the jump rules to them, in every configured family.
-    pub fn cleanup(&mut self) -> anyhow::Result<()> {
-        self.last.clear();
-        self.full = true;
-        for family in self.config.families.clone() {
-            for jump in JUMP_RULES {
-                // `-D` removes one copy; a rule inserted twice (two agents raced) needs more.
-                for _ in 0..16 {
-                    let args = jump.command("-D");
-                    if self.run(family, Tool::Iptables, &args, None).is_err() {
-                        break;
-                    }
-                }
+    /// Removes, in every configured family, the rules in built-in chains that jump to an
+    /// `LBA-` chain and are not in `keep`, and, when `keep` is empty, every `LBA-` chain.
+    /// Returns how many rules and chains went; a back end that is not installed has none.
+    fn remove_leftovers(&self, keep: &[JumpRule]) -> anyhow::Result<usize> {
+        let kept = |table, chain: &str, target: &str| {
+            keep.iter()
+                .any(|j| (j.table, j.chain, j.target) == (table, chain, target))
+        };
+        let mut removed = 0;
+        for &family in &self.config.families {
+            let mut jumps = BTreeMap::new();
+            for table in Table::ALL {
+                let save = match self.run(family, Tool::Save, &["-t", table.as_str()], None) {
+                    Ok(save) => save,
+                    Err(Error::Spawn { .. }) => return Ok(removed),
+                    Err(e) => return Err(e.into()),
+                };
+                jumps.extend(restore::foreign_jumps(&save, CHAIN_PREFIX, kept));
             }
-            let chains = self.our_chains(family)?;
-            let input = restore::delete_all(&chains);
+            let chains = if keep.is_empty() {
+                self.our_chains(family)?
+            } else {
+                BTreeMap::new()
+            };
+            let input = restore::delete_leftovers(&jumps, &chains);
             if !input.is_empty() {
                 self.run(
                     family,
@@ -181,10 +221,17 @@ impl IptablesDataplane {
                     &["--noflush", "--wait"],
                     Some(&input),
                 )
-                .with_context(|| format!("deleting the {family} chains"))?;
+                .with_context(|| {
+                    format!(
+                        "removing lb-agent's {family} rules from the {} iptables back end",
+                        self.config.backend.name
+                    )
+                })?;
             }
+            removed += jumps.values().map(Vec::len).sum::<usize>()
+                + chains.values().map(BTreeSet::len).sum::<usize>();
         }
-        Ok(())
+        Ok(removed)
     }
 
     fn run(
@@ -324,5 +371,12 @@ impl Dataplane for IptablesDataplane {
     fn full_resync(&mut self) -> bool {
         self.full = true;
         true
+    }
+
+    /// Removes every `LBA-` chain and the jump rules to them, in every configured family.
+    fn cleanup(&mut self) -> anyhow::Result<()> {
+        self.last.clear();
+        self.full = true;
+        self.remove_leftovers(&[]).map(|_| ())
     }
 }

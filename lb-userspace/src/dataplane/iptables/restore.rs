@@ -88,18 +88,56 @@ pub fn plan(
     plan
 }
 
-/// The restore input deleting every chain in `chains` (cleanup).
-pub fn delete_all(chains: &BTreeMap<Table, BTreeSet<String>>) -> String {
+/// The rules of built-in chains in `iptables-save` output that jump to a chain starting with
+/// `prefix` and that `keep` (given the table, the built-in chain and the target) does not
+/// keep, as `-D` lines by table: `iptables-restore --noflush` deletes a rule given in the
+/// words `iptables-save` prints it with, quoting included.
+pub fn foreign_jumps(
+    save: &str,
+    prefix: &str,
+    keep: impl Fn(Table, &str, &str) -> bool,
+) -> BTreeMap<Table, Vec<String>> {
+    let mut found: BTreeMap<Table, Vec<String>> = BTreeMap::new();
+    let mut table = None;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = Table::ALL.into_iter().find(|t| t.as_str() == name.trim());
+            continue;
+        }
+        let (Some(t), Some(rule)) = (table, line.strip_prefix("-A ")) else {
+            continue;
+        };
+        let mut words = rule.split_whitespace();
+        let chain = words.next().unwrap_or_default();
+        let target = rule.rsplit_once(" -j ").map_or("", |(_, t)| t.trim());
+        if !chain.starts_with(prefix) && target.starts_with(prefix) && !keep(t, chain, target) {
+            found.entry(t).or_default().push(format!("-D {rule}"));
+        }
+    }
+    found
+}
+
+/// The restore input deleting the jump rules `jumps` (from [`foreign_jumps`]) and then every
+/// chain in `chains`: what another mode, or an agent on the other back end, left behind.
+pub fn delete_leftovers(
+    jumps: &BTreeMap<Table, Vec<String>>,
+    chains: &BTreeMap<Table, BTreeSet<String>>,
+) -> String {
     let mut out = String::new();
-    for (table, names) in chains {
-        if names.is_empty() {
+    for table in Table::ALL {
+        let rules = jumps.get(&table).map_or(&[][..], Vec::as_slice);
+        let names = chains.get(&table);
+        if rules.is_empty() && names.is_none_or(BTreeSet::is_empty) {
             continue;
         }
         writeln!(out, "*{}", table.as_str()).unwrap();
-        for name in names {
+        for name in names.into_iter().flatten() {
             writeln!(out, ":{name} - [0:0]").unwrap();
         }
-        for name in names {
+        for rule in rules {
+            writeln!(out, "{rule}").unwrap();
+        }
+        for name in names.into_iter().flatten() {
             writeln!(out, "-X {name}").unwrap();
         }
         out.push_str("COMMIT\n");
@@ -204,9 +242,42 @@ mod tests {
             BTreeSet::from(["LBA-PROXY-FIREWALL".to_string()])
         );
         assert_eq!(
-            delete_all(&found),
+            delete_leftovers(&BTreeMap::new(), &found),
             "*filter\n:LBA-PROXY-FIREWALL - [0:0]\n-X LBA-PROXY-FIREWALL\nCOMMIT\n\
              *nat\n:LBA-SERVICES - [0:0]\n-X LBA-SERVICES\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn leftover_jumps_are_deleted_in_the_words_save_printed_them_unless_kept() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:LBA-PORTALS - [0:0]\n\
+                    -A PREROUTING -m comment --comment \"lb-agent service portals\" -j LBA-SERVICES\n\
+                    -A PREROUTING -m comment --comment \"lb-agent portals\" -j LBA-PORTALS\n\
+                    -A PREROUTING -j KUBE-SERVICES\n\
+                    -A LBA-PORTALS -j LBA-SEP-X\n\
+                    COMMIT\n";
+        let keep = |t: Table, chain: &str, target: &str| {
+            (t, chain, target) == (Table::Nat, "PREROUTING", "LBA-SERVICES")
+        };
+        let jumps = foreign_jumps(save, "LBA-", keep);
+        assert_eq!(
+            jumps,
+            BTreeMap::from([(
+                Table::Nat,
+                vec![
+                    "-D PREROUTING -m comment --comment \"lb-agent portals\" -j LBA-PORTALS"
+                        .to_string()
+                ]
+            )]),
+            "only the built-in chain's jump to a chain of ours that is not kept"
+        );
+        let chains = chains_in_save(save, "LBA-");
+        assert_eq!(
+            delete_leftovers(&jumps, &chains),
+            "*nat\n:LBA-PORTALS - [0:0]\n\
+             -D PREROUTING -m comment --comment \"lb-agent portals\" -j LBA-PORTALS\n\
+             -X LBA-PORTALS\nCOMMIT\n",
+            "jumps go before the chains they reference"
         );
     }
 }
