@@ -30,7 +30,7 @@ const RELEASE: &str = "lb-agent";
 const NAMESPACE: &str = "kube-system";
 
 /// The capabilities the agent's container adds to an empty set (the chart says why each).
-const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
+const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "NET_RAW"];
 
 /// What the ClusterRole grants, as (API group, resource, verb): reading Services,
 /// EndpointSlices and Nodes, and writing Events in either Events API.
@@ -324,7 +324,8 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_the_capabilities_i
         .collect();
     assert_eq!(added, BTreeSet::from(CAPABILITIES), "capabilities added");
 
-    // The host paths: bpffs for the pins, the cgroup2 root read-only; nothing else.
+    // The host paths: bpffs for the pins, the cgroup2 root read-only, the xtables lock the
+    // fallback modes' iptables shares with the host's; nothing else.
     let host_paths: BTreeSet<(&str, &str)> = pod
         .volumes
         .iter()
@@ -333,7 +334,11 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_the_capabilities_i
         .collect();
     assert_eq!(
         host_paths,
-        BTreeSet::from([("bpffs", "/sys/fs/bpf"), ("cgroup2", "/sys/fs/cgroup")])
+        BTreeSet::from([
+            ("bpffs", "/sys/fs/bpf"),
+            ("cgroup2", "/sys/fs/cgroup"),
+            ("xtables-lock", "/run/xtables.lock")
+        ])
     );
     let mounts = container.volume_mounts.as_deref().unwrap_or_default();
     let mount = |name: &str| {
@@ -553,6 +558,8 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
         "serviceProxyName=lb",
         "socketLB=false",
         "extraArgs={--node-ip=10.0.0.5}",
+        "mode=ipvs",
+        "iptablesBackend=legacy",
     ])
     .unwrap_or_else(|e| panic!("{e}"));
     for arg in [
@@ -563,16 +570,28 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
         "--service-proxy-name=lb",
         "--no-socket-lb",
         "--node-ip=10.0.0.5",
+        "--mode=ipvs",
+        "--iptables-backend=legacy",
     ] {
         assert!(args.iter().any(|a| a == arg), "{arg} is not in {args:?}");
     }
     assert!(!args.iter().any(|a| a.starts_with("--cgroup")), "{args:?}");
-    assert_eq!(volumes, ["bpffs"], "no cgroup mount without socket LB");
+    assert_eq!(
+        volumes,
+        ["bpffs", "xtables-lock"],
+        "no cgroup mount without socket LB"
+    );
 
     let bad = rendered_with(&["lbAlgorithm=roundrobin"]).unwrap_err();
     assert!(bad.contains("neither random nor maglev"), "{bad}");
     let none = rendered_with(&["interfaces=null"]).unwrap_err();
     assert!(none.contains("list at least one interface"), "{none}");
+    rendered_with(&["interfaces=null", "mode=iptables"])
+        .unwrap_or_else(|e| panic!("a fallback mode needs no interfaces: {e}"));
+    let bad = rendered_with(&["mode=bpf"]).unwrap_err();
+    assert!(bad.contains("none of auto, ebpf"), "{bad}");
+    let bad = rendered_with(&["iptablesBackend=nf_tables"]).unwrap_err();
+    assert!(bad.contains("none of system, nft, legacy"), "{bad}");
     let unprobed = rendered_with(&["healthzBindAddress=off"]).unwrap_err();
     assert!(unprobed.contains("readiness probe"), "{unprobed}");
     let (args, _) = rendered_with(&["metricsBindAddress=off"]).unwrap_or_else(|e| panic!("{e}"));
