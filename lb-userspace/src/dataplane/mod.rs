@@ -2,6 +2,8 @@
 //! between what it last programmed and the new desired state; the agent holds exactly one.
 
 pub mod ebpf;
+#[cfg(test)]
+mod fixtures;
 pub mod iptables;
 
 use crate::model::DesiredState;
