@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::model::{
-    DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
+    DesiredState, Endpoint, External, Frontend, IpFamily, Protocol, ServicePort, ServicePortName,
 };
 
 pub const NODE: &str = "192.168.0.2";
@@ -209,13 +209,30 @@ pub const CASES: &[Case] = &[
     ("ipv6", ipv6),
 ];
 
-/// Compares each `(case, rendered)` with `<dir>/<case>.rules` (`dir` relative to the crate),
-/// or writes the files when `LB_UPDATE_GOLDEN=1`.
-pub fn check_golden(dir: &str, rendered: &[(&str, String)]) {
+/// Both families' rules of one desired state, as `render` gives each, under a header line.
+pub fn render_both(
+    desired: &DesiredState,
+    render: impl Fn(&DesiredState, IpFamily) -> String,
+) -> String {
+    let mut out = String::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        out.push_str(&format!("# {family}: iptables-restore --noflush input\n"));
+        out.push_str(&render(desired, family));
+    }
+    out
+}
+
+/// Compares [`render_both`] of every case in [`CASES`] with `<dir>/<case>.rules` (`dir`
+/// relative to the crate), or writes the files when `LB_UPDATE_GOLDEN=1`.
+pub fn check_golden(dir: &str, render: impl Fn(&DesiredState, IpFamily) -> String) {
+    let rendered: Vec<(&str, String)> = CASES
+        .iter()
+        .map(|(case, build)| (*case, render_both(&build(), &render)))
+        .collect();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
     let update = std::env::var_os("LB_UPDATE_GOLDEN").is_some_and(|v| v == "1");
     let mut mismatched = Vec::new();
-    for (case, got) in rendered {
+    for (case, got) in &rendered {
         let path = dir.join(format!("{case}.rules"));
         if update {
             std::fs::create_dir_all(&dir).unwrap();

@@ -5,6 +5,7 @@ pub mod ebpf;
 #[cfg(test)]
 mod fixtures;
 pub mod iptables;
+pub mod userspace;
 
 use crate::model::DesiredState;
 

@@ -10,27 +10,20 @@ use std::net::IpAddr;
 use super::rules::{generate, FamilyRules};
 use super::tracer::{Origin, Outcome, Packet, Tracer, Verdict};
 use crate::dataplane::fixtures::{
-    affinity, check_golden, cluster_ip_3_endpoints, ip, ipv6, lb_source_ranges, no_endpoints,
+    self, affinity, check_golden, cluster_ip_3_endpoints, ip, ipv6, lb_source_ranges, no_endpoints,
     node_port_local, CASES, NODE, NODE6,
 };
 use crate::model::{DesiredState, IpFamily, Protocol};
 
 fn render_both(desired: &DesiredState) -> String {
-    let mut out = String::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        out.push_str(&format!("# {family}: iptables-restore --noflush input\n"));
-        out.push_str(&generate(desired, family).render());
-    }
-    out
+    fixtures::render_both(desired, |d, family| generate(d, family).render())
 }
 
 #[test]
 fn generated_rules_match_golden_files() {
-    let rendered: Vec<(&str, String)> = CASES
-        .iter()
-        .map(|(case, build)| (*case, render_both(&build())))
-        .collect();
-    check_golden("src/dataplane/iptables/testdata", &rendered);
+    check_golden("src/dataplane/iptables/testdata", |d, family| {
+        generate(d, family).render()
+    });
 }
 
 #[test]
