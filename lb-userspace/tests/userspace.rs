@@ -233,6 +233,23 @@ fn each(backends: &[usize], n: usize) -> BTreeMap<String, usize> {
     backends.iter().map(|&i| (backend_name(i), n)).collect()
 }
 
+/// Asserts `counts` came from `backends` in turn: the same number each for TCP. UDP comes
+/// close: a client socket that happens to get the port of an earlier one whose association
+/// is still alive is that client again, and keeps its backend.
+fn round_robin(what: &str, udp: bool, counts: &BTreeMap<String, usize>, backends: &[usize]) {
+    let total: usize = counts.values().sum();
+    let even = each(backends, total / backends.len());
+    if udp {
+        assert!(
+            counts.keys().eq(even.keys())
+                && counts.values().all(|&n| n + 2 >= total / backends.len()),
+            "{what}: {counts:?}"
+        );
+    } else {
+        assert_eq!(*counts, even, "{what}");
+    }
+}
+
 fn run(backend: Backend) {
     if let Err(e) = require_root() {
         panic!("{e}: this test must not pass silently without it");
@@ -278,7 +295,7 @@ fn run(backend: Backend) {
         "the TCP portals do not listen on the node's loopback"
     );
 
-    // ClusterIP, TCP and UDP, both families: round robin, so exactly a third each.
+    // ClusterIP, TCP and UDP, both families: round robin.
     let started = Instant::now();
     for (what, udp, addr) in [
         ("TCP", false, SocketAddr::from((VIP, TCP_PORT))),
@@ -286,8 +303,7 @@ fn run(backend: Backend) {
         ("UDP", true, SocketAddr::from((VIP, UDP_PORT))),
         ("UDP over IPv6", true, SocketAddr::from((VIP6, UDP_PORT))),
     ] {
-        let counts = from_client(&topo, 24, udp, addr);
-        assert_eq!(counts, each(&[1, 2, 3], 8), "{what}");
+        round_robin(what, udp, &from_client(&topo, 24, udp, addr), &[1, 2, 3]);
     }
     println!(
         "96 ClusterIP connections and exchanges through the portals: {:?}",
@@ -327,9 +343,8 @@ fn run(backend: Backend) {
             (tally(tcp), tally(udp))
         })
         .unwrap();
-    for (what, counts) in [("TCP", tcp), ("UDP", udp)] {
-        assert_eq!(counts, each(&[1, 2, 3], 2), "from the node, {what}");
-    }
+    round_robin("TCP from the node", false, &tcp, &[1, 2, 3]);
+    round_robin("UDP from the node", true, &udp, &[1, 2, 3]);
 
     // NodePort, from the client.
     let counts = from_client(&topo, 6, false, SocketAddr::from((NODE_IP, NODE_PORT)));
