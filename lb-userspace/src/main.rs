@@ -514,7 +514,7 @@ fn remove_leftovers(mode: Mode, args: &RunArgs) {
         .chain(in_use.others().into_iter().map(|b| (b, &[][..])));
     for (backend, keep) in backends {
         let name = backend.name.clone();
-        match iptables::remove_leftovers(iptables::Config::new(backend), keep) {
+        match iptables::remove_leftovers(&iptables::Config::new(backend), keep) {
             Ok(0) => {}
             Ok(n) => info!("removed {n} rules and chains other modes left in the {name} iptables"),
             Err(e) => warn!("could not remove what other modes left in the {name} iptables: {e:#}"),

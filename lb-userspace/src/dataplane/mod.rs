@@ -3,7 +3,10 @@
 //! chosen by `--mode` (see `crate::mode`).
 
 pub mod ebpf;
+#[cfg(test)]
+mod fixtures;
 pub mod iptables;
+pub mod userspace;
 
 use crate::model::DesiredState;
 

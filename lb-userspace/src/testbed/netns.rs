@@ -72,19 +72,11 @@ impl NetNs {
         T: Send,
     {
         let path = self.path();
-        let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        let name = self.name.clone();
         std::thread::scope(|scope| {
             let handle = std::thread::Builder::new()
-                .name(format!("in-{name}"))
+                .name(format!("in-{}", self.name))
                 .spawn_scoped(scope, move || -> Result<T> {
-                    // SAFETY: setns only reads the descriptor, which `file` keeps open.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(Error::Io {
-                            what: format!("entering network namespace {name}"),
-                            source: std::io::Error::last_os_error(),
-                        });
-                    }
+                    enter(&path)?;
                     Ok(f())
                 })
                 .map_err(io_err("spawning a thread"))?;
@@ -95,30 +87,37 @@ impl NetNs {
         })
     }
 
+    /// A multi-thread tokio runtime whose every thread (workers and blocking pool) lives in
+    /// the namespace, so the sockets its tasks open belong to it. `block_on` runs on the
+    /// caller's thread, outside: code that opens sockets outside a task (a dataplane's
+    /// apply) runs inside with [`NetNs::run`] and `runtime.enter()`.
+    pub fn tokio_runtime(&self) -> Result<tokio::runtime::Runtime> {
+        let path = self.path();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                if let Err(e) = enter(&path) {
+                    // Nothing to return it to; a thread outside would open sockets in the
+                    // wrong namespace, which must not go unnoticed.
+                    panic!("{e}");
+                }
+            })
+            .build()
+            .map_err(io_err(format!("building a tokio runtime in {}", self.name)))
+    }
+
     /// A command that runs `program` inside the namespace (network namespace only: mounts,
     /// and so bpffs, stay the caller's). Entering can fail only at spawn time, as its error.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new(program);
-        let path = CString::new(self.path().into_os_string().into_encoded_bytes())
-            .expect("namespace names contain no NUL");
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (open, setns, close); `path` was allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let rc = libc::setns(fd, libc::CLONE_NEWNET);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if rc != 0 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        cmd
+        self.commands()(program.as_ref())
+    }
+
+    /// What [`NetNs::command`] does, as a function that outlives `self`'s borrow (for a
+    /// dataplane's `CommandFactory`). Only while the namespace exists can its commands run.
+    pub fn commands(&self) -> impl Fn(&OsStr) -> Command + Send + Sync + 'static {
+        let path = self.path();
+        move |program| in_namespace(&path, program)
     }
 
     /// Runs `program args...` inside the namespace, returning its stdout.
@@ -147,6 +146,44 @@ impl NetNs {
             .map_err(io_err(format!("reading sysctl {key} in {}", self.name)))?;
         Ok(value.trim().to_owned())
     }
+}
+
+/// A command that runs `program` inside the network namespace at `path`.
+fn in_namespace(path: &Path, program: &OsStr) -> Command {
+    let mut cmd = Command::new(program);
+    let path =
+        CString::new(path.as_os_str().as_encoded_bytes()).expect("namespace paths contain no NUL");
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (open, setns, close); `path` was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::setns(fd, libc::CLONE_NEWNET);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Moves the calling thread into the network namespace at `path`, for the rest of its life.
+fn enter(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    // SAFETY: setns only reads the descriptor, which `file` keeps open.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::Io {
+            what: format!("entering network namespace {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// `/proc/sys/...` for a dotted sysctl key. /proc/sys/net shows the namespace of the thread

@@ -8,6 +8,7 @@
 //! which the owner calls periodically) rewrites every chain of ours, deletes any `LBA-` chain
 //! the kernel holds that is not wanted, and checks the jump rules from the built-in chains.
 
+pub mod exec;
 pub mod restore;
 pub mod rules;
 
@@ -17,15 +18,15 @@ mod golden;
 mod tracer;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use super::{ApplyReport, Dataplane};
 use crate::model::{DesiredState, IpFamily};
-use rules::{FamilyRules, JumpRule, Table, CHAIN_PREFIX, JUMP_RULES};
+pub use exec::{Error, Tool};
+use rules::{FamilyRules, CHAIN_PREFIX, JUMP_RULES};
 
 /// The iptables programs of one back end, per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,13 +102,6 @@ impl Backend {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Tool {
-    Iptables,
-    Save,
-    Restore,
-}
-
 /// Makes the `Command` that runs a program: by default the program itself; tests run it in a
 /// network namespace (`NetNs::command`).
 pub type CommandFactory = Arc<dyn Fn(&str) -> Command + Send + Sync>;
@@ -140,33 +134,37 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// What went wrong running an iptables program.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot run `{program}`: {source}; is the {backend} iptables back end installed (Debian: the `iptables` package)?")]
-    Spawn {
-        program: String,
-        backend: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{program} {args}` failed ({status}): {stderr}")]
-    Failed {
-        program: String,
-        args: String,
-        status: String,
-        stderr: String,
-    },
-}
-
-/// Removes what lb-agent's rules left in one back end's tables (every family of `config`):
-/// the jumps from built-in chains to `LBA-` chains that `keep` does not name and, when it
-/// names none, every `LBA-` chain. An agent starting in one mode calls it for each back end,
-/// keeping the jumps of the mode that programs that back end: its first full sync then
-/// deletes the chains it does not want, no longer referenced. Returns how many rules and
-/// chains went; a back end that is not installed has nothing to remove.
-pub fn remove_leftovers(config: Config, keep: &[JumpRule]) -> anyhow::Result<usize> {
-    IptablesDataplane::new(config).remove_leftovers(keep)
+/// Removes what lb-agent's rules left in one back end's tables, in every family of
+/// `config`: the jumps from built-in chains to `LBA-` chains that `keep` does not name, then
+/// every `LBA-` chain no built-in chain reaches any more (see [`restore::leftovers`]). With
+/// `keep` empty, that is everything; given the jumps of the mode about to program this back
+/// end, that mode's chains stay (no gap in service on a restart) and every other mode's go.
+/// Returns how many rules and chains went; a back end that is not installed has none.
+pub fn remove_leftovers(config: &Config, keep: &[rules::JumpRule]) -> anyhow::Result<usize> {
+    let kept = |table, chain: &str, target: &str| {
+        keep.iter()
+            .any(|j| (j.table, j.chain, j.target) == (table, chain, target))
+    };
+    let mut removed = 0;
+    for &family in &config.families {
+        let save = match config.run(family, Tool::Save, &[], None) {
+            Ok(save) => save,
+            Err(Error::Spawn { .. }) => return Ok(removed),
+            Err(e) => return Err(e.into()),
+        };
+        let (jumps, chains) = restore::leftovers(&save, CHAIN_PREFIX, kept);
+        config
+            .restore(family, &restore::delete_leftovers(&jumps, &chains))
+            .with_context(|| {
+                format!(
+                    "removing lb-agent's leftover {family} rules from the {} iptables",
+                    config.backend.name
+                )
+            })?;
+        removed += jumps.values().map(Vec::len).sum::<usize>()
+            + chains.values().map(BTreeSet::len).sum::<usize>();
+    }
+    Ok(removed)
 }
 
 /// The dataplane. Holds what the last successful sync wrote, per family.
@@ -189,121 +187,6 @@ impl IptablesDataplane {
         }
     }
 
-    /// Removes, in every configured family, the rules in built-in chains that jump to an
-    /// `LBA-` chain and are not in `keep`, and, when `keep` is empty, every `LBA-` chain.
-    /// Returns how many rules and chains went; a back end that is not installed has none.
-    fn remove_leftovers(&self, keep: &[JumpRule]) -> anyhow::Result<usize> {
-        let kept = |table, chain: &str, target: &str| {
-            keep.iter()
-                .any(|j| (j.table, j.chain, j.target) == (table, chain, target))
-        };
-        let mut removed = 0;
-        for &family in &self.config.families {
-            let mut jumps = BTreeMap::new();
-            for table in Table::ALL {
-                let save = match self.run(family, Tool::Save, &["-t", table.as_str()], None) {
-                    Ok(save) => save,
-                    Err(Error::Spawn { .. }) => return Ok(removed),
-                    Err(e) => return Err(e.into()),
-                };
-                jumps.extend(restore::foreign_jumps(&save, CHAIN_PREFIX, kept));
-            }
-            let chains = if keep.is_empty() {
-                self.our_chains(family)?
-            } else {
-                BTreeMap::new()
-            };
-            let input = restore::delete_leftovers(&jumps, &chains);
-            if !input.is_empty() {
-                self.run(
-                    family,
-                    Tool::Restore,
-                    &["--noflush", "--wait"],
-                    Some(&input),
-                )
-                .with_context(|| {
-                    format!(
-                        "removing lb-agent's {family} rules from the {} iptables back end",
-                        self.config.backend.name
-                    )
-                })?;
-            }
-            removed += jumps.values().map(Vec::len).sum::<usize>()
-                + chains.values().map(BTreeSet::len).sum::<usize>();
-        }
-        Ok(removed)
-    }
-
-    fn run(
-        &self,
-        family: IpFamily,
-        tool: Tool,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<String, Error> {
-        let program = self.config.backend.tool(family, tool);
-        let mut cmd = (self.config.command)(program);
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let spawn_err = |source| Error::Spawn {
-            program: program.to_string(),
-            backend: self.config.backend.name.clone(),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let Some(input) = stdin {
-            // A write error shows as the program's failure below.
-            let _ = child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(input.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(Error::Failed {
-                program: program.to_string(),
-                args: args.join(" "),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
-    }
-
-    /// Our chains the kernel holds, from `iptables-save`.
-    fn our_chains(&self, family: IpFamily) -> anyhow::Result<BTreeMap<Table, BTreeSet<String>>> {
-        let mut found = BTreeMap::new();
-        for table in Table::ALL {
-            let save = self.run(family, Tool::Save, &["-t", table.as_str()], None)?;
-            found.extend(restore::chains_in_save(&save, CHAIN_PREFIX));
-        }
-        Ok(found)
-    }
-
-    /// Inserts the jump rules that are missing (`-C` tells), at the top of their chains.
-    fn ensure_jumps(&self, family: IpFamily) -> Result<(), Error> {
-        // Inserted at position 1 each, so insert in reverse to keep the listed order.
-        for jump in JUMP_RULES.iter().rev() {
-            let check = jump.command("-C");
-            match self.run(family, Tool::Iptables, &check, None) {
-                Ok(_) => continue,
-                // `-C` exits 1 when the rule is not there; anything else is a real failure.
-                Err(Error::Failed { ref status, .. }) if status.ends_with("exit status: 1") => {}
-                Err(e) => return Err(e),
-            }
-            self.run(family, Tool::Iptables, &jump.command("-I"), None)?;
-        }
-        Ok(())
-    }
-
     fn sync_family(
         &mut self,
         family: IpFamily,
@@ -313,24 +196,18 @@ impl IptablesDataplane {
         let new = rules::generate(desired, family);
         let full = self.full || !self.last.contains_key(&family);
         let (old, stale) = if full {
-            (None, self.our_chains(family)?)
+            (None, self.config.chains_with_prefix(family, CHAIN_PREFIX)?)
         } else {
             (self.last.get(&family), BTreeMap::new())
         };
         let plan = restore::plan(old, &new, &stale);
         // The rules are out of step from here until the restore succeeds.
         self.last.remove(&family);
-        if !plan.input.is_empty() {
-            self.run(
-                family,
-                Tool::Restore,
-                &["--noflush", "--wait"],
-                Some(&plan.input),
-            )
+        self.config
+            .restore(family, &plan.input)
             .with_context(|| format!("programming the {family} rules"))?;
-        }
         if full {
-            self.ensure_jumps(family)?;
+            self.config.ensure_jumps(family, JUMP_RULES)?;
         }
         report.writes += plan.written;
         report.deletes += plan.deleted;
@@ -377,6 +254,6 @@ impl Dataplane for IptablesDataplane {
     fn cleanup(&mut self) -> anyhow::Result<()> {
         self.last.clear();
         self.full = true;
-        self.remove_leftovers(&[]).map(|_| ())
+        remove_leftovers(&self.config, &[]).map(drop)
     }
 }

@@ -88,33 +88,98 @@ pub fn plan(
     plan
 }
 
-/// The rules of built-in chains in `iptables-save` output that jump to a chain starting with
-/// `prefix` and that `keep` (given the table, the built-in chain and the target) does not
-/// keep, as `-D` lines by table: `iptables-restore --noflush` deletes a rule given in the
-/// words `iptables-save` prints it with, quoting included.
-pub fn foreign_jumps(
+/// What other modes (or an agent on another back end) left in the tables of one
+/// `iptables-save` output, as deletions by table: the rules of built-in chains that jump to a
+/// chain starting with `prefix` and that `keep` (given the table, the built-in chain and the
+/// target) does not keep, as `-D` lines in the words `iptables-save` printed them with; and
+/// the chains starting with `prefix` that no built-in chain reaches once those are gone. A
+/// chain nothing reaches sees no packet, so deleting it changes nothing, and the chains of
+/// the mode that keeps its jumps are all reached.
+pub fn leftovers(
     save: &str,
     prefix: &str,
     keep: impl Fn(Table, &str, &str) -> bool,
-) -> BTreeMap<Table, Vec<String>> {
-    let mut found: BTreeMap<Table, Vec<String>> = BTreeMap::new();
-    let mut table = None;
-    for line in save.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = Table::ALL.into_iter().find(|t| t.as_str() == name.trim());
-            continue;
+) -> (
+    BTreeMap<Table, Vec<String>>,
+    BTreeMap<Table, BTreeSet<String>>,
+) {
+    let mut jumps: BTreeMap<Table, Vec<String>> = BTreeMap::new();
+    let mut chains: BTreeMap<Table, BTreeSet<String>> = BTreeMap::new();
+    for (table, text) in tables_in_save(save) {
+        let mut builtin = Vec::new();
+        let mut ours = BTreeSet::new();
+        let mut edges: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for line in text {
+            if let Some(decl) = line.strip_prefix(':') {
+                let mut words = decl.split_whitespace();
+                let (name, policy) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
+                if policy != "-" {
+                    builtin.push(name);
+                } else if name.starts_with(prefix) {
+                    ours.insert(name);
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split_whitespace().next().unwrap_or_default();
+                let Some(target) = jump_target(rule) else {
+                    continue;
+                };
+                let from_builtin = !chain.starts_with(prefix);
+                if from_builtin && target.starts_with(prefix) && !keep(table, chain, target) {
+                    jumps.entry(table).or_default().push(format!("-D {rule}"));
+                } else {
+                    edges.entry(chain).or_default().push(target);
+                }
+            }
         }
-        let (Some(t), Some(rule)) = (table, line.strip_prefix("-A ")) else {
-            continue;
-        };
-        let mut words = rule.split_whitespace();
-        let chain = words.next().unwrap_or_default();
-        let target = rule.rsplit_once(" -j ").map_or("", |(_, t)| t.trim());
-        if !chain.starts_with(prefix) && target.starts_with(prefix) && !keep(t, chain, target) {
-            found.entry(t).or_default().push(format!("-D {rule}"));
+        let mut reached: BTreeSet<&str> = BTreeSet::new();
+        let mut todo = builtin;
+        while let Some(chain) = todo.pop() {
+            for &next in edges.get(chain).into_iter().flatten() {
+                if reached.insert(next) {
+                    todo.push(next);
+                }
+            }
+        }
+        let unreached: BTreeSet<String> = ours
+            .into_iter()
+            .filter(|c| !reached.contains(c))
+            .map(String::from)
+            .collect();
+        if !unreached.is_empty() {
+            chains.insert(table, unreached);
         }
     }
-    found
+    (jumps, chains)
+}
+
+/// The lines of each table in `iptables-save` output.
+fn tables_in_save(save: &str) -> Vec<(Table, Vec<&str>)> {
+    let mut tables: Vec<(Table, Vec<&str>)> = Vec::new();
+    let mut current = false;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            let table = Table::ALL.into_iter().find(|t| t.as_str() == name.trim());
+            current = table.is_some();
+            tables.extend(table.map(|t| (t, Vec::new())));
+        } else if current {
+            tables.last_mut().expect("a table").1.push(line);
+        }
+    }
+    tables
+}
+
+/// The chain a rule jumps or goes to (`-j`/`-g`), if a chain and not a verdict or extension
+/// target such as ACCEPT or DNAT (those are upper-case words that are no chain of ours; the
+/// caller only follows names it knows).
+fn jump_target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    let mut target = None;
+    while let Some(word) = words.next() {
+        if word == "-j" || word == "-g" {
+            target = words.next();
+        }
+    }
+    target
 }
 
 /// The restore input deleting the jump rules `jumps` (from [`foreign_jumps`]) and then every
@@ -249,17 +314,21 @@ mod tests {
     }
 
     #[test]
-    fn leftover_jumps_are_deleted_in_the_words_save_printed_them_unless_kept() {
-        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:LBA-PORTALS - [0:0]\n\
+    fn leftovers_are_foreign_jumps_and_the_chains_nothing_reaches_once_they_are_gone() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                    :LBA-SERVICES - [0:0]\n:LBA-SVC-A - [0:0]\n:LBA-PORTALS - [0:0]\n\
+                    :LBA-NODEPORT - [0:0]\n:LBA-ORPHAN - [0:0]\n:KUBE-SERVICES - [0:0]\n\
                     -A PREROUTING -m comment --comment \"lb-agent service portals\" -j LBA-SERVICES\n\
                     -A PREROUTING -m comment --comment \"lb-agent portals\" -j LBA-PORTALS\n\
                     -A PREROUTING -j KUBE-SERVICES\n\
-                    -A LBA-PORTALS -j LBA-SEP-X\n\
+                    -A OUTPUT -p tcp -j DNAT --to-destination 10.0.0.1:80\n\
+                    -A LBA-SERVICES -p tcp -g LBA-SVC-A\n\
+                    -A LBA-PORTALS -j LBA-NODEPORT\n\
                     COMMIT\n";
         let keep = |t: Table, chain: &str, target: &str| {
             (t, chain, target) == (Table::Nat, "PREROUTING", "LBA-SERVICES")
         };
-        let jumps = foreign_jumps(save, "LBA-", keep);
+        let (jumps, chains) = leftovers(save, "LBA-", keep);
         assert_eq!(
             jumps,
             BTreeMap::from([(
@@ -271,13 +340,24 @@ mod tests {
             )]),
             "only the built-in chain's jump to a chain of ours that is not kept"
         );
-        let chains = chains_in_save(save, "LBA-");
+        assert_eq!(
+            chains[&Table::Nat],
+            BTreeSet::from(["LBA-NODEPORT", "LBA-ORPHAN", "LBA-PORTALS"].map(String::from)),
+            "the kept chain and what it reaches (by -g too) stay; KUBE- is not ours"
+        );
         assert_eq!(
             delete_leftovers(&jumps, &chains),
-            "*nat\n:LBA-PORTALS - [0:0]\n\
+            "*nat\n:LBA-NODEPORT - [0:0]\n:LBA-ORPHAN - [0:0]\n:LBA-PORTALS - [0:0]\n\
              -D PREROUTING -m comment --comment \"lb-agent portals\" -j LBA-PORTALS\n\
-             -X LBA-PORTALS\nCOMMIT\n",
-            "jumps go before the chains they reference"
+             -X LBA-NODEPORT\n-X LBA-ORPHAN\n-X LBA-PORTALS\nCOMMIT\n",
+            "chains flushed, then the jumps to them deleted, then the chains"
         );
+        let (jumps, chains) = leftovers(save, "LBA-", |_, _, _| false);
+        assert_eq!(
+            jumps[&Table::Nat].len(),
+            2,
+            "keeping nothing: every jump of ours"
+        );
+        assert_eq!(chains[&Table::Nat].len(), 5, "and every chain of ours");
     }
 }
