@@ -18,6 +18,7 @@ use lb_userspace::{
     dataplane::{
         ebpf::{conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
         iptables::{self, IptablesDataplane},
+        userspace::{self, UserspaceDataplane},
         Dataplane,
     },
     host::{node_addresses, node_name_from_environment, warn_if_ephemeral_ports_overlap_snat},
@@ -306,15 +307,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
+    // Before the first sync: the mode's own full sync must not meet another mode's chains
+    // still referenced. What this mode left itself stays until then, so a restart in the same
+    // mode keeps serving throughout; a switch of modes has a gap of one sync.
+    remove_leftovers(mode, &args);
     let driven = match syncer.sync() {
         sync::Outcome::SourceStopped => Err(anyhow::anyhow!("the source stopped at startup")),
-        first => {
-            // Only once this mode serves: a node switching modes is never left with neither.
-            if first != sync::Outcome::Failed {
-                remove_leftovers(mode, &args);
-            }
-            sync::drive(&mut syncer, &mut changes, timing, stop).await
-        }
+        _ => sync::drive(&mut syncer, &mut changes, timing, stop).await,
     };
 
     drop(conntrack_gc);
@@ -373,7 +372,10 @@ fn start_dataplane(
             Mode::Iptables => {
                 Ok(Box::new(IptablesDataplane::new(iptables_config(args))) as Box<dyn Dataplane>)
             }
-            Mode::Ipvs | Mode::Userspace => Err(anyhow::anyhow!("{mode} mode is not built yet")),
+            Mode::Userspace => Ok(Box::new(UserspaceDataplane::new(userspace::Config::new(
+                iptables_config(args),
+            ))) as Box<dyn Dataplane>),
+            Mode::Ipvs => Err(anyhow::anyhow!("{mode} mode is not built yet")),
             Mode::Auto => unreachable!("auto is not a dataplane"),
         };
         match started {
@@ -491,7 +493,7 @@ fn iptables_config(args: &RunArgs) -> iptables::Config {
 }
 
 /// Removes what other modes left behind: a node switching modes must not keep the old
-/// mode's rules or pins. Failures are logged, not fatal: the chosen mode already serves.
+/// mode's rules or pins. Failures are logged, not fatal: the chosen mode can serve anyway.
 fn remove_leftovers(mode: Mode, args: &RunArgs) {
     if mode != Mode::Ebpf && args.bpffs.exists() {
         match EbpfDataplane::remove_pins(&args.bpffs) {
@@ -508,6 +510,7 @@ fn remove_leftovers(mode: Mode, args: &RunArgs) {
     let in_use = &args.iptables_backend.0;
     let keep: &[iptables::rules::JumpRule] = match mode {
         Mode::Iptables => iptables::rules::JUMP_RULES,
+        Mode::Userspace => userspace::rules::JUMP_RULES,
         _ => &[],
     };
     let backends = std::iter::once((in_use.clone(), keep))

@@ -41,6 +41,10 @@ const IPTABLES: Expect = Expect {
     mode: "iptables",
     keeps_client_address: true,
 };
+const USERSPACE: Expect = Expect {
+    mode: "userspace",
+    keeps_client_address: false,
+};
 
 fn tcp_vip() -> SocketAddr {
     SocketAddr::from((VIP, TCP_PORT))
@@ -330,7 +334,7 @@ macro_rules! parity {
     )*};
 }
 
-parity!(ebpf => EBPF, iptables => IPTABLES);
+parity!(ebpf => EBPF, iptables => IPTABLES, userspace => USERSPACE);
 
 /// How the agent chooses its mode, and what a change of mode leaves behind.
 mod choosing_a_mode {
@@ -514,13 +518,29 @@ mod choosing_a_mode {
             "rules stay without --cleanup"
         );
 
-        // eBPF again: the iptables rules go, in both back ends.
+        // userspace: the iptables mode's chains go before its first sync, its own come.
+        let mut proxy = world.agent(Launch {
+            cleanup: false,
+            args: &["--mode", "userspace"],
+            ..Launch::default()
+        });
+        let rules = world.our_rules();
+        let chain = |name: &str| rules.iter().any(|r| r.contains(&format!(":{name} ")));
+        assert!(
+            !chain("LBA-SERVICES") && chain("LBA-PORTALS-CONTAINER"),
+            "only the userspace mode's chains: {rules:#?}"
+        );
+        world.assert_served("userspace after iptables");
+        assert!(proxy.stop().expect("stopping").success());
+
+        // eBPF again: the userspace rules go, in both back ends.
         let ebpf_again = world.agent(Launch::default());
         wait_for("removing the iptables rules", &ebpf_again, || {
             world.our_rules().is_empty()
         });
         world.assert_served("ebpf after iptables");
         drop(ebpf_again);
+        drop(proxy);
         drop(iptables);
         drop(ebpf);
     }

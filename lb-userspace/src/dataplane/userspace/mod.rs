@@ -32,7 +32,7 @@
 mod balancer;
 mod pktinfo;
 mod portal;
-mod rules;
+pub mod rules;
 mod tcp;
 mod udp;
 
