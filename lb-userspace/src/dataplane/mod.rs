@@ -3,6 +3,7 @@
 
 pub mod ebpf;
 pub mod iptables;
+pub mod ipvs;
 
 use crate::model::DesiredState;
 

@@ -199,9 +199,9 @@ fn ipv6() -> DesiredState {
 }
 
 /// A named desired state.
-type Case = (&'static str, fn() -> DesiredState);
+pub(crate) type Case = (&'static str, fn() -> DesiredState);
 
-const CASES: &[Case] = &[
+pub(crate) const CASES: &[Case] = &[
     ("cluster_ip_3_endpoints", cluster_ip_3_endpoints),
     ("no_endpoints", no_endpoints),
     ("node_port_local", node_port_local),

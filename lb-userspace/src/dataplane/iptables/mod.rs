@@ -12,7 +12,7 @@ pub mod restore;
 pub mod rules;
 
 #[cfg(test)]
-mod golden;
+pub(crate) mod golden;
 #[cfg(test)]
 mod tracer;
 
@@ -25,7 +25,7 @@ use anyhow::Context as _;
 
 use super::{ApplyReport, Dataplane};
 use crate::model::{DesiredState, IpFamily};
-use rules::{FamilyRules, Table, CHAIN_PREFIX, JUMP_RULES};
+use rules::{FamilyRules, JumpRule, Table, CHAIN_PREFIX, JUMP_RULES};
 
 /// The iptables programs of one back end, per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,8 +80,9 @@ impl Backend {
     }
 }
 
+/// One of a back end's programs, per family.
 #[derive(Clone, Copy)]
-enum Tool {
+pub(crate) enum Tool {
     Iptables,
     Save,
     Restore,
@@ -158,101 +159,13 @@ impl IptablesDataplane {
         }
     }
 
-    /// Removes every `LBA-` chain and the jump rules to them, in every configured family.
+    /// Removes every chain of ours (`LBA-`, less the IPVS mode's `LBA-IPVS-`) and the jump
+    /// rules to them, in every configured family.
     pub fn cleanup(&mut self) -> anyhow::Result<()> {
         self.last.clear();
         self.full = true;
         for family in self.config.families.clone() {
-            for jump in JUMP_RULES {
-                // `-D` removes one copy; a rule inserted twice (two agents raced) needs more.
-                for _ in 0..16 {
-                    let args = jump.command("-D");
-                    if self.run(family, Tool::Iptables, &args, None).is_err() {
-                        break;
-                    }
-                }
-            }
-            let chains = self.our_chains(family)?;
-            let input = restore::delete_all(&chains);
-            if !input.is_empty() {
-                self.run(
-                    family,
-                    Tool::Restore,
-                    &["--noflush", "--wait"],
-                    Some(&input),
-                )
-                .with_context(|| format!("deleting the {family} chains"))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn run(
-        &self,
-        family: IpFamily,
-        tool: Tool,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<String, Error> {
-        let program = self.config.backend.tool(family, tool);
-        let mut cmd = (self.config.command)(program);
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let spawn_err = |source| Error::Spawn {
-            program: program.to_string(),
-            backend: self.config.backend.name.clone(),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let Some(input) = stdin {
-            // A write error shows as the program's failure below.
-            let _ = child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(input.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(Error::Failed {
-                program: program.to_string(),
-                args: args.join(" "),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
-    }
-
-    /// Our chains the kernel holds, from `iptables-save`.
-    fn our_chains(&self, family: IpFamily) -> anyhow::Result<BTreeMap<Table, BTreeSet<String>>> {
-        let mut found = BTreeMap::new();
-        for table in Table::ALL {
-            let save = self.run(family, Tool::Save, &["-t", table.as_str()], None)?;
-            found.extend(restore::chains_in_save(&save, CHAIN_PREFIX));
-        }
-        Ok(found)
-    }
-
-    /// Inserts the jump rules that are missing (`-C` tells), at the top of their chains.
-    fn ensure_jumps(&self, family: IpFamily) -> Result<(), Error> {
-        // Inserted at position 1 each, so insert in reverse to keep the listed order.
-        for jump in JUMP_RULES.iter().rev() {
-            let check = jump.command("-C");
-            match self.run(family, Tool::Iptables, &check, None) {
-                Ok(_) => continue,
-                // `-C` exits 1 when the rule is not there; anything else is a real failure.
-                Err(Error::Failed { ref status, .. }) if status.ends_with("exit status: 1") => {}
-                Err(e) => return Err(e),
-            }
-            self.run(family, Tool::Iptables, &jump.command("-I"), None)?;
+            remove_chains(&self.config, family, JUMP_RULES, owns_chain)?;
         }
         Ok(())
     }
@@ -266,7 +179,7 @@ impl IptablesDataplane {
         let new = rules::generate(desired, family);
         let full = self.full || !self.last.contains_key(&family);
         let (old, stale) = if full {
-            (None, self.our_chains(family)?)
+            (None, chains(&self.config, family, owns_chain)?)
         } else {
             (self.last.get(&family), BTreeMap::new())
         };
@@ -274,7 +187,8 @@ impl IptablesDataplane {
         // The rules are out of step from here until the restore succeeds.
         self.last.remove(&family);
         if !plan.input.is_empty() {
-            self.run(
+            run(
+                &self.config,
                 family,
                 Tool::Restore,
                 &["--noflush", "--wait"],
@@ -283,7 +197,7 @@ impl IptablesDataplane {
             .with_context(|| format!("programming the {family} rules"))?;
         }
         if full {
-            self.ensure_jumps(family)?;
+            ensure_jumps(&self.config, family, JUMP_RULES)?;
         }
         report.writes += plan.written;
         report.deletes += plan.deleted;
@@ -325,4 +239,128 @@ impl Dataplane for IptablesDataplane {
         self.full = true;
         true
     }
+}
+
+/// Whether a chain named `LBA-...` is this dataplane's: the IPVS mode's `LBA-IPVS-` chains
+/// are not (each mode removes its own; see `ipvs::remove_leftovers`).
+fn owns_chain(name: &str) -> bool {
+    name.starts_with(CHAIN_PREFIX) && !name.starts_with(super::ipvs::rules::CHAIN_PREFIX)
+}
+
+// What this dataplane and the IPVS mode's masquerade rules share: running a back end's
+// programs, finding chains, and the jump rules from the built-in chains.
+
+/// Runs `tool` of `family` with `args` (and `stdin`), returning its stdout.
+pub(crate) fn run(
+    config: &Config,
+    family: IpFamily,
+    tool: Tool,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, Error> {
+    let program = config.backend.tool(family, tool);
+    let mut cmd = (config.command)(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_err = |source| Error::Spawn {
+        program: program.to_string(),
+        backend: config.backend.name.clone(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let Some(input) = stdin {
+        // A write error shows as the program's failure below.
+        let _ = child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(Error::Failed {
+            program: program.to_string(),
+            args: args.join(" "),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// The chains the kernel holds that `owns` claims, from `iptables-save`.
+pub(crate) fn chains(
+    config: &Config,
+    family: IpFamily,
+    owns: fn(&str) -> bool,
+) -> anyhow::Result<BTreeMap<Table, BTreeSet<String>>> {
+    let mut found = BTreeMap::new();
+    for table in Table::ALL {
+        let save = run(config, family, Tool::Save, &["-t", table.as_str()], None)?;
+        let mut ours = restore::chains_in_save(&save, CHAIN_PREFIX);
+        for names in ours.values_mut() {
+            names.retain(|n| owns(n));
+        }
+        ours.retain(|_, names| !names.is_empty());
+        found.extend(ours);
+    }
+    Ok(found)
+}
+
+/// Inserts the jump rules that are missing (`-C` tells), at the top of their chains.
+pub(crate) fn ensure_jumps(
+    config: &Config,
+    family: IpFamily,
+    jumps: &[JumpRule],
+) -> Result<(), Error> {
+    // Inserted at position 1 each, so insert in reverse to keep the listed order.
+    for jump in jumps.iter().rev() {
+        let check = jump.command("-C");
+        match run(config, family, Tool::Iptables, &check, None) {
+            Ok(_) => continue,
+            // `-C` exits 1 when the rule is not there; anything else is a real failure.
+            Err(Error::Failed { ref status, .. }) if status.ends_with("exit status: 1") => {}
+            Err(e) => return Err(e),
+        }
+        run(config, family, Tool::Iptables, &jump.command("-I"), None)?;
+    }
+    Ok(())
+}
+
+/// Deletes `jumps` and then every chain `owns` claims, in `family`.
+pub(crate) fn remove_chains(
+    config: &Config,
+    family: IpFamily,
+    jumps: &[JumpRule],
+    owns: fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    for jump in jumps {
+        // `-D` removes one copy; a rule inserted twice (two agents raced) needs more.
+        for _ in 0..16 {
+            let args = jump.command("-D");
+            if run(config, family, Tool::Iptables, &args, None).is_err() {
+                break;
+            }
+        }
+    }
+    let chains = chains(config, family, owns)?;
+    let input = restore::delete_all(&chains);
+    if !input.is_empty() {
+        run(
+            config,
+            family,
+            Tool::Restore,
+            &["--noflush", "--wait"],
+            Some(&input),
+        )
+        .with_context(|| format!("deleting the {family} chains"))?;
+    }
+    Ok(())
 }

@@ -273,7 +273,7 @@ pub fn service_port_string(name: &ServicePortName) -> String {
     }
 }
 
-fn proto(p: Protocol) -> &'static str {
+pub(crate) fn proto(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
@@ -334,7 +334,7 @@ fn probability(n: usize) -> String {
     format!("{:0.10}", 1.0 / n as f64)
 }
 
-fn cidr(addr: IpAddr, len: u8) -> String {
+pub(crate) fn cidr(addr: IpAddr, len: u8) -> String {
     let full = if addr.is_ipv4() { 32 } else { 128 };
     if len == full {
         addr.to_string()
@@ -345,13 +345,13 @@ fn cidr(addr: IpAddr, len: u8) -> String {
 
 /// Collects the chains of one table in the order they are first named, each with its rules.
 #[derive(Default)]
-struct TableBuilder {
+pub(crate) struct TableBuilder {
     order: Vec<String>,
     chains: BTreeMap<String, Vec<String>>,
 }
 
 impl TableBuilder {
-    fn chain(&mut self, name: &str) {
+    pub(crate) fn chain(&mut self, name: &str) {
         if !self.chains.contains_key(name) {
             self.order.push(name.to_string());
             self.chains.insert(name.to_string(), Vec::new());
@@ -359,7 +359,7 @@ impl TableBuilder {
     }
 
     /// Appends `-A <chain> <words...>`, with `comment` (if any) first, as kube-proxy does.
-    fn rule(&mut self, chain: &str, comment: Option<&str>, words: &[&str]) {
+    pub(crate) fn rule(&mut self, chain: &str, comment: Option<&str>, words: &[&str]) {
         self.chain(chain);
         let mut line = format!("-A {chain}");
         if let Some(comment) = comment {
@@ -372,7 +372,7 @@ impl TableBuilder {
         self.chains.get_mut(chain).unwrap().push(line);
     }
 
-    fn finish(mut self) -> Vec<Chain> {
+    pub(crate) fn finish(mut self) -> Vec<Chain> {
         self.order
             .into_iter()
             .map(|name| {
