@@ -6,8 +6,10 @@
 //! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`,
 //!    `tests/socket_lb.rs` for the node's own connections, and `tests/iptables.rs` for the
 //!    iptables dataplane on both iptables back ends), root.
-//! 4. datapath on Debian 6.1: tier 2's test binary run in a virtme-ng VM booting Debian's
-//!    6.1 kernel, the oldest we support, so its verifier sees the programs too (`vm.rs`).
+//! 4. kernel 6.1: in one virtme-ng VM booting Debian's 6.1 kernel (`vm.rs`), tier 2's test
+//!    binary, so the oldest kernel we support verifies the programs too, then the IPVS
+//!    dataplane's root test (`lb-userspace/tests/ipvs.rs`), which needs a kernel with IPVS
+//!    (this host's has none).
 //!
 //! Tiers 2 and 4 print each program's verified instruction count; the summary compares
 //! them. The last line printed is `N passed, M failed`, the totals over the tiers that ran.
@@ -25,9 +27,9 @@ use crate::vm;
 
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Tier 4 is killed after this long: it takes about 1.5 minutes (a boot of ~15-20 s, the
-/// fixtures ~15 times slower than on the host under emulation).
-const VM_TIMEOUT: Duration = Duration::from_secs(240);
+/// Tier 4 is killed after this long: it takes about 3 minutes (a boot of ~15-20 s, the
+/// fixtures ~15 times slower than on the host under emulation, ~1.5 minutes of IPVS test).
+const VM_TIMEOUT: Duration = Duration::from_secs(480);
 
 /// libtest arguments of the datapath fixtures, on the host and in the VM. `--show-output`
 /// prints what passing tests printed too: the verified instruction counts and measurements.
@@ -38,6 +40,9 @@ const DATAPATH_ARGS: [&str; 4] = [
     "--show-output",
     "--color=never",
 ];
+
+/// libtest arguments of the IPVS test in the VM.
+const IPVS_ARGS: [&str; 3] = ["--ignored", "--test-threads=1", "--color=never"];
 
 /// What a tier's run produced.
 enum Outcome {
@@ -204,13 +209,13 @@ pub fn run() -> anyhow::Result<()> {
             outcome,
         });
 
-        step("tier 4: datapath on Debian 6.1 (virtme-ng VM, software emulation)");
+        step("tier 4: datapath and IPVS on Debian 6.1 (virtme-ng VM, software emulation)");
         tiers.push(Tier {
-            name: "4 datapath 6.1",
-            outcome: datapath_in_vm(&mut verified)?,
+            name: "4 kernel 6.1",
+            outcome: kernel_in_vm(&mut verified)?,
         });
     } else {
-        for name in ["2 datapath", "3 e2e", "4 datapath 6.1"] {
+        for name in ["2 datapath", "3 e2e", "4 kernel 6.1"] {
             tiers.push(Tier {
                 name,
                 outcome: Outcome::Skipped("needs root".into()),
@@ -272,7 +277,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     if !root {
         problems.push(
-            "tiers 2 (datapath), 3 (e2e) and 4 (datapath on 6.1) need root: run `cargo xtask test` as root".into(),
+            "tiers 2 (datapath), 3 (e2e) and 4 (datapath and IPVS on 6.1) need root: run `cargo xtask test` as root".into(),
         );
     }
     if !leftovers.is_empty() {
@@ -347,9 +352,9 @@ fn print_verified(verified: &[Verified]) {
     }
 }
 
-/// Tier 4: builds tier 2's test binary (cargo runs it on the host; here it only builds it)
-/// and runs it in a VM booting Debian's 6.1 kernel.
-fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
+/// Tier 4: builds tier 2's test binary and the IPVS test's (cargo runs neither on the
+/// host; here it only builds them) and runs both in one VM booting Debian's 6.1 kernel.
+fn kernel_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     let kit = match vm::Kit::find() {
         Ok(kit) => kit,
         Err(missing) => {
@@ -359,29 +364,31 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
             )))
         }
     };
-    let binary = match datapath_test_binary() {
+    let (datapath, ipvs) = match vm_test_binaries() {
         Ok(b) => b,
         Err(e) => {
             return Ok(Outcome::broken(format!(
-                "building the datapath fixtures: {e:#}"
+                "building the datapath fixtures and the IPVS test: {e:#}"
             )))
         }
     };
-    if let Err(e) = vm::check_visible_in_guest(&binary, "the test binary") {
-        return Ok(Outcome::broken(format!("{e:#}")));
-    }
-    let shown = binary.to_string_lossy();
-    if shown.contains('\'') {
-        return Ok(Outcome::broken(format!(
-            "the test binary's path {shown} has a quote in it, which the guest's command line cannot carry"
-        )));
+    for binary in [&datapath, &ipvs] {
+        if let Err(e) = vm::check_visible_in_guest(binary, "the test binary") {
+            return Ok(Outcome::broken(format!("{e:#}")));
+        }
+        let shown = binary.to_string_lossy();
+        if shown.contains('\'') {
+            return Ok(Outcome::broken(format!(
+                "the test binary's path {shown} has a quote in it, which the guest's command line cannot carry"
+            )));
+        }
     }
     println!(
         "kernel {} from {}",
         kit.kernel.version,
         kit.kernel.root.display()
     );
-    let command = format!("'{shown}' {}", DATAPATH_ARGS.join(" "));
+    let command = guest_command(&datapath, &ipvs);
     let mut tally = Tally::default();
     let run = kit.run(&command, &util::workspace_root(), VM_TIMEOUT, |line| {
         tally.line(line)
@@ -395,7 +402,7 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     } else if run.boot_secs.is_none() {
         Some("the guest never started the tests (boot failed?)".into())
     } else if run.exit.is_none() {
-        Some("the guest stopped before the test binary finished (kernel panic?)".into())
+        Some("the guest stopped before the test binaries finished (kernel panic?)".into())
     } else if run.guest_kernel.as_deref() != Some(kit.kernel.version.as_str()) {
         Some(format!(
             "the guest ran kernel {:?}, not {}",
@@ -412,7 +419,7 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     }
     match run.boot_secs {
         Some(boot) => println!(
-            "VM: booted in {boot:.1} s, the fixtures took {:.1} s, {:.1} s in all",
+            "VM: booted in {boot:.1} s, the tests took {:.1} s, {:.1} s in all",
             run.secs - boot,
             run.secs
         ),
@@ -422,9 +429,22 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     Ok(with_verified_counts(outcome, tally, verified))
 }
 
-/// Builds the datapath fixtures' test binary and returns its path, from cargo's JSON
-/// messages (the file name carries a hash).
-fn datapath_test_binary() -> anyhow::Result<PathBuf> {
+/// The guest's command: both test binaries, the second even when the first fails, exiting
+/// non-zero when either did. The IPVS test loads `ip_vs` itself (`modprobe`, from the modules
+/// beside the kernel image), through the probe the agent uses.
+fn guest_command(datapath: &std::path::Path, ipvs: &std::path::Path) -> String {
+    format!(
+        "'{}' {}; datapath=$?; '{}' {}; ipvs=$?; [ $datapath -eq 0 ] && [ $ipvs -eq 0 ]",
+        datapath.display(),
+        DATAPATH_ARGS.join(" "),
+        ipvs.display(),
+        IPVS_ARGS.join(" ")
+    )
+}
+
+/// Builds the datapath fixtures' and the IPVS test's binaries and returns their paths, from
+/// cargo's JSON messages (the file names carry a hash).
+fn vm_test_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut cmd = cargo();
     cmd.args([
         "test",
@@ -432,6 +452,8 @@ fn datapath_test_binary() -> anyhow::Result<PathBuf> {
         "lb-userspace",
         "--test",
         "datapath",
+        "--test",
+        "ipvs",
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
@@ -443,8 +465,11 @@ fn datapath_test_binary() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("starting `{shown}`"))?;
     anyhow::ensure!(out.status.success(), "`{shown}` failed ({})", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    test_executable(&stdout, "datapath")
-        .with_context(|| format!("`{shown}` named no test executable `datapath`"))
+    let find = |name| {
+        test_executable(&stdout, name)
+            .with_context(|| format!("`{shown}` named no test executable `{name}`"))
+    };
+    Ok((find("datapath")?, find("ipvs")?))
 }
 
 /// The executable of test target `name` in cargo's `--message-format=json` output.
@@ -619,6 +644,37 @@ mod tests {
             Some(PathBuf::from("/t/debug/deps/datapath-2"))
         );
         assert_eq!(test_executable(messages, "other"), None);
+    }
+
+    #[test]
+    fn the_guest_runs_both_binaries_and_fails_if_either_does() {
+        let command = guest_command(
+            std::path::Path::new("/t/datapath-1"),
+            std::path::Path::new("/t/ipvs-2"),
+        );
+        assert_eq!(
+            command,
+            "'/t/datapath-1' --ignored --test-threads=1 --show-output --color=never; datapath=$?; \
+             '/t/ipvs-2' --ignored --test-threads=1 --color=never; ipvs=$?; \
+             [ $datapath -eq 0 ] && [ $ipvs -eq 0 ]"
+        );
+        // The exit status sh reports for it, with stand-ins for the binaries.
+        for (a, b, ok) in [
+            ("true", "true", true),
+            ("false", "true", false),
+            ("true", "false", false),
+        ] {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(
+                    command
+                        .replace("'/t/datapath-1'", a)
+                        .replace("'/t/ipvs-2'", b),
+                )
+                .status()
+                .unwrap();
+            assert_eq!(status.success(), ok, "{a} then {b}");
+        }
     }
 
     #[test]
