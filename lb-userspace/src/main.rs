@@ -18,6 +18,7 @@ use lb_userspace::{
     dataplane::{
         ebpf::{conntrack_gc, inspect, socket_lb, EbpfDataplane, LoadOptions, DEFAULT_PIN_DIR},
         iptables::{self, IptablesDataplane},
+        ipvs::{self, IpvsDataplane},
         userspace::{self, UserspaceDataplane},
         Dataplane,
     },
@@ -75,6 +76,10 @@ struct RunArgs {
     /// `iptables` is), `nft` or `legacy`. Rules they left in the other back end are removed.
     #[arg(long, default_value = "system")]
     iptables_backend: IptablesBackend,
+    /// The ipvs mode's scheduler: `rr`, `wrr`, `lc`, `sh` (source hashing) or `mh` (Maglev
+    /// hashing). ClientIP affinity uses IPVS persistence whatever the scheduler.
+    #[arg(long, default_value = "rr")]
+    ipvs_scheduler: ipvs::Scheduler,
     /// Interface external clients arrive on (repeatable): NodePort, externalIP and
     /// LoadBalancer traffic is handled there by XDP in native mode, at the earliest point.
     /// Where XDP cannot attach, the tc program handles it, with a warning. Also gets the tc
@@ -216,6 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         ..model::Node::default()
     };
+    let node_addrs = node.addrs.clone();
     info!(
         "node {}: NodePorts on {:?}",
         node.name.as_deref().unwrap_or("<unnamed>"),
@@ -310,7 +316,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Before the first sync: the mode's own full sync must not meet another mode's chains
     // still referenced. What this mode left itself stays until then, so a restart in the same
     // mode keeps serving throughout; a switch of modes has a gap of one sync.
-    remove_leftovers(mode, &args);
+    remove_leftovers(mode, &args, &node_addrs);
     let driven = match syncer.sync() {
         sync::Outcome::SourceStopped => Err(anyhow::anyhow!("the source stopped at startup")),
         _ => sync::drive(&mut syncer, &mut changes, timing, stop).await,
@@ -375,7 +381,7 @@ fn start_dataplane(
             Mode::Userspace => Ok(Box::new(UserspaceDataplane::new(userspace::Config::new(
                 iptables_config(args),
             ))) as Box<dyn Dataplane>),
-            Mode::Ipvs => Err(anyhow::anyhow!("{mode} mode is not built yet")),
+            Mode::Ipvs => start_ipvs(args),
             Mode::Auto => unreachable!("auto is not a dataplane"),
         };
         match started {
@@ -474,6 +480,18 @@ fn start_ebpf(
     Ok(Box::new(dataplane))
 }
 
+/// Checks that IPVS is there (loading `ip_vs` if need be) and makes the dataplane.
+fn start_ipvs(args: &RunArgs) -> anyhow::Result<Box<dyn Dataplane>> {
+    let iptables = iptables_config(args);
+    let config = ipvs::Config {
+        families: iptables.families,
+        iptables: iptables.backend,
+        ..ipvs::Config::new(args.ipvs_scheduler)
+    };
+    ipvs::probe(&config)?;
+    Ok(Box::new(IpvsDataplane::new(config)))
+}
+
 /// The iptables the rule-based modes program: the chosen back end, for IPv6 too when its
 /// `ip6tables` works.
 fn iptables_config(args: &RunArgs) -> iptables::Config {
@@ -494,7 +512,7 @@ fn iptables_config(args: &RunArgs) -> iptables::Config {
 
 /// Removes what other modes left behind: a node switching modes must not keep the old
 /// mode's rules or pins. Failures are logged, not fatal: the chosen mode can serve anyway.
-fn remove_leftovers(mode: Mode, args: &RunArgs) {
+fn remove_leftovers(mode: Mode, args: &RunArgs, node_addrs: &[IpAddr]) {
     if mode != Mode::Ebpf && args.bpffs.exists() {
         match EbpfDataplane::remove_pins(&args.bpffs) {
             Ok(()) => info!(
@@ -507,11 +525,22 @@ fn remove_leftovers(mode: Mode, args: &RunArgs) {
             ),
         }
     }
+    if mode != Mode::Ipvs {
+        let node_addrs = node_addrs.iter().copied().collect();
+        let config = ipvs::Config {
+            iptables: args.iptables_backend.0.clone(),
+            ..ipvs::Config::default()
+        };
+        if let Err(e) = ipvs::remove_leftovers(&config, &node_addrs) {
+            warn!("could not remove what the ipvs mode left: {e:#}");
+        }
+    }
     let in_use = &args.iptables_backend.0;
     let keep: &[iptables::rules::JumpRule] = match mode {
         Mode::Iptables => iptables::rules::JUMP_RULES,
         Mode::Userspace => userspace::rules::JUMP_RULES,
-        _ => &[],
+        Mode::Ipvs => ipvs::rules::JUMP_RULES,
+        Mode::Ebpf | Mode::Auto => &[],
     };
     let backends = std::iter::once((in_use.clone(), keep))
         .chain(in_use.others().into_iter().map(|b| (b, &[][..])));

@@ -121,7 +121,7 @@ impl Probe {
         let (iptables_nat, iptables_matches) = iptables.run();
         Probe {
             bpf: probe_bpf(),
-            ipvs: probe_ipvs(),
+            ipvs: crate::dataplane::ipvs::available().map_err(|e| e.to_string()),
             iptables_nat,
             iptables_matches,
         }
@@ -155,23 +155,6 @@ fn probe_bpf() -> Found {
         }
     }
     Ok(())
-}
-
-/// Whether the kernel has IPVS: loaded, or loadable as kube-proxy loads it.
-fn probe_ipvs() -> Found {
-    let present = || std::path::Path::new("/proc/net/ip_vs").exists();
-    if !present() {
-        let _ = Command::new("modprobe")
-            .arg("ip_vs")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    if present() {
-        Ok(())
-    } else {
-        Err("the kernel has no IPVS (no /proc/net/ip_vs, and `modprobe ip_vs` did not load it): build it with CONFIG_IP_VS or install its module".into())
-    }
 }
 
 /// The scratch chain the iptables probe creates and deletes again.

@@ -31,19 +31,32 @@ struct Expect {
     /// A backend reached through a ClusterIP sees the client's own address. Not so when the
     /// agent itself opens the connection to the backend (userspace).
     keeps_client_address: bool,
+    /// ClientIP affinity ends `timeoutSeconds` after the client's last new connection. IPVS
+    /// instead keeps its persistence template while any connection it placed is still in
+    /// its connection table, and a closed TCP connection stays there in TIME_WAIT for two
+    /// minutes: affinity outlives the timeout by that much (kube-proxy's IPVS mode alike).
+    affinity_expires_at_timeout: bool,
 }
 
 const EBPF: Expect = Expect {
     mode: "ebpf",
     keeps_client_address: true,
+    affinity_expires_at_timeout: true,
 };
 const IPTABLES: Expect = Expect {
     mode: "iptables",
     keeps_client_address: true,
+    affinity_expires_at_timeout: true,
+};
+const IPVS: Expect = Expect {
+    mode: "ipvs",
+    keeps_client_address: true,
+    affinity_expires_at_timeout: false,
 };
 const USERSPACE: Expect = Expect {
     mode: "userspace",
     keeps_client_address: false,
+    affinity_expires_at_timeout: true,
 };
 
 fn tcp_vip() -> SocketAddr {
@@ -182,6 +195,25 @@ fn client_ip_affinity_holds_and_expires(expect: Expect) {
         "15 connections in a row, one backend: {answers:?}"
     );
     let held = answers.keys().next().unwrap().clone();
+
+    if !bed.expect.affinity_expires_at_timeout {
+        // Past the timeout, the closed connections still hold the client to its backend.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(TIMEOUT_S * 1000 + 300));
+            let now = bed
+                .in_client(|| tcp_name(tcp_vip(), CLIENT_TIMEOUT))
+                .expect("a connection after the timeout");
+            assert_eq!(
+                now, held,
+                "affinity moved although closed connections remain"
+            );
+        }
+        println!(
+            "{}: affinity outlives its {TIMEOUT_S}s timeout while the client's closed connections stay in the connection table (TIME_WAIT, 2 minutes)",
+            bed.expect.mode
+        );
+        return;
+    }
 
     // Each wait outlasts the timeout, so the next connection chooses afresh; it stays on the
     // same backend by chance a third of the time, so a handful of rounds must see a change.
@@ -334,7 +366,7 @@ macro_rules! parity {
     )*};
 }
 
-parity!(ebpf => EBPF, iptables => IPTABLES, userspace => USERSPACE);
+parity!(ebpf => EBPF, iptables => IPTABLES, ipvs => IPVS, userspace => USERSPACE);
 
 /// How the agent chooses its mode, and what a change of mode leaves behind.
 mod choosing_a_mode {

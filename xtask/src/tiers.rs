@@ -6,8 +6,10 @@
 //! 3. e2e: network namespaces and the real agent (`lb-userspace/tests/e2e.rs`,
 //!    `tests/socket_lb.rs` for the node's own connections, and `tests/iptables.rs` for the
 //!    iptables dataplane on both iptables back ends), root.
-//! 4. datapath on Debian 6.1: tier 2's test binary run in a virtme-ng VM booting Debian's
-//!    6.1 kernel, the oldest we support, so its verifier sees the programs too (`vm.rs`).
+//! 4. kernel 6.1: in one virtme-ng VM booting Debian's 6.1 kernel (`vm.rs`), tier 2's test
+//!    binary, so the oldest kernel we support verifies the programs too, then the IPVS
+//!    dataplane's root test (`lb-userspace/tests/ipvs.rs`), which needs a kernel with IPVS
+//!    (this host's has none).
 //!
 //! Tiers 2 and 4 print each program's verified instruction count; the summary compares
 //! them. The last line printed is `N passed, M failed`, the totals over the tiers that ran.
@@ -25,9 +27,10 @@ use crate::vm;
 
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Tier 4 is killed after this long: it takes about 1.5 minutes (a boot of ~15-20 s, the
-/// fixtures ~15 times slower than on the host under emulation).
-const VM_TIMEOUT: Duration = Duration::from_secs(240);
+/// Tier 4 is killed after this long: it takes about 7 minutes (a boot of ~15-20 s, the
+/// fixtures ~15 times slower than on the host under emulation, ~1.5 minutes of IPVS test,
+/// ~3.5 minutes of the parity suite's ipvs mode).
+const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// libtest arguments of the datapath fixtures, on the host and in the VM. `--show-output`
 /// prints what passing tests printed too: the verified instruction counts and measurements.
@@ -37,6 +40,26 @@ const DATAPATH_ARGS: [&str; 4] = [
     "--test-threads=1",
     "--show-output",
     "--color=never",
+];
+
+/// libtest arguments of the IPVS test in the VM.
+const IPVS_ARGS: [&str; 3] = ["--ignored", "--test-threads=1", "--color=never"];
+
+/// libtest arguments of the parity suite in the VM: its ipvs mode, which the host cannot run,
+/// and `auto` without BPF, which takes ipvs only where the kernel has it.
+const PARITY_ARGS: [&str; 5] = [
+    "--ignored",
+    "--test-threads=1",
+    "--color=never",
+    "ipvs::",
+    "choosing_a_mode::auto_falls_back",
+];
+
+/// The test binaries tier 4 runs in the VM, one boot for all: (cargo target, libtest args).
+const VM_TESTS: [(&str, &[&str]); 3] = [
+    ("datapath", &DATAPATH_ARGS),
+    ("ipvs", &IPVS_ARGS),
+    ("parity", &PARITY_ARGS),
 ];
 
 /// What a tier's run produced.
@@ -196,6 +219,8 @@ pub fn run() -> anyhow::Result<()> {
             "--test",
             "iptables",
             "--test",
+            "userspace",
+            "--test",
             "parity",
             "--",
             "--ignored",
@@ -209,13 +234,13 @@ pub fn run() -> anyhow::Result<()> {
             outcome,
         });
 
-        step("tier 4: datapath on Debian 6.1 (virtme-ng VM, software emulation)");
+        step("tier 4: datapath and IPVS on Debian 6.1 (virtme-ng VM, software emulation)");
         tiers.push(Tier {
-            name: "4 datapath 6.1",
-            outcome: datapath_in_vm(&mut verified)?,
+            name: "4 kernel 6.1",
+            outcome: kernel_in_vm(&mut verified)?,
         });
     } else {
-        for name in ["2 datapath", "3 e2e", "4 datapath 6.1"] {
+        for name in ["2 datapath", "3 e2e", "4 kernel 6.1"] {
             tiers.push(Tier {
                 name,
                 outcome: Outcome::Skipped("needs root".into()),
@@ -277,7 +302,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     if !root {
         problems.push(
-            "tiers 2 (datapath), 3 (e2e) and 4 (datapath on 6.1) need root: run `cargo xtask test` as root".into(),
+            "tiers 2 (datapath), 3 (e2e) and 4 (datapath and IPVS on 6.1) need root: run `cargo xtask test` as root".into(),
         );
     }
     if !leftovers.is_empty() {
@@ -352,9 +377,9 @@ fn print_verified(verified: &[Verified]) {
     }
 }
 
-/// Tier 4: builds tier 2's test binary (cargo runs it on the host; here it only builds it)
-/// and runs it in a VM booting Debian's 6.1 kernel.
-fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
+/// Tier 4: builds tier 2's test binary and the IPVS test's (cargo runs neither on the
+/// host; here it only builds them) and runs both in one VM booting Debian's 6.1 kernel.
+fn kernel_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     let kit = match vm::Kit::find() {
         Ok(kit) => kit,
         Err(missing) => {
@@ -364,29 +389,31 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
             )))
         }
     };
-    let binary = match datapath_test_binary() {
+    let binaries = match vm_test_binaries() {
         Ok(b) => b,
         Err(e) => {
             return Ok(Outcome::broken(format!(
-                "building the datapath fixtures: {e:#}"
+                "building the test binaries for the VM: {e:#}"
             )))
         }
     };
-    if let Err(e) = vm::check_visible_in_guest(&binary, "the test binary") {
-        return Ok(Outcome::broken(format!("{e:#}")));
-    }
-    let shown = binary.to_string_lossy();
-    if shown.contains('\'') {
-        return Ok(Outcome::broken(format!(
-            "the test binary's path {shown} has a quote in it, which the guest's command line cannot carry"
-        )));
+    for binary in &binaries {
+        if let Err(e) = vm::check_visible_in_guest(binary, "the test binary") {
+            return Ok(Outcome::broken(format!("{e:#}")));
+        }
+        let shown = binary.to_string_lossy();
+        if shown.contains('\'') {
+            return Ok(Outcome::broken(format!(
+                "the test binary's path {shown} has a quote in it, which the guest's command line cannot carry"
+            )));
+        }
     }
     println!(
         "kernel {} from {}",
         kit.kernel.version,
         kit.kernel.root.display()
     );
-    let command = format!("'{shown}' {}", DATAPATH_ARGS.join(" "));
+    let command = guest_command(&binaries);
     let mut tally = Tally::default();
     let run = kit.run(&command, &util::workspace_root(), VM_TIMEOUT, |line| {
         tally.line(line)
@@ -400,7 +427,7 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     } else if run.boot_secs.is_none() {
         Some("the guest never started the tests (boot failed?)".into())
     } else if run.exit.is_none() {
-        Some("the guest stopped before the test binary finished (kernel panic?)".into())
+        Some("the guest stopped before the test binaries finished (kernel panic?)".into())
     } else if run.guest_kernel.as_deref() != Some(kit.kernel.version.as_str()) {
         Some(format!(
             "the guest ran kernel {:?}, not {}",
@@ -417,7 +444,7 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     }
     match run.boot_secs {
         Some(boot) => println!(
-            "VM: booted in {boot:.1} s, the fixtures took {:.1} s, {:.1} s in all",
+            "VM: booted in {boot:.1} s, the tests took {:.1} s, {:.1} s in all",
             run.secs - boot,
             run.secs
         ),
@@ -427,19 +454,27 @@ fn datapath_in_vm(verified: &mut Vec<Verified>) -> anyhow::Result<Outcome> {
     Ok(with_verified_counts(outcome, tally, verified))
 }
 
-/// Builds the datapath fixtures' test binary and returns its path, from cargo's JSON
-/// messages (the file name carries a hash).
-fn datapath_test_binary() -> anyhow::Result<PathBuf> {
+/// The guest's command: every binary of [`VM_TESTS`] with its arguments, each run even when
+/// an earlier one failed, exiting non-zero when any did. The IPVS tests load `ip_vs`
+/// themselves (`modprobe`, from the modules beside the kernel image), through the probe the
+/// agent uses.
+fn guest_command(binaries: &[PathBuf]) -> String {
+    let mut command = String::from("failed=0");
+    for (binary, (_, args)) in binaries.iter().zip(VM_TESTS) {
+        command += &format!("; '{}' {} || failed=1", binary.display(), args.join(" "));
+    }
+    command + "; [ $failed -eq 0 ]"
+}
+
+/// Builds the binaries of [`VM_TESTS`] and returns their paths, in that order, from cargo's
+/// JSON messages (the file names carry a hash).
+fn vm_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "lb-userspace",
-        "--test",
-        "datapath",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]);
+    cmd.args(["test", "-p", "lb-userspace"]);
+    for (name, _) in VM_TESTS {
+        cmd.args(["--test", name]);
+    }
+    cmd.args(["--no-run", "--message-format=json-render-diagnostics"]);
     let shown = show(&cmd);
     println!("$ {shown}");
     let out = cmd
@@ -448,8 +483,13 @@ fn datapath_test_binary() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("starting `{shown}`"))?;
     anyhow::ensure!(out.status.success(), "`{shown}` failed ({})", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    test_executable(&stdout, "datapath")
-        .with_context(|| format!("`{shown}` named no test executable `datapath`"))
+    VM_TESTS
+        .iter()
+        .map(|(name, _)| {
+            test_executable(&stdout, name)
+                .with_context(|| format!("`{shown}` named no test executable `{name}`"))
+        })
+        .collect()
 }
 
 /// The executable of test target `name` in cargo's `--message-format=json` output.
@@ -624,6 +664,39 @@ mod tests {
             Some(PathBuf::from("/t/debug/deps/datapath-2"))
         );
         assert_eq!(test_executable(messages, "other"), None);
+    }
+
+    #[test]
+    fn the_guest_runs_every_binary_and_fails_if_any_does() {
+        let binaries = ["/t/datapath-1", "/t/ipvs-2", "/t/parity-3"].map(PathBuf::from);
+        let command = guest_command(&binaries);
+        assert_eq!(
+            command,
+            "failed=0; '/t/datapath-1' --ignored --test-threads=1 --show-output --color=never || failed=1; \
+             '/t/ipvs-2' --ignored --test-threads=1 --color=never || failed=1; \
+             '/t/parity-3' --ignored --test-threads=1 --color=never ipvs:: \
+             choosing_a_mode::auto_falls_back || failed=1; \
+             [ $failed -eq 0 ]"
+        );
+        // The exit status sh reports for it, with stand-ins for the binaries.
+        for (a, b, c, ok) in [
+            ("true", "true", "true", true),
+            ("false", "true", "true", false),
+            ("true", "false", "true", false),
+            ("true", "true", "false", false),
+        ] {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(
+                    command
+                        .replace("'/t/datapath-1'", a)
+                        .replace("'/t/ipvs-2'", b)
+                        .replace("'/t/parity-3'", c),
+                )
+                .status()
+                .unwrap();
+            assert_eq!(status.success(), ok, "{a}, {b}, {c}");
+        }
     }
 
     #[test]

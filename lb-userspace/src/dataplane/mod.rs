@@ -6,6 +6,7 @@ pub mod ebpf;
 #[cfg(test)]
 mod fixtures;
 pub mod iptables;
+pub mod ipvs;
 pub mod userspace;
 
 use crate::model::DesiredState;
