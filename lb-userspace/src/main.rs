@@ -675,6 +675,8 @@ mod tests {
             "iptables",
             "--iptables-backend",
             "legacy",
+            "--ipvs-scheduler",
+            "mh",
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         let Command::Run(args) = cli.command else {
@@ -683,6 +685,7 @@ mod tests {
         assert_eq!(args.min_sync_period, Duration::from_millis(250));
         assert_eq!(args.mode, Mode::Iptables);
         assert_eq!(args.iptables_backend.0, iptables::Backend::legacy());
+        assert_eq!(args.ipvs_scheduler, ipvs::Scheduler::Mh);
         assert_eq!(args.healthz_bind_address, BindAddress(None));
         assert_eq!(
             args.metrics_bind_address,
@@ -713,6 +716,7 @@ mod tests {
             ["--healthz-bind-address", "10256"],
             ["--mode", "bpf"],
             ["--iptables-backend", "nf_tables"],
+            ["--ipvs-scheduler", "dh"],
         ] {
             let argv = [
                 "lb-agent", "run", "--source", "kube", "--iface", "e", bad[0], bad[1],

@@ -14,64 +14,35 @@ use std::sync::Arc;
 
 use lb_userspace::dataplane::iptables::{Backend, Config, IptablesDataplane};
 use lb_userspace::dataplane::Dataplane;
-use lb_userspace::model::{
-    DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
-};
+use lb_userspace::model::{DesiredState, External, Protocol, ServicePort};
 use lb_userspace::testbed::manifest::{TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6};
 use lb_userspace::testbed::require_root;
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
+use lb_userspace::testbed::state::{
+    backend_names, count_answers, dual_stack_endpoints, fe, iptables_saved, spn,
+};
 use lb_userspace::testbed::topology::{
-    backend_ip, backend_ip6, backend_node_ip, Topology, CLIENT_IP, NODE_IP, NODE_IP6, SERVICE_CIDR,
+    backend_ip, backend_node_ip, Topology, CLIENT_IP, NODE_IP, NODE_IP6, SERVICE_CIDR,
 };
 
 /// A ClusterIP without endpoints.
 const EMPTY_VIP: [u8; 4] = [10, 96, 0, 11];
 const NODE_PORT: u16 = 30080;
 
-fn spn(name: &str, protocol: Protocol) -> ServicePortName {
-    ServicePortName {
-        namespace: "default".into(),
-        name: name.into(),
-        port: String::new(),
-        protocol,
-    }
-}
-
 /// `web` (TCP, dual-stack ClusterIP and an IPv4 NodePort), `dns` (UDP) over `backends`, and
 /// `empty` (TCP and UDP) without endpoints.
 fn desired(backends: &[usize]) -> DesiredState {
-    let fe = |addr: IpAddr, port, protocol| Frontend {
-        addr,
-        port,
-        protocol,
-    };
-    let eps = |port| -> std::collections::BTreeSet<Endpoint> {
-        backends
-            .iter()
-            .flat_map(|&i| {
-                [
-                    Endpoint {
-                        addr: backend_ip(i).into(),
-                        port,
-                    },
-                    Endpoint {
-                        addr: backend_ip6(i).into(),
-                        port,
-                    },
-                ]
-            })
-            .collect()
-    };
+    let eps = |port| dual_stack_endpoints(backends, port);
     let node = IpAddr::from(NODE_IP);
     let mut services = BTreeMap::new();
     services.insert(
         spn("web", Protocol::Tcp),
         ServicePort {
             frontends: [
-                fe(VIP.into(), TCP_PORT, Protocol::Tcp),
-                fe(VIP6.into(), TCP_PORT, Protocol::Tcp),
+                fe(VIP, TCP_PORT, Protocol::Tcp),
+                fe(VIP6, TCP_PORT, Protocol::Tcp),
             ]
             .into(),
             external_frontends: [(
@@ -89,7 +60,7 @@ fn desired(backends: &[usize]) -> DesiredState {
     services.insert(
         spn("dns", Protocol::Udp),
         ServicePort {
-            frontends: [fe(VIP.into(), UDP_PORT, Protocol::Udp)].into(),
+            frontends: [fe(VIP, UDP_PORT, Protocol::Udp)].into(),
             endpoints: eps(UDP_TARGET),
             ..Default::default()
         },
@@ -103,7 +74,7 @@ fn desired(backends: &[usize]) -> DesiredState {
         services.insert(
             spn("empty", protocol),
             ServicePort {
-                frontends: [fe(EMPTY_VIP.into(), port, protocol)].into(),
+                frontends: [fe(EMPTY_VIP, port, protocol)].into(),
                 ..Default::default()
             },
         );
@@ -125,28 +96,6 @@ fn dataplane(topo: &Topology, backend: Backend) -> IptablesDataplane {
         cmd
     });
     IptablesDataplane::new(config)
-}
-
-/// `iptables-save` of both families in the node namespace.
-fn saved(topo: &Topology, backend: &Backend) -> String {
-    [&backend.iptables_save, &backend.ip6tables_save]
-        .iter()
-        .map(|save| topo.node.exec(save, &[]).expect("iptables-save"))
-        .collect()
-}
-
-fn tally(answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in answers {
-        *counts
-            .entry(a.unwrap_or_else(|e| format!("error: {e}")))
-            .or_default() += 1;
-    }
-    counts
-}
-
-fn names(backends: &[usize]) -> Vec<String> {
-    backends.iter().map(|&i| backend_name(i)).collect()
 }
 
 fn run(backend: Backend) {
@@ -172,7 +121,7 @@ fn run(backend: Backend) {
 
     let report = dp.apply(&desired(&[1, 2, 3])).expect("first apply");
     println!("{} back end, first apply: {report:?}", backend.name);
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     assert!(rules.contains(":LBA-SERVICES"), "{rules}");
     assert!(
         rules.contains("-j LBA-SERVICES"),
@@ -181,7 +130,7 @@ fn run(backend: Backend) {
 
     // ClusterIP, TCP (both families) and UDP: every backend answers, the client's address
     // is kept.
-    let every = names(&[1, 2, 3]);
+    let every = backend_names(&[1, 2, 3]);
     for (what, answers) in [
         (
             "TCP",
@@ -208,7 +157,7 @@ fn run(backend: Backend) {
             }),
         ),
     ] {
-        let counts = tally(answers.expect("client"));
+        let counts = count_answers(answers.expect("client"));
         assert_eq!(
             counts.keys().cloned().collect::<Vec<_>>(),
             every,
@@ -300,7 +249,7 @@ fn run(backend: Backend) {
         .echo("still there")
         .expect("the established connection was cut");
     assert_eq!(answer, format!("{}: still there", backend_name(gone)));
-    let counts = tally(
+    let counts = count_answers(
         topo.client
             .ns
             .run(|| {
@@ -312,7 +261,7 @@ fn run(backend: Backend) {
     );
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
-        names(&left),
+        backend_names(&left),
         "{counts:?}"
     );
 
@@ -352,7 +301,7 @@ fn run(backend: Backend) {
     dp.full_resync();
     dp.apply(&desired(&left))
         .expect("full resync after tampering");
-    let counts = tally(
+    let counts = count_answers(
         topo.client
             .ns
             .run(|| {
@@ -368,7 +317,7 @@ fn run(backend: Backend) {
     );
 
     // Full resyncs insert a jump rule only where it is missing: one of each, per family.
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     let jumps = rules
         .lines()
         .filter(|l| l.starts_with("-A PREROUTING") && l.contains("-j LBA-SERVICES"))
@@ -380,7 +329,7 @@ fn run(backend: Backend) {
 
     // Cleanup leaves no chain and no jump of ours, in either family.
     dp.cleanup().expect("cleanup");
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     assert!(!rules.contains("LBA-"), "left behind:\n{rules}");
 }
 

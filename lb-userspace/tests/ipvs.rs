@@ -19,17 +19,16 @@ use lb_userspace::dataplane::ipvs::messages::{Ipvs, Op};
 use lb_userspace::dataplane::ipvs::table::{render, ServiceKey, Table};
 use lb_userspace::dataplane::ipvs::{self, dummy, kernel, Config, IpvsDataplane};
 use lb_userspace::dataplane::Dataplane;
-use lb_userspace::model::{
-    DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
-};
+use lb_userspace::model::{DesiredState, Endpoint, External, Protocol, ServicePort};
 use lb_userspace::testbed::manifest::{TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6};
 use lb_userspace::testbed::netns::NetNs;
 use lb_userspace::testbed::require_root;
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
+use lb_userspace::testbed::state::{backend_names, count_answers, dual_stack_endpoints, fe, spn};
 use lb_userspace::testbed::topology::{
-    backend_ip, backend_ip6, backend_node_ip, Topology, CLIENT_IP, NODE_IP, NODE_IP6, SERVICE_CIDR,
+    backend_ip, backend_node_ip, Topology, CLIENT_IP, NODE_IP, NODE_IP6, SERVICE_CIDR,
 };
 
 /// A ClusterIP without endpoints.
@@ -39,42 +38,6 @@ const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 /// A ClusterIP whose only endpoint is backend 1 (for hairpin from backend 1).
 const SELF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const NODE_PORT: u16 = 30080;
-
-fn spn(name: &str, protocol: Protocol) -> ServicePortName {
-    ServicePortName {
-        namespace: "default".into(),
-        name: name.into(),
-        port: String::new(),
-        protocol,
-    }
-}
-
-fn fe(addr: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        addr: addr.into(),
-        port,
-        protocol,
-    }
-}
-
-/// Both families' endpoints of `backends` on `port`.
-fn eps(backends: &[usize], port: u16) -> BTreeSet<Endpoint> {
-    backends
-        .iter()
-        .flat_map(|&i| {
-            [
-                Endpoint {
-                    addr: backend_ip(i).into(),
-                    port,
-                },
-                Endpoint {
-                    addr: backend_ip6(i).into(),
-                    port,
-                },
-            ]
-        })
-        .collect()
-}
 
 /// `web` (TCP, dual-stack ClusterIP and an IPv4 NodePort) and `dns` (UDP) over `backends`;
 /// `sticky` (ClientIP affinity) over all three; `self` over backend 1 alone; `empty` (TCP
@@ -98,7 +61,7 @@ fn desired(backends: &[usize]) -> DesiredState {
                 },
             )]
             .into(),
-            endpoints: eps(backends, TCP_TARGET),
+            endpoints: dual_stack_endpoints(backends, TCP_TARGET),
             ..Default::default()
         },
     );
@@ -106,7 +69,7 @@ fn desired(backends: &[usize]) -> DesiredState {
         spn("dns", Protocol::Udp),
         ServicePort {
             frontends: [fe(VIP, UDP_PORT, Protocol::Udp)].into(),
-            endpoints: eps(backends, UDP_TARGET),
+            endpoints: dual_stack_endpoints(backends, UDP_TARGET),
             ..Default::default()
         },
     );
@@ -114,7 +77,7 @@ fn desired(backends: &[usize]) -> DesiredState {
         spn("sticky", Protocol::Tcp),
         ServicePort {
             frontends: [fe(STICKY_VIP, TCP_PORT, Protocol::Tcp)].into(),
-            endpoints: eps(&[1, 2, 3], TCP_TARGET),
+            endpoints: dual_stack_endpoints(&[1, 2, 3], TCP_TARGET),
             affinity_timeout_s: Some(60),
             ..Default::default()
         },
@@ -123,7 +86,7 @@ fn desired(backends: &[usize]) -> DesiredState {
         spn("self", Protocol::Tcp),
         ServicePort {
             frontends: [fe(SELF_VIP, TCP_PORT, Protocol::Tcp)].into(),
-            endpoints: eps(&[1], TCP_TARGET),
+            endpoints: dual_stack_endpoints(&[1], TCP_TARGET),
             ..Default::default()
         },
     );
@@ -166,23 +129,9 @@ fn ipvs_in(ns: &NetNs) -> Ipvs {
     Ipvs::new(socket).expect("family lookup").expect("IPVS")
 }
 
-fn tally(answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in answers {
-        *counts
-            .entry(a.unwrap_or_else(|e| format!("error: {e}")))
-            .or_default() += 1;
-    }
-    counts
-}
-
-fn names(backends: &[usize]) -> Vec<String> {
-    backends.iter().map(|&i| backend_name(i)).collect()
-}
-
 /// `n` TCP connections from the client to `to`, by answering server.
 fn tcp_from_client(topo: &Topology, to: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    tally(
+    count_answers(
         topo.client
             .ns
             .run(|| (0..n).map(|_| tcp_name(to, CLIENT_TIMEOUT)).collect())
@@ -244,8 +193,8 @@ fn ipvs_dataplane_serves_real_traffic() {
     );
 
     // ClusterIP, TCP over both families and UDP: every backend answers.
-    let every = names(&[1, 2, 3]);
-    let udp = tally(
+    let every = backend_names(&[1, 2, 3]);
+    let udp = count_answers(
         topo.client
             .ns
             .run(|| {
@@ -384,7 +333,7 @@ fn ipvs_dataplane_serves_real_traffic() {
     let counts = tcp_from_client(&topo, SocketAddr::from((VIP, TCP_PORT)), 24);
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
-        names(&left),
+        backend_names(&left),
         "{counts:?}"
     );
     let kernel = dp.kernel_services().expect("IPVS table");
@@ -423,7 +372,7 @@ fn ipvs_dataplane_serves_real_traffic() {
     let counts = tcp_from_client(&topo, SocketAddr::from((VIP, TCP_PORT)), 12);
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
-        names(&left),
+        backend_names(&left),
         "after the resync: {counts:?}"
     );
 

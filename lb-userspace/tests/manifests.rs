@@ -560,6 +560,7 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
         "extraArgs={--node-ip=10.0.0.5}",
         "mode=ipvs",
         "iptablesBackend=legacy",
+        "ipvsScheduler=mh",
     ])
     .unwrap_or_else(|e| panic!("{e}"));
     for arg in [
@@ -572,6 +573,7 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
         "--node-ip=10.0.0.5",
         "--mode=ipvs",
         "--iptables-backend=legacy",
+        "--ipvs-scheduler=mh",
     ] {
         assert!(args.iter().any(|a| a == arg), "{arg} is not in {args:?}");
     }
@@ -592,6 +594,8 @@ fn the_chart_turns_its_values_into_the_agents_arguments() {
     assert!(bad.contains("none of auto, ebpf"), "{bad}");
     let bad = rendered_with(&["iptablesBackend=nf_tables"]).unwrap_err();
     assert!(bad.contains("none of system, nft, legacy"), "{bad}");
+    let bad = rendered_with(&["ipvsScheduler=dh"]).unwrap_err();
+    assert!(bad.contains("none of rr, wrr"), "{bad}");
     let unprobed = rendered_with(&["healthzBindAddress=off"]).unwrap_err();
     assert!(unprobed.contains("readiness probe"), "{unprobed}");
     let (args, _) = rendered_with(&["metricsBindAddress=off"]).unwrap_or_else(|e| panic!("{e}"));

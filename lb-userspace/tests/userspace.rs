@@ -16,14 +16,13 @@ use std::time::Instant;
 use lb_userspace::dataplane::iptables::{self, Backend};
 use lb_userspace::dataplane::userspace::{Config, UserspaceDataplane};
 use lb_userspace::dataplane::{ApplyReport, Dataplane};
-use lb_userspace::model::{
-    DesiredState, Endpoint, External, Frontend, Protocol, ServicePort, ServicePortName,
-};
+use lb_userspace::model::{DesiredState, Endpoint, External, Protocol, ServicePort};
 use lb_userspace::testbed::manifest::{TCP_PORT, TCP_TARGET, UDP_PORT, UDP_TARGET, VIP, VIP6};
 use lb_userspace::testbed::require_root;
 use lb_userspace::testbed::servers::{
     backend_name, tcp_name, udp_name, BackendServers, TcpSession, CLIENT_TIMEOUT,
 };
+use lb_userspace::testbed::state::{count_answers, ep, fe, iptables_saved, spn};
 use lb_userspace::testbed::topology::{
     backend_ip, backend_ip6, backend_node_ip, Topology, NODE_IP, NODE_IP6, SERVICE_CIDR,
 };
@@ -37,30 +36,6 @@ const RETRY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const NODE_PORT: u16 = 30080;
 /// A port nothing listens on in the backends.
 const CLOSED_PORT: u16 = 9;
-
-fn spn(name: &str, protocol: Protocol) -> ServicePortName {
-    ServicePortName {
-        namespace: "default".into(),
-        name: name.into(),
-        port: String::new(),
-        protocol,
-    }
-}
-
-fn fe(addr: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        addr: addr.into(),
-        port,
-        protocol,
-    }
-}
-
-fn ep(addr: impl Into<IpAddr>, port: u16) -> Endpoint {
-    Endpoint {
-        addr: addr.into(),
-        port,
-    }
-}
 
 /// `web` (TCP, dual-stack ClusterIP and an IPv4 NodePort) and `dns` (UDP, dual-stack) over
 /// `backends`; `sticky` (TCP, ClientIP affinity) over every backend; `retry` (TCP) over
@@ -190,25 +165,6 @@ impl Node<'_> {
     }
 }
 
-/// `iptables-save` of both families in the node namespace.
-fn saved(topo: &Topology, backend: &Backend) -> String {
-    [&backend.iptables_save, &backend.ip6tables_save]
-        .iter()
-        .map(|save| topo.node.exec(save, &[]).expect("iptables-save"))
-        .collect()
-}
-
-/// How often each answer came.
-fn tally(answers: Vec<io::Result<String>>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in answers {
-        *counts
-            .entry(a.unwrap_or_else(|e| format!("error: {e}")))
-            .or_default() += 1;
-    }
-    counts
-}
-
 /// `n` TCP connections (or UDP exchanges) to `addr` from the client namespace: who answered.
 fn from_client(topo: &Topology, n: usize, udp: bool, addr: SocketAddr) -> BTreeMap<String, usize> {
     let answers = topo
@@ -226,7 +182,7 @@ fn from_client(topo: &Topology, n: usize, udp: bool, addr: SocketAddr) -> BTreeM
                 .collect()
         })
         .expect("client namespace");
-    tally(answers)
+    count_answers(answers)
 }
 
 fn each(backends: &[usize], n: usize) -> BTreeMap<String, usize> {
@@ -273,7 +229,7 @@ fn run(backend: Backend) {
 
     let report = node.apply(&desired(&[1, 2, 3]));
     println!("{} back end, first apply: {report:?}", backend.name);
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     for want in [
         "-j LBA-PORTALS-CONTAINER",
         "-j LBA-PORTALS-HOST",
@@ -340,7 +296,7 @@ fn run(backend: Backend) {
             let udp: Vec<_> = (0..6)
                 .map(|_| udp_name(SocketAddr::from((VIP, UDP_PORT)), CLIENT_TIMEOUT))
                 .collect();
-            (tally(tcp), tally(udp))
+            (count_answers(tcp), count_answers(udp))
         })
         .unwrap();
     round_robin("TCP from the node", false, &tcp, &[1, 2, 3]);
@@ -424,7 +380,7 @@ fn run(backend: Backend) {
     assert_eq!(report.writes, 10, "5 chains in each family: {report:?}");
     let counts = from_client(&topo, 4, false, SocketAddr::from((VIP, TCP_PORT)));
     assert_eq!(counts, each(&left, 2), "after the resync");
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     let jumps = rules
         .lines()
         .filter(|l| l.starts_with("-A PREROUTING") && l.contains("-j LBA-PORTALS-CONTAINER"))
@@ -433,7 +389,7 @@ fn run(backend: Backend) {
 
     // Cleanup: no rule of ours left, the portals closed, the session cut.
     node.cleanup();
-    let rules = saved(&topo, &backend);
+    let rules = iptables_saved(&topo.node, &backend);
     assert!(!rules.contains("LBA-"), "left behind:\n{rules}");
     let closed = session.echo("gone?");
     assert!(closed.is_err(), "the session outlived cleanup: {closed:?}");

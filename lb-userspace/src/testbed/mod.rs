@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod netns;
 pub mod packet;
 pub mod servers;
+pub mod state;
 pub mod topology;
 
 use std::io;
