@@ -225,15 +225,21 @@ pub fn render_both(
 /// Compares [`render_both`] of every case in [`CASES`] with `<dir>/<case>.rules` (`dir`
 /// relative to the crate), or writes the files when `LB_UPDATE_GOLDEN=1`.
 pub fn check_golden(dir: &str, render: impl Fn(&DesiredState, IpFamily) -> String) {
+    check_golden_files(dir, "rules", |desired| render_both(desired, &render));
+}
+
+/// Compares `render` of every case in [`CASES`] with `<dir>/<case>.<extension>` (`dir`
+/// relative to the crate), or writes the files when `LB_UPDATE_GOLDEN=1`.
+pub fn check_golden_files(dir: &str, extension: &str, render: impl Fn(&DesiredState) -> String) {
     let rendered: Vec<(&str, String)> = CASES
         .iter()
-        .map(|(case, build)| (*case, render_both(&build(), &render)))
+        .map(|(case, build)| (*case, render(&build())))
         .collect();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
     let update = std::env::var_os("LB_UPDATE_GOLDEN").is_some_and(|v| v == "1");
     let mut mismatched = Vec::new();
     for (case, got) in &rendered {
-        let path = dir.join(format!("{case}.rules"));
+        let path = dir.join(format!("{case}.{extension}"));
         if update {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(&path, got).unwrap();
@@ -256,7 +262,7 @@ pub fn check_golden(dir: &str, render: impl Fn(&DesiredState, IpFamily) -> Strin
     }
     assert!(
         mismatched.is_empty(),
-        "generated rules differ from the golden files for {mismatched:?} (texts above); if the \
+        "generated text differs from the golden files for {mismatched:?} (texts above); if the \
          change is intended, regenerate with LB_UPDATE_GOLDEN=1 and review the diff"
     );
 }

@@ -23,6 +23,20 @@ pub struct ApplyReport {
     pub deletes: usize,
 }
 
+impl ApplyReport {
+    /// The service ports and distinct endpoints of `desired`, for dataplanes that program all
+    /// of it.
+    pub fn count(&mut self, desired: &DesiredState) {
+        self.service_ports = desired.services.len();
+        let backends: std::collections::BTreeSet<_> = desired
+            .services
+            .values()
+            .flat_map(|sp| sp.endpoints.iter().chain(&sp.local_endpoints))
+            .collect();
+        self.backends = backends.len();
+    }
+}
+
 /// One way of programming the kernel.
 pub trait Dataplane {
     /// Programs `desired`, changing only what differs from the last apply.

@@ -15,7 +15,7 @@ use super::diff::diff;
 use super::messages::Op;
 use super::rules::generate;
 use super::table::{self, plan, ServiceAttrs, ServiceKey};
-use crate::dataplane::fixtures::CASES;
+use crate::dataplane::fixtures::{check_golden_files, render_both, CASES};
 use crate::model::{DesiredState, Endpoint, IpFamily, Protocol};
 
 const BOTH: &[IpFamily] = &[IpFamily::V4, IpFamily::V6];
@@ -27,46 +27,12 @@ fn render_case(desired: &DesiredState) -> String {
     out.push_str(&table::render(&planned.services, &planned.comments));
     out.push_str("# lba-ipvs0 addresses\n");
     out.push_str(&table::render_bound(&planned.bound));
-    for family in BOTH {
-        out.push_str(&format!("# {family}: iptables-restore --noflush input\n"));
-        out.push_str(&generate(desired, *family).render());
-    }
-    out
+    out + &render_both(desired, |d, family| generate(d, family).render())
 }
 
 #[test]
 fn planned_state_matches_golden_files() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/dataplane/ipvs/testdata");
-    let update = std::env::var_os("LB_UPDATE_GOLDEN").is_some_and(|v| v == "1");
-    let mut mismatched = Vec::new();
-    for (case, build) in CASES {
-        let got = render_case(&build());
-        let path = dir.join(format!("{case}.ipvs"));
-        if update {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &got).unwrap();
-            eprintln!("wrote {}", path.display());
-            continue;
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; generate it with LB_UPDATE_GOLDEN=1 and review it",
-                path.display()
-            )
-        });
-        if got != want {
-            eprintln!(
-                "--- {} (expected)\n{want}--- generated\n{got}",
-                path.display()
-            );
-            mismatched.push(*case);
-        }
-    }
-    assert!(
-        mismatched.is_empty(),
-        "planned IPVS state differs from the golden files for {mismatched:?} (texts above); \
-         if the change is intended, regenerate with LB_UPDATE_GOLDEN=1 and review the diff"
-    );
+    check_golden_files("src/dataplane/ipvs/testdata", "ipvs", render_case);
 }
 
 #[test]

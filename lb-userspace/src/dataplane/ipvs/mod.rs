@@ -569,13 +569,7 @@ impl Dataplane for IpvsDataplane {
         }
         self.failed = false;
         self.full = false;
-        report.service_ports = desired.services.len();
-        let backends: BTreeSet<_> = desired
-            .services
-            .values()
-            .flat_map(|sp| sp.endpoints.iter().chain(&sp.local_endpoints))
-            .collect();
-        report.backends = backends.len();
+        report.count(desired);
         Ok(report)
     }
 
