@@ -9,7 +9,6 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use super::diff::diff;
 use super::messages::Op;
