@@ -576,4 +576,60 @@ mod choosing_a_mode {
         drop(iptables);
         drop(ebpf);
     }
+
+    /// Needs a kernel with IPVS: runs in tier 4's VM (`ipvs::` in its name).
+    mod ipvs {
+        use super::*;
+
+        /// The virtual services in the node namespace's IPVS table, one line each.
+        fn virtual_services(world: &World) -> Vec<String> {
+            let table = world
+                .topo
+                .node
+                .exec("cat", &["/proc/net/ip_vs"])
+                .expect("reading /proc/net/ip_vs");
+            table
+                .lines()
+                .filter(|l| l.starts_with("TCP") || l.starts_with("UDP"))
+                .map(String::from)
+                .collect()
+        }
+
+        fn has_dummy(world: &World) -> bool {
+            world.topo.node.ip(&["link", "show", "lba-ipvs0"]).is_ok()
+        }
+
+        #[test]
+        #[ignore = "needs root and IPVS: run through `cargo xtask test` (tier 4)"]
+        fn leaving_ipvs_removes_its_services_interface_and_rules() {
+            let world = World::new();
+            let mut ipvs = world.agent(Launch {
+                cleanup: false,
+                args: &["--mode", "ipvs"],
+                ..Launch::default()
+            });
+            world.assert_served("ipvs");
+            assert!(ipvs.stop().expect("stopping").success());
+            assert!(
+                !virtual_services(&world).is_empty() && has_dummy(&world),
+                "without --cleanup the virtual services and lba-ipvs0 stay"
+            );
+            assert!(world.our_rules().iter().any(|r| r.contains("LBA-IPVS-")));
+
+            let iptables = world.agent(Launch {
+                args: &["--mode", "iptables"],
+                ..Launch::default()
+            });
+            assert_eq!(virtual_services(&world), Vec::<String>::new());
+            assert!(!has_dummy(&world), "lba-ipvs0 is gone");
+            let rules = world.our_rules();
+            assert!(
+                !rules.iter().any(|r| r.contains("LBA-IPVS-")),
+                "the IPVS mode's chains are gone: {rules:#?}"
+            );
+            world.assert_served("iptables after ipvs");
+            drop(iptables);
+            drop(ipvs);
+        }
+    }
 }

@@ -27,10 +27,10 @@ use crate::vm;
 
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Tier 4 is killed after this long: it takes about 7 minutes (a boot of ~15-20 s, the
+/// Tier 4 is killed after this long: it takes about 10 minutes (a boot of ~15-20 s, the
 /// fixtures ~15 times slower than on the host under emulation, ~1.5 minutes of IPVS test,
-/// ~3.5 minutes of the parity suite's ipvs mode).
-const VM_TIMEOUT: Duration = Duration::from_secs(900);
+/// ~6 minutes of the parity suite's IPVS tests).
+const VM_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// libtest arguments of the datapath fixtures, on the host and in the VM. `--show-output`
 /// prints what passing tests printed too: the verified instruction counts and measurements.
