@@ -298,8 +298,19 @@ pub fn owned(
 /// Removes what IPVS mode leaves behind (its virtual services, the dummy interface, its
 /// iptables chains), for the other modes to call at start. `node_addrs`: this node's
 /// addresses, where leftover NodePorts are. Nothing to do, and no error, on a kernel without
-/// IPVS (the module is not loaded for this), or without the iptables programs.
+/// IPVS (the module is not loaded for this), or without the iptables programs; and nothing
+/// when `lba-ipvs0` is absent: without it the IPVS mode never ran here, and NodePort-range
+/// services at node addresses belong to someone else (kube-proxy's IPVS mode during a
+/// migration, say).
 pub fn remove_leftovers(config: &Config, node_addrs: &BTreeSet<IpAddr>) -> anyhow::Result<()> {
+    match dummy::exists(&config.command) {
+        Ok(false) => return Ok(()),
+        Ok(true) => {}
+        Err(e) => log::info!(
+            "ipvs leftovers: cannot tell whether {} exists ({e}); looking anyway",
+            dummy::NAME
+        ),
+    }
     let mut dp = IpvsDataplane::new(config.clone());
     dp.node_addrs = node_addrs.clone();
     dp.remove(false)
