@@ -350,6 +350,24 @@ pub(crate) struct TableBuilder {
     chains: BTreeMap<String, Vec<String>>,
 }
 
+/// The rules of a postrouting chain: masquerade what carries [`MASQ_MARK`], clearing the
+/// mark first (a packet re-entering the stack must not be masqueraded twice), as kube-proxy's
+/// `KUBE-POSTROUTING`.
+pub(crate) fn masquerade_marked(nat: &mut TableBuilder, chain: &str) {
+    let mark_mask = format!("{MASQ_MARK}/{MASQ_MARK}");
+    nat.rule(
+        chain,
+        None,
+        &["-m", "mark", "!", "--mark", &mark_mask, "-j", "RETURN"],
+    );
+    nat.rule(chain, None, &["-j", "MARK", "--xor-mark", MASQ_MARK]);
+    nat.rule(
+        chain,
+        Some("lb-agent service traffic requiring SNAT"),
+        &["-j", "MASQUERADE", "--random-fully"],
+    );
+}
+
 impl TableBuilder {
     pub(crate) fn chain(&mut self, name: &str) {
         if !self.chains.contains_key(name) {
@@ -396,18 +414,7 @@ pub fn generate(desired: &DesiredState, family: IpFamily) -> FamilyRules {
     }
     // Fixed chains' rules.
     nat.rule(MARK_MASQ, None, &["-j", "MARK", "--or-mark", MASQ_MARK]);
-    let mark_mask = format!("{MASQ_MARK}/{MASQ_MARK}");
-    nat.rule(
-        POSTROUTING,
-        None,
-        &["-m", "mark", "!", "--mark", &mark_mask, "-j", "RETURN"],
-    );
-    nat.rule(POSTROUTING, None, &["-j", "MARK", "--xor-mark", MASQ_MARK]);
-    nat.rule(
-        POSTROUTING,
-        Some("lb-agent service traffic requiring SNAT"),
-        &["-j", "MASQUERADE", "--random-fully"],
-    );
+    masquerade_marked(&mut nat, POSTROUTING);
 
     let node_addrs: Vec<IpAddr> = desired
         .node_addrs

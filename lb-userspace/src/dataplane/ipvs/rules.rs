@@ -26,7 +26,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::dataplane::iptables::rules::{
-    cidr, proto, service_port_string, FamilyRules, JumpRule, Table, TableBuilder, MASQ_MARK,
+    cidr, masquerade_marked, proto, service_port_string, FamilyRules, JumpRule, Table,
+    TableBuilder, MASQ_MARK,
 };
 use crate::model::{DesiredState, Endpoint, IpFamily, Protocol};
 
@@ -169,18 +170,7 @@ pub fn generate(desired: &DesiredState, family: IpFamily) -> FamilyRules {
             ],
         );
     }
-    let mark_mask = format!("{MASQ_MARK}/{MASQ_MARK}");
-    nat.rule(
-        POSTROUTING,
-        None,
-        &["-m", "mark", "!", "--mark", &mark_mask, "-j", "RETURN"],
-    );
-    nat.rule(POSTROUTING, None, &["-j", "MARK", "--xor-mark", MASQ_MARK]);
-    nat.rule(
-        POSTROUTING,
-        Some("lb-agent service traffic requiring SNAT"),
-        &["-j", "MASQUERADE", "--random-fully"],
-    );
+    masquerade_marked(&mut nat, POSTROUTING);
     FamilyRules {
         filter: filter.finish(),
         nat: nat.finish(),
